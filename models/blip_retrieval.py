@@ -1,0 +1,281 @@
+"""BLIP retrieval model: ITC (contrastive, momentum distillation, feature queues) + ITM (hard negatives).
+
+Behaviour follows blip_facts.md section 2. Attribute names are the official state-dict prefixes
+(`visual_encoder`, `text_encoder`, `vision_proj`, `text_proj`, `itm_head`, `temp`, the `*_m` momentum copies,
+`image_queue`, `text_queue`, `idx_queue`, `ptr_queue`), so official checkpoints load without renaming.
+
+Fixes of official traps, each behaviour-preserving where the official code works:
+- gathers are identities in a single process, so nothing needs torch.distributed;
+- hard negatives are sampled in one vectorised call, and a row with no valid negative (every other item
+  shares its image, or the softmax underflowed) falls back to a uniform choice instead of crashing;
+- the queue-size / global-batch constraint is checked with a message that says which batch sizes work.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.med import BertModel, MedConfig
+from models.vit import create_vit
+from utils import all_gather_concat, all_gather_with_grad, get_world_size
+
+
+def init_tokenizer(text_encoder: str = "bert-base-uncased"):
+    """BERT WordPiece tokenizer with `[DEC]` (bos) and `[ENC]` added, as in the official code.
+
+    `text_encoder` is a hub name, a local directory with tokenizer files, or a path to a `vocab.txt`.
+    With bert-base-uncased the new ids are [DEC]=30522 and [ENC]=30523 (vocab 30524).
+    """
+    from transformers import BertTokenizerFast
+
+    try:
+        if os.path.isfile(text_encoder):
+            tokenizer = BertTokenizerFast(text_encoder, do_lower_case=True)  # positional: v4 and v5 name it differently
+        else:
+            tokenizer = BertTokenizerFast.from_pretrained(text_encoder)
+    except (OSError, ValueError) as e:
+        raise OSError(
+            f"could not load the BERT tokenizer {text_encoder!r} (config key text_encoder): {e}\n"
+            "Without network access, download it once elsewhere (e.g. `huggingface-cli download bert-base-uncased "
+            "vocab.txt tokenizer_config.json`) and set text_encoder to that local directory or to its vocab.txt."
+        ) from None
+    if "[DEC]" not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    if "[ENC]" not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    tokenizer.enc_token_id = tokenizer.convert_tokens_to_ids("[ENC]")
+    return tokenizer
+
+
+def sample_hard_negatives(sim: torch.Tensor, positive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one hard negative per row: multinomial over softmax(sim) with positives zeroed.
+
+    sim: (B, C) similarities already divided by temp; positive: (B, C) bool, True where the candidate shares
+    the row's image. Rows whose weights are all zero or not finite (no candidate of another image, or an
+    underflow) draw uniformly among candidates of other images, or among all candidates if there are none.
+    Returns (indices (B,), number of fallback rows as a 0-d tensor: no host sync).
+    """
+    weights = F.softmax(sim.float(), dim=1).masked_fill(positive, 0.0)
+    weights = torch.nan_to_num(weights, nan=0.0, posinf=0.0, neginf=0.0)
+    invalid = weights.sum(dim=1) <= 0
+    uniform = (~positive).float()
+    uniform = torch.where(uniform.sum(dim=1, keepdim=True) > 0, uniform, torch.ones_like(uniform))
+    weights = torch.where(invalid[:, None], uniform, weights)
+    return torch.multinomial(weights, 1).squeeze(1), invalid.sum()
+
+
+class BlipRetrieval(nn.Module):
+    def __init__(self, med_config: MedConfig, tokenizer, vit: str | dict = "base", image_size: int = 384,
+                 vit_grad_ckpt: bool = False, vit_ckpt_layer: int = 0, vit_drop_path_rate: float | None = None,
+                 vit_layer_norm_eps: float = 1e-6, embed_dim: int = 256, queue_size: int = 57600,
+                 momentum: float = 0.995, negative_all_rank: bool = False, max_length: int = 35):
+        super().__init__()
+        self.tokenizer = tokenizer  # not a module: not in the state dict
+        self.enc_token_id = tokenizer.enc_token_id
+        if len(tokenizer) > med_config.vocab_size:
+            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but med_config vocab_size is "
+                             f"{med_config.vocab_size}; they must match (30524 for bert-base-uncased + [DEC], [ENC])")
+        self.max_length = max_length
+        self.visual_encoder, vision_width = create_vit(vit, image_size, vit_grad_ckpt, vit_ckpt_layer,
+                                                       vit_drop_path_rate, vit_layer_norm_eps)
+        med_config = MedConfig(**{**med_config.to_dict(), "encoder_width": vision_width})
+        self.med_config = med_config
+        self.text_encoder = BertModel(med_config)
+        text_width = med_config.hidden_size
+        self.vision_proj = nn.Linear(vision_width, embed_dim)
+        self.text_proj = nn.Linear(text_width, embed_dim)
+        self.itm_head = nn.Linear(text_width, 2)
+
+        # Momentum encoders: built like the main ones (the official momentum ViT is never checkpointed).
+        self.visual_encoder_m, _ = create_vit(vit, image_size, False, 0, vit_drop_path_rate, vit_layer_norm_eps)
+        self.vision_proj_m = nn.Linear(vision_width, embed_dim)
+        self.text_encoder_m = BertModel(med_config)
+        self.text_proj_m = nn.Linear(text_width, embed_dim)
+        self.model_pairs = [(self.visual_encoder, self.visual_encoder_m), (self.vision_proj, self.vision_proj_m),
+                            (self.text_encoder, self.text_encoder_m), (self.text_proj, self.text_proj_m)]
+        self.copy_params()
+
+        self.register_buffer("image_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
+        self.register_buffer("text_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
+        self.register_buffer("idx_queue", torch.full((1, queue_size), -100, dtype=torch.long))
+        self.register_buffer("ptr_queue", torch.zeros(1, dtype=torch.long))
+        self.temp = nn.Parameter(torch.tensor(0.07))  # learnable, decayed like every parameter (official)
+        self.queue_size = queue_size
+        self.momentum = momentum
+        self.negative_all_rank = negative_all_rank
+
+    # ----------------------------------------------------------------------------------------------
+    # Encoders shared by training and evaluation
+    # ----------------------------------------------------------------------------------------------
+    def tokenize(self, captions: list[str], device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask, padded and truncated to max_length (35) as in the official code."""
+        tokens = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_length,
+                                return_tensors="pt")
+        device = device or self.temp.device
+        return tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+
+    def with_enc_token(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """ITM always reads the [ENC] position: replace the leading [CLS] with [ENC]."""
+        ids = input_ids.clone()
+        ids[:, 0] = self.enc_token_id
+        return ids
+
+    def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (image_embeds (B, 1+N, D) for cross-attention, image_feat (B, embed_dim) unit ITC vectors)."""
+        image_embeds = self.visual_encoder(images)
+        return image_embeds, F.normalize(self.vision_proj(image_embeds[:, 0]).float(), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Unit ITC text vectors (B, embed_dim) from the [CLS] position of the text-only pass."""
+        hidden = self.text_encoder(input_ids, attention_mask, mode="text")
+        return F.normalize(self.text_proj(hidden[:, 0]).float(), dim=-1)
+
+    def itm_logits(self, enc_input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   image_embeds: torch.Tensor | None = None,
+                   image_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        """ITM logits (B, 2) (index 1 = match) for ids that already start with [ENC].
+
+        Pass either `image_embeds` (one image per text) or `image_kv` from `text_encoder.cross_attention_kv`
+        (G images, texts grouped contiguously, B a multiple of G).
+        """
+        hidden = self.text_encoder(enc_input_ids, attention_mask, encoder_hidden_states=image_embeds,
+                                   encoder_kv=image_kv, mode="multimodal")
+        return self.itm_head(hidden[:, 0]).float()
+
+    # ----------------------------------------------------------------------------------------------
+    # Training
+    # ----------------------------------------------------------------------------------------------
+    def forward(self, image: torch.Tensor, caption: list[str], alpha: float, idx: torch.Tensor) -> dict:
+        """Training losses. Returns {'loss_ita', 'loss_itm', 'num_neg_fallback'} (tensors, no host sync)."""
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+        idx = idx.view(-1, 1)
+
+        image_embeds, image_feat = self.encode_image(image)
+        text_ids, text_atts = self.tokenize(caption, image.device)
+        text_feat = self.encode_text(text_ids, text_atts)
+
+        # ITC targets: every column holding the same image id is a positive (in batch and in the queue).
+        idx_all = torch.cat([idx.t(), self.idx_queue.clone().detach()], dim=1)
+        pos_idx = torch.eq(idx, idx_all).float()
+        sim_targets = pos_idx / pos_idx.sum(dim=1, keepdim=True)
+
+        with torch.no_grad():
+            self._momentum_update()
+            image_embeds_m = self.visual_encoder_m(image)
+            image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0]).float(), dim=-1)
+            image_feat_m_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1)
+            text_hidden_m = self.text_encoder_m(text_ids, text_atts, mode="text")
+            text_feat_m = F.normalize(self.text_proj_m(text_hidden_m[:, 0]).float(), dim=-1)
+            text_feat_m_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach()], dim=1)
+            sim_i2t_m = image_feat_m @ text_feat_m_all / self.temp
+            sim_t2i_m = text_feat_m @ image_feat_m_all / self.temp
+            sim_i2t_targets = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * sim_targets
+            sim_t2i_targets = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * sim_targets
+
+        sim_i2t = image_feat @ text_feat_m_all / self.temp
+        sim_t2i = text_feat @ image_feat_m_all / self.temp
+        loss_i2t = -(F.log_softmax(sim_i2t, dim=1) * sim_i2t_targets).sum(dim=1).mean()
+        loss_t2i = -(F.log_softmax(sim_t2i, dim=1) * sim_t2i_targets).sum(dim=1).mean()
+        loss_ita = (loss_i2t + loss_t2i) / 2
+
+        idxs = all_gather_concat(idx)
+        self._dequeue_and_enqueue(image_feat_m, text_feat_m, idxs)
+
+        # ITM: positives, then one hard negative image per text and one hard negative text per image.
+        enc_ids = self.with_enc_token(text_ids)
+        bs = image.shape[0]
+        with torch.no_grad():
+            if self.negative_all_rank:
+                positive = torch.eq(idx, idxs.t())
+                image_feat_world = all_gather_concat(image_feat)
+                text_feat_world = all_gather_concat(text_feat)
+                sim_i2t_hard = image_feat @ text_feat_world.t() / self.temp
+                sim_t2i_hard = text_feat @ image_feat_world.t() / self.temp
+            else:
+                positive = torch.eq(idx, idx.t())
+                sim_i2t_hard = image_feat @ text_feat.t() / self.temp
+                sim_t2i_hard = text_feat @ image_feat.t() / self.temp
+            neg_image_idx, fallback_t2i = sample_hard_negatives(sim_t2i_hard, positive)
+            neg_text_idx, fallback_i2t = sample_hard_negatives(sim_i2t_hard, positive)
+        if self.negative_all_rank:
+            image_embeds_world = all_gather_with_grad(image_embeds)  # negatives get gradient on their owner rank
+            ids_world, atts_world = all_gather_concat(enc_ids), all_gather_concat(text_atts)
+        else:
+            image_embeds_world, ids_world, atts_world = image_embeds, enc_ids, text_atts
+        image_embeds_neg = image_embeds_world[neg_image_idx]
+        text_ids_neg, text_atts_neg = ids_world[neg_text_idx], atts_world[neg_text_idx]
+
+        # One pass over the 3B pairs: (text b, image b), (text b, negative image), (negative text, image b).
+        # Rows are independent, so this equals the official positive pass followed by the 2B negative pass.
+        all_ids = torch.cat([enc_ids, enc_ids, text_ids_neg], dim=0)
+        all_atts = torch.cat([text_atts, text_atts, text_atts_neg], dim=0)
+        all_images = torch.cat([image_embeds, image_embeds_neg, image_embeds], dim=0)
+        itm_logits = self.itm_logits(all_ids, all_atts, all_images)
+        itm_labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)]).to(
+            image.device)
+        loss_itm = F.cross_entropy(itm_logits, itm_labels)
+        return {"loss_ita": loss_ita, "loss_itm": loss_itm, "num_neg_fallback": fallback_t2i + fallback_i2t}
+
+    @torch.no_grad()
+    def copy_params(self) -> None:
+        for model, model_m in self.model_pairs:
+            for p, p_m in zip(model.parameters(), model_m.parameters(), strict=True):
+                p_m.data.copy_(p.data)
+                p_m.requires_grad = False
+
+    @torch.no_grad()
+    def _momentum_update(self) -> None:
+        params, params_m = [], []
+        for model, model_m in self.model_pairs:
+            params += list(model.parameters())
+            params_m += list(model_m.parameters())
+        # theta_m <- m * theta_m + (1 - m) * theta, one fused call over all tensors.
+        torch._foreach_mul_(params_m, self.momentum)
+        torch._foreach_add_(params_m, params, alpha=1.0 - self.momentum)
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor, idxs: torch.Tensor) -> None:
+        image_feats = all_gather_concat(image_feat)
+        text_feats = all_gather_concat(text_feat)
+        global_batch = image_feats.shape[0]
+        check_queue_size(self.queue_size, global_batch)
+        ptr = int(self.ptr_queue)
+        self.image_queue[:, ptr:ptr + global_batch] = image_feats.t()
+        self.text_queue[:, ptr:ptr + global_batch] = text_feats.t()
+        self.idx_queue[:, ptr:ptr + global_batch] = idxs.t()
+        self.ptr_queue[0] = (ptr + global_batch) % self.queue_size
+
+
+def check_queue_size(queue_size: int, global_batch: int) -> None:
+    """The queue is written in whole global batches with no wrap-around, so the batch must divide it."""
+    if queue_size % global_batch:
+        good = [b for b in range(1, min(queue_size, 4096) + 1) if queue_size % b == 0 and b >= global_batch // 2][:6]
+        raise ValueError(f"queue_size {queue_size} is not a multiple of the global batch {global_batch} "
+                         f"(batch_size_train x world size {get_world_size()}). Choose queue_size as a multiple of "
+                         f"{global_batch} (e.g. {global_batch * (queue_size // global_batch)}) or a global batch "
+                         f"that divides it (e.g. {good}).")
+
+
+def build_model(config: dict, tokenizer=None) -> BlipRetrieval:
+    """Build the retrieval model from a resolved config (see utils.DEFAULT_CONFIG for the keys)."""
+    if tokenizer is None:
+        tokenizer = init_tokenizer(config["text_encoder"])
+    med = config["med_config"]
+    if isinstance(med, dict):
+        med_config = MedConfig.from_dict({"vocab_size": len(tokenizer), **med}, source="config key med_config")
+    else:
+        med_config = MedConfig.from_json(med)
+    vit_spec = config["vit"]
+    return BlipRetrieval(med_config, tokenizer, vit=vit_spec, image_size=config["image_size"],
+                         vit_grad_ckpt=config.get("vit_grad_ckpt", False),
+                         vit_ckpt_layer=config.get("vit_ckpt_layer", 0),
+                         vit_drop_path_rate=config.get("drop_path_rate"),
+                         embed_dim=config.get("embed_dim", 256), queue_size=config["queue_size"],
+                         momentum=config.get("momentum", 0.995),
+                         negative_all_rank=config.get("negative_all_rank", False),
+                         max_length=config.get("max_length", 35))

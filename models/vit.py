@@ -1,0 +1,82 @@
+"""The BLIP image encoder: a timm VisionTransformer that returns every token.
+
+Parameter names and shapes are those of the official `visual_encoder.*` keys (blip_facts.md section 4):
+patch 16, class token, qkv bias, LayerNorm eps 1e-6, no head. We subclass timm's model for its layers
+and initialisation, and own `forward` so that it returns the whole normalised sequence and checkpoints
+only the last `ckpt_layer` blocks, as the official code does (with torch.utils.checkpoint, no fairscale).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+# Official sizes. Large always uses drop path 0.1 in the official create_vit, whatever the caller asks.
+VIT_SIZES: dict[str, dict] = {
+    "base": {"width": 768, "depth": 12, "heads": 12, "patch_size": 16, "drop_path_rate": 0.0},
+    "large": {"width": 1024, "depth": 24, "heads": 16, "patch_size": 16, "drop_path_rate": 0.1},
+}
+
+
+def vit_spec(vit: str | dict) -> dict:
+    """Resolve the `vit` config value (`base`, `large` or a mapping) to a full size mapping."""
+    if isinstance(vit, str):
+        if vit not in VIT_SIZES:
+            raise ValueError(f"vit must be 'base', 'large' or a mapping {{width, depth, heads, patch_size}}, "
+                             f"got {vit!r}")
+        return dict(VIT_SIZES[vit])
+    spec = {"patch_size": 16, "mlp_ratio": 4.0, "drop_path_rate": 0.0, **vit}
+    missing = [k for k in ("width", "depth", "heads") if k not in spec]
+    if missing:
+        raise ValueError(f"vit mapping is missing {missing}; expected keys width, depth, heads[, patch_size]")
+    return spec
+
+
+class VisionTransformer(TimmVisionTransformer):
+    """timm ViT whose forward returns (B, 1 + num_patches, width) after the final LayerNorm."""
+
+    def __init__(self, image_size: int, patch_size: int, width: int, depth: int, heads: int,
+                 mlp_ratio: float = 4.0, drop_path_rate: float = 0.0, layer_norm_eps: float = 1e-6,
+                 ckpt_layer: int = 0):
+        super().__init__(img_size=image_size, patch_size=patch_size, embed_dim=width, depth=depth,
+                         num_heads=heads, mlp_ratio=mlp_ratio, qkv_bias=True, num_classes=0,
+                         drop_path_rate=drop_path_rate, norm_layer=partial(nn.LayerNorm, eps=layer_norm_eps))
+        self.image_size = image_size
+        self.ckpt_layer = ckpt_layer
+
+    @property
+    def num_patches(self) -> int:
+        return self.patch_embed.num_patches
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(images)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        x = self.pos_drop(torch.cat([cls, x], dim=1) + self.pos_embed)
+        first_ckpt = len(self.blocks) - self.ckpt_layer
+        for i, block in enumerate(self.blocks):
+            # Checkpoint the last ckpt_layer blocks: they hold the largest activations at the end of
+            # the backward pass, and recomputing them trades ~1/3 more ViT compute for memory.
+            if i >= first_ckpt and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.norm(x)
+
+
+def create_vit(vit: str | dict, image_size: int, grad_ckpt: bool = False, ckpt_layer: int = 0,
+               drop_path_rate: float | None = None, layer_norm_eps: float = 1e-6) -> tuple[VisionTransformer, int]:
+    """Build the image encoder; returns (encoder, width). `drop_path_rate=None` keeps the official default."""
+    spec = vit_spec(vit)
+    if drop_path_rate is None:
+        drop_path_rate = spec["drop_path_rate"]
+    if image_size % spec["patch_size"]:
+        raise ValueError(f"image_size {image_size} is not a multiple of the ViT patch size {spec['patch_size']}")
+    encoder = VisionTransformer(image_size=image_size, patch_size=spec["patch_size"], width=spec["width"],
+                                depth=spec["depth"], heads=spec["heads"], mlp_ratio=spec.get("mlp_ratio", 4.0),
+                                drop_path_rate=drop_path_rate, layer_norm_eps=layer_norm_eps,
+                                ckpt_layer=ckpt_layer if grad_ckpt else 0)
+    return encoder, spec["width"]

@@ -1,0 +1,477 @@
+"""Shared helpers: config loading and validation, distributed helpers, schedules, seeding, logging.
+
+Everything here also works in a single process without torch.distributed initialised.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import math
+import os
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+# ----------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    # Official keys (configs/retrieval_flickr.yaml of the BLIP repository).
+    "image_root": "",  # directory the annotation image paths are relative to
+    "ann_root": "annotation",  # directory holding the annotation JSON files
+    "dataset": "flickr",  # flickr | coco | custom
+    "pretrained": "",  # checkpoint to start from: local .pth, http(s) URL or HF directory; '' = random init
+    "vit": "base",  # base | large | mapping {width, depth, heads, patch_size, mlp_ratio} for small models
+    "vit_grad_ckpt": False,  # activation checkpointing in the ViT
+    "vit_ckpt_layer": 0,  # with vit_grad_ckpt, checkpoint the last vit_ckpt_layer ViT blocks (official: 4)
+    "batch_size_train": 32,  # per-process training batch size
+    "batch_size_test": 64,  # per-process feature-extraction batch size in evaluation
+    "init_lr": 1e-5,  # learning rate of epoch 0 (cosine schedule, no warmup)
+    "image_size": 384,  # square input resolution
+    "queue_size": 57600,  # ITC momentum queue length
+    "alpha": 0.4,  # momentum-distillation weight (ramped linearly during epoch 0)
+    "k_test": 128,  # candidates re-ranked by ITM per query in evaluation
+    "negative_all_rank": False,  # sample ITM hard negatives from all ranks' batches
+    "weight_decay": 0.05,  # AdamW weight decay (uniform over all parameters, as official)
+    "min_lr": 0.0,  # learning rate floor of the cosine schedule
+    "max_epoch": 6,  # number of training epochs
+    # Our keys.
+    "text_encoder": "bert-base-uncased",  # hub name or local directory of a BERT tokenizer
+    "med_config": "configs/med_config.json",  # path to, or mapping of, BERT config fields for the text tower
+    "embed_dim": 256,  # ITC projection dimension
+    "momentum": 0.995,  # EMA coefficient of the momentum encoders
+    "max_words": 30,  # pre_caption word limit
+    "max_length": 35,  # tokenizer max length
+    "train_file": None,  # dataset custom: training annotation JSON
+    "val_file": None,  # dataset custom: validation annotation JSON
+    "test_file": None,  # dataset custom: test annotation JSON
+    "amp": "bf16",  # bf16 | fp16 | none; applies on CUDA only, CPU always runs fp32
+    "device": "auto",  # auto | cuda | cpu
+    "seed": 42,  # base seed (each rank adds its rank)
+    "num_workers": 4,  # DataLoader workers per process
+    "eval_mode": "fast",  # fast (cached cross-attention K/V, batched) | official (per-query, reference path)
+    "itm_batch_size": 256,  # image-text pairs per ITM forward in fast evaluation
+    "eval_every": 1,  # evaluate every N epochs (the last epoch is always evaluated)
+    "grad_accum_steps": 1,  # micro-batches per optimizer step
+    "clip_grad_norm": 0.0,  # max gradient norm; 0 = off (official)
+    "log_every": 50,  # log training metrics every N steps
+    "compile": False,  # wrap the model in torch.compile
+    "tensorboard": False,  # also write TensorBoard scalars
+    "drop_path_rate": None,  # ViT stochastic depth; None = official default (0 for base, 0.1 for large)
+}
+
+
+class ConfigError(ValueError):
+    """A config file, override or value that cannot be used; the message says where and why."""
+
+
+# Accepted types per key; by default the type of the default value (int is accepted for float below).
+_TYPES: dict[str, tuple[type, ...]] = {k: (type(v),) for k, v in DEFAULT_CONFIG.items() if v is not None}
+_TYPES.update(vit=(str, dict), med_config=(str, dict), drop_path_rate=(float, type(None)),
+              **dict.fromkeys(("train_file", "val_file", "test_file"), (str, type(None))))
+_ENUMS: dict[str, tuple[str, ...]] = {
+    "dataset": ("flickr", "coco", "custom"),
+    "amp": ("bf16", "fp16", "none"),
+    "device": ("auto", "cuda", "cpu"),
+    "eval_mode": ("fast", "official"),
+    "vit": ("base", "large"),
+}
+# Inclusive (low, high) bounds; None = unbounded.
+_BOUNDS: dict[str, tuple[float | None, float | None]] = {
+    **{k: (1, None) for k in ("batch_size_train", "batch_size_test", "image_size", "queue_size", "k_test",
+                              "embed_dim", "max_words", "max_length", "itm_batch_size", "eval_every",
+                              "grad_accum_steps", "log_every")},
+    **{k: (0, None) for k in ("max_epoch", "num_workers", "vit_ckpt_layer", "init_lr", "min_lr",
+                              "weight_decay", "clip_grad_norm")},
+    **{k: (0, 1) for k in ("alpha", "momentum", "drop_path_rate")},
+}
+_VIT_KEYS: dict[str, tuple[type, ...]] = {
+    "width": (int,), "depth": (int,), "heads": (int,), "patch_size": (int,), "mlp_ratio": (int, float),
+}
+_VIT_REQUIRED = ("width", "depth", "heads")
+# PyYAML follows YAML 1.1, where '1e-5' (no dot, unsigned exponent) is a string, not a float.
+_NUMERIC = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _suggest(key: str, choices: Any) -> str:
+    match = difflib.get_close_matches(key, list(choices), n=1)
+    return f"; did you mean {match[0]!r}?" if match else f"; valid keys: {', '.join(sorted(choices))}"
+
+
+def _fix_numeric(value: Any, types: tuple[type, ...]) -> Any:
+    """Turn a numeric-looking string into a float unless the key takes strings."""
+    if isinstance(value, str) and str not in types and _NUMERIC.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
+def _type_name(types: tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an int", float: "a number", bool: "true/false", dict: "a mapping",
+             type(None): "null"}
+    return " or ".join(names[t] for t in types)
+
+
+def _check_type(value: Any, types: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):  # bool subclasses int; only accept it where bool is meant
+        return bool in types
+    return isinstance(value, types) or (float in types and isinstance(value, int))
+
+
+def _check_vit(vit: dict, where: str) -> None:
+    for sub, value in vit.items():
+        if sub not in _VIT_KEYS:
+            raise ConfigError(f"unknown config key 'vit.{sub}' {where}{_suggest(str(sub), _VIT_KEYS)}")
+        if not _check_type(value, _VIT_KEYS[sub]) or value <= 0:
+            raise ConfigError(f"config key 'vit.{sub}' {where}: expected a positive "
+                              f"{'number' if float in _VIT_KEYS[sub] else 'int'}, got {value!r}")
+    missing = [k for k in _VIT_REQUIRED if k not in vit]
+    if missing:
+        raise ConfigError(f"config key 'vit' {where}: a vit mapping needs {', '.join(_VIT_REQUIRED)}; "
+                          f"missing {', '.join(missing)}")
+    if vit["width"] % vit["heads"]:
+        raise ConfigError(f"config key 'vit' {where}: width {vit['width']} is not divisible by "
+                          f"heads {vit['heads']}")
+
+
+def validate_config(config: dict, origins: dict[str, str] | str | None = None) -> dict:
+    """Check keys, types, enums and ranges; return the config with float keys normalised to float.
+
+    `origins` names where each key came from (a file or an override) for the error messages.
+    """
+    def where(key: str) -> str:
+        src = origins.get(key) if isinstance(origins, dict) else origins
+        return f"in {src}" if src else "in config"
+
+    for key in config:
+        if key not in DEFAULT_CONFIG:
+            raise ConfigError(f"unknown config key {key!r} {where(key)}{_suggest(str(key), DEFAULT_CONFIG)}")
+    for key, value in config.items():
+        types = _TYPES[key]
+        if not _check_type(value, types):
+            # YAML 1.1 reads yes/no/on/off as booleans, a common surprise for enum values like amp.
+            hint = "; quote the value" if isinstance(value, bool) and str in types else ""
+            raise ConfigError(f"config key {key!r} {where(key)}: expected {_type_name(types)}, "
+                              f"got {type(value).__name__} {value!r}{hint}")
+        if float in types and isinstance(value, int):
+            config[key] = value = float(value)
+        if key in _ENUMS and isinstance(value, str) and value not in _ENUMS[key]:
+            raise ConfigError(f"config key {key!r} {where(key)}: expected one of "
+                              f"{', '.join(_ENUMS[key])}, got {value!r}")
+        lo, hi = _BOUNDS.get(key, (None, None))
+        if value is not None and ((lo is not None and value < lo) or (hi is not None and value > hi)):
+            expected = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise ConfigError(f"config key {key!r} {where(key)}: expected a value {expected}, got {value!r}")
+    if isinstance(config["vit"], dict):
+        _check_vit(config["vit"], where("vit"))
+    patch = config["vit"].get("patch_size", 16) if isinstance(config["vit"], dict) else 16
+    if config["image_size"] % patch:
+        raise ConfigError(f"config key 'image_size' {where('image_size')}: {config['image_size']} is not "
+                          f"divisible by the ViT patch size {patch}")
+    return config
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Parse `key=value` strings (dotted keys allowed) into {key: YAML-parsed value}, in order."""
+    parsed: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. init_lr=5e-6, vit.depth=2)")
+        try:
+            parsed[key] = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from err
+    return parsed
+
+
+def _apply_override(config: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = config
+    for depth, part in enumerate(parts[:-1]):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            prefix = ".".join(parts[: depth + 1])
+            raise ConfigError(f"override {key!r}: config key {prefix!r} is {node!r}, not a mapping, so it "
+                              f"has no sub-key {parts[depth + 1]!r}; set {prefix} to a mapping first")
+    # Nested values are always numbers or mappings here (vit.*), so any numeric string is meant as one.
+    types = _TYPES.get(key, (float,)) if len(parts) == 1 else (float,)
+    node[parts[-1]] = _fix_numeric(value, types)
+
+
+def load_config(path: str, overrides: list[str] | None = None) -> dict:
+    """Load a YAML config, merge it over DEFAULT_CONFIG, apply `key=value` overrides and validate."""
+    try:
+        with open(path) as f:
+            loaded = yaml.safe_load(f)
+    except FileNotFoundError as err:
+        raise ConfigError(f"config file not found: {path}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if loaded is None:  # an empty file means "all defaults"
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of key: value, got {type(loaded).__name__}")
+    config = copy.deepcopy(DEFAULT_CONFIG)
+    origins = dict.fromkeys(config, "defaults")
+    for key, value in loaded.items():
+        config[key] = _fix_numeric(value, _TYPES.get(key, (str,)))
+        origins[key] = path
+    for item in overrides or []:
+        ((key, value),) = parse_overrides([item]).items()
+        _apply_override(config, key, value)
+        origins[key.split(".")[0]] = f"override {item!r}"
+    return validate_config(config, origins)
+
+
+def save_config(config: dict, path: str) -> None:
+    """Write the config as YAML (keys in their order), atomically."""
+    _atomic_write(path, lambda f: f.write(yaml.safe_dump(config, sort_keys=False).encode()))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Distributed
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    distributed: bool
+
+
+def _resolve_device(device: str) -> str:
+    if device not in ("auto", "cuda", "cpu"):
+        raise ConfigError(f"device {device!r} is not one of auto, cuda, cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but torch.cuda.is_available() is False; "
+                          "set device: cpu or device: auto")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the process group when launched by torchrun or SLURM; otherwise run as a single process."""
+    kind = _resolve_device(device)
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun / torch.distributed.run
+        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in env and "MASTER_ADDR" in env:  # srun with a rendezvous address set by the script
+        rank, world = int(env["SLURM_PROCID"]), int(env.get("SLURM_NTASKS", 1))
+        ngpu = max(torch.cuda.device_count(), 1)
+        local = int(env.get("SLURM_LOCALID", rank % ngpu))
+        env.setdefault("MASTER_PORT", "29500")
+    else:
+        return DistInfo(0, 1, 0, torch.device(kind), False)
+    if kind == "cuda":
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    if not is_dist_initialized():
+        backend = "nccl" if kind == "cuda" else "gloo"
+        extra = {"device_id": dev} if kind == "cuda" else {}
+        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, **extra)
+    return DistInfo(rank, world, local, dev, True)
+
+
+def is_dist_initialized() -> bool:
+    """True when a torch.distributed process group is active."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    """Global rank, 0 without a process group."""
+    return dist.get_rank() if is_dist_initialized() else 0
+
+
+def get_world_size() -> int:
+    """Number of processes, 1 without a process group."""
+    return dist.get_world_size() if is_dist_initialized() else 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (and in a single process)."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    """Synchronise all ranks; a no-op in a single process."""
+    if is_dist_initialized():
+        dist.barrier()
+
+
+def log(msg: str) -> None:
+    """Print on the main process only."""
+    if is_main_process():
+        print(msg, flush=True)
+
+
+@torch.no_grad()
+def all_gather_concat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate same-shaped tensors from all ranks along dim 0, in rank order (no gradient)."""
+    if get_world_size() == 1:
+        return t
+    t = t.contiguous()
+    parts = [torch.empty_like(t) for _ in range(get_world_size())]
+    dist.all_gather(parts, t)
+    return torch.cat(parts, dim=0)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands each rank the summed gradient of its own slice."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:
+        ctx.rows = t.shape[0]
+        return all_gather_concat(t)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        # Every rank's loss depends on every slice, so this rank's slice gets the sum over all ranks.
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = get_rank() * ctx.rows
+        return grad[start : start + ctx.rows]
+
+
+def all_gather_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate same-shaped tensors from all ranks along dim 0, keeping the gradient path."""
+    if get_world_size() == 1:
+        return t
+    return _GatherWithGrad.apply(t)
+
+
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    """Sum `t` over ranks in place and return it; identity in a single process."""
+    if get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def cleanup_distributed() -> None:
+    """Tear down the process group if one is active."""
+    if is_dist_initialized():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Schedules, seeding, saving, logging
+# ----------------------------------------------------------------------------------------------------
+
+
+def cosine_lr(epoch: int, max_epoch: int, init_lr: float, min_lr: float) -> float:
+    """Official per-epoch cosine schedule (no warmup)."""
+    if max_epoch <= 0:
+        return init_lr
+    return min_lr + (init_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * epoch / max_epoch))
+
+
+def alpha_at(step_in_epoch: int, steps_per_epoch: int, epoch: int, alpha: float) -> float:
+    """Distillation weight: ramps linearly from 0 to alpha over epoch 0, then stays at alpha."""
+    if epoch > 0:
+        return alpha
+    return alpha * min(1.0, step_in_epoch / max(steps_per_epoch, 1))
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds all CUDA devices
+
+
+def capture_rng_state() -> dict:
+    """Snapshot every RNG this process uses, for an exact resume.
+
+    Only tensors, ints, floats and tuples, so torch.load(weights_only=True) can read it back.
+    """
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def restore_rng_state(state: dict) -> None:
+    """Restore a capture_rng_state() snapshot."""
+    random.setstate(state["python"])
+    key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_write(path: str, write: Callable[[Any], Any]) -> None:
+    # Write beside the target, then rename: a crash never leaves a half-written file under `path`.
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """torch.save to `path` atomically (temp file in the same directory, fsync, rename)."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
+        return value.tolist()
+    return str(value)
+
+
+class JsonlLogger:
+    """Append one JSON object per line to a file, on the main process only."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def log(self, record: dict) -> None:
+        """Append `record` as one line; tensors and numpy values become plain numbers or lists."""
+        if not is_main_process():
+            return
+        # Open per call: records are rare (per epoch / every log_every steps) and this survives crashes.
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, default=_json_default) + "\n")
+            f.flush()
+
+
+def format_metrics_table(metrics: dict) -> str:
+    """Paper-style recall table: TR (image->text) and IR (text->image) at R@1/5/10, plus r_mean."""
+    rows = [("TR", "txt"), ("IR", "img")]
+    lines = [f"{'':6}{'R@1':>7}{'R@5':>7}{'R@10':>7}"]
+    for name, prefix in rows:
+        lines.append(f"{name:6}" + "".join(f"{float(metrics[f'{prefix}_r{k}']):7.1f}" for k in (1, 5, 10)))
+    r_mean = metrics.get("r_mean")
+    if r_mean is None:
+        r_mean = sum(float(metrics[f"{p}_r{k}"]) for _, p in rows for k in (1, 5, 10)) / 6
+    lines.append(f"r_mean {float(r_mean):.2f}")
+    return "\n".join(lines)
