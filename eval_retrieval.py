@@ -94,6 +94,9 @@ def _gather_rows(x: torch.Tensor, n_total: int) -> torch.Tensor:
 def text_features(model: BlipRetrieval, texts: list[str], device: torch.device, config: dict,
                   show_progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tokenise every text (max_length padding) and embed with [CLS]; returns (ids with [ENC], mask, feats)."""
+    if not texts:  # a rank whose shard is empty (fewer texts than processes)
+        empty_ids = torch.zeros(0, model.max_length, dtype=torch.long, device=device)
+        return empty_ids, empty_ids.clone(), torch.zeros(0, model.text_proj.out_features, device=device)
     ids, atts, feats = [], [], []
     for start in tqdm(range(0, len(texts), TEXT_BATCH), desc="text features", disable=not show_progress):
         batch_ids, batch_atts = model.tokenize(texts[start:start + TEXT_BATCH], device)

@@ -67,6 +67,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "log_every": 50,  # log training metrics every N steps
     "compile": False,  # wrap the model in torch.compile
     "tensorboard": False,  # also write TensorBoard scalars
+    "vit_layer_norm_eps": 1e-6,  # ViT LayerNorm eps: 1e-6 official; HF BLIP directories set their own (1e-5)
     "drop_path_rate": None,  # ViT stochastic depth; None = official default (0 for base, 0.1 for large)
 }
 

@@ -216,8 +216,8 @@ class BlipRetrieval(nn.Module):
         all_atts = torch.cat([text_atts, text_atts, text_atts_neg], dim=0)
         all_images = torch.cat([image_embeds, image_embeds_neg, image_embeds], dim=0)
         itm_logits = self.itm_logits(all_ids, all_atts, all_images)
-        itm_labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)]).to(
-            image.device)
+        itm_labels = torch.zeros(3 * bs, dtype=torch.long, device=image.device)
+        itm_labels[:bs] = 1
         loss_itm = F.cross_entropy(itm_logits, itm_labels)
         return {"loss_ita": loss_ita, "loss_itm": loss_itm, "num_neg_fallback": fallback_t2i + fallback_i2t}
 
@@ -244,12 +244,12 @@ class BlipRetrieval(nn.Module):
         text_feats = all_gather_concat(text_feat)
         global_batch = image_feats.shape[0]
         check_queue_size(self.queue_size, global_batch)
-        ptr = int(self.ptr_queue)
-        self.image_queue[:, ptr:ptr + global_batch] = image_feats.t()
-        self.text_queue[:, ptr:ptr + global_batch] = text_feats.t()
-        self.idx_queue[:, ptr:ptr + global_batch] = idxs.t()
-        self.ptr_queue[0] = (ptr + global_batch) % self.queue_size
-
+        # Column indices computed on the device: reading the pointer with int() would stall the GPU every step.
+        columns = self.ptr_queue + torch.arange(global_batch, device=self.ptr_queue.device)
+        self.image_queue.index_copy_(1, columns, image_feats.t().to(self.image_queue.dtype))
+        self.text_queue.index_copy_(1, columns, text_feats.t().to(self.text_queue.dtype))
+        self.idx_queue.index_copy_(1, columns, idxs.t())
+        self.ptr_queue.copy_((self.ptr_queue + global_batch) % self.queue_size)
 
 def check_queue_size(queue_size: int, global_batch: int) -> None:
     """The queue is written in whole global batches with no wrap-around, so the batch must divide it."""
@@ -275,6 +275,7 @@ def build_model(config: dict, tokenizer=None) -> BlipRetrieval:
                          vit_grad_ckpt=config.get("vit_grad_ckpt", False),
                          vit_ckpt_layer=config.get("vit_ckpt_layer", 0),
                          vit_drop_path_rate=config.get("drop_path_rate"),
+                         vit_layer_norm_eps=config.get("vit_layer_norm_eps", 1e-6),
                          embed_dim=config.get("embed_dim", 256), queue_size=config["queue_size"],
                          momentum=config.get("momentum", 0.995),
                          negative_all_rank=config.get("negative_all_rank", False),

@@ -1,0 +1,23 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Each creates .venv and installs
+# requirements the first time (and again whenever a requirements file changes).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test lint clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -r requirements-dev.txt
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m data.synthetic --out demo_data
+	$(PY) train_retrieval.py --config configs/demo.yaml --output-dir demo_output
+
+test: $(VENV)/.installed
+	$(PY) -m ruff check .
+	$(PY) -m pytest
+
+clean:
+	rm -rf demo_data demo_output .pytest_cache .ruff_cache

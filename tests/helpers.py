@@ -1,0 +1,52 @@
+"""Tiny shared fixtures: a WordPiece vocab, a fully resolved small config and a small BlipRetrieval.
+
+Everything runs on CPU in well under a second. The vision width (48) deliberately differs from the text
+width (32) so that any code that confuses the two (cross-attention key/value width, vision_proj input)
+fails loudly instead of passing by coincidence.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+from models.blip_retrieval import BlipRetrieval, build_model
+from utils import DEFAULT_CONFIG, validate_config
+
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# Enough everyday words that tokenised captions are mostly whole words, not [UNK].
+TINY_WORDS = ["a", "an", "the", "dog", "cat", "man", "woman", "red", "blue", "ball", "on", "in", "with",
+              "runs", "sits", "grass", "street", "photo", "of", "two", "and", ",", ".", "##s"]
+TINY_MED = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+TINY_VIT = {"width": 48, "depth": 2, "heads": 2, "patch_size": 16}
+
+
+def write_vocab(path: str | os.PathLike, words: list[str] | None = None) -> str:
+    """Write a BERT WordPiece vocab.txt: [PAD]=0, [UNK], [CLS], [SEP], [MASK], then `words`. Returns the path."""
+    words = TINY_WORDS if words is None else words
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(BERT_SPECIALS + list(words)) + "\n")
+    return path
+
+
+def tiny_config(tmp_path: str | os.PathLike, **overrides: Any) -> dict:
+    """A complete, validated config for a 2-layer ViT (width 48) and 2-layer MED (width 32) at 32 px.
+
+    `overrides` replace top-level keys (e.g. `image_size=48`, `vit={...}`); mappings replace, not merge.
+    """
+    vocab = os.path.join(os.fspath(tmp_path), "vocab.txt")
+    if not os.path.exists(vocab):
+        write_vocab(vocab)
+    config = copy.deepcopy(DEFAULT_CONFIG)
+    config.update(text_encoder=vocab, med_config=dict(TINY_MED), vit=dict(TINY_VIT), image_size=32, queue_size=16,
+                  embed_dim=16, device="cpu", num_workers=0, amp="none")
+    config.update(copy.deepcopy(overrides))
+    return validate_config(config, "tiny_config")
+
+
+def tiny_model(tmp_path: str | os.PathLike, **overrides: Any) -> BlipRetrieval:
+    """BlipRetrieval built with build_model from tiny_config(tmp_path, **overrides)."""
+    return build_model(tiny_config(tmp_path, **overrides))

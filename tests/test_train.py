@@ -1,0 +1,204 @@
+"""train_retrieval.py end to end on generated data: outputs, exact resume, 2-process DDP, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+import train_retrieval
+from data.synthetic import make_synthetic_dataset
+from models.checkpoint import CheckpointError
+from tests.dist_helpers import run_distributed
+from tests.helpers import tiny_config
+from utils import ConfigError, save_config
+
+RECALL_KEYS = ["txt_r1", "txt_r5", "txt_r10", "txt_r_mean", "img_r1", "img_r5", "img_r10", "img_r_mean", "r_mean"]
+
+
+@pytest.fixture(scope="module")
+def config_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """24 train images x 2 captions (48 samples: 6 batches of 8), 8 val and 8 test images, 32 px."""
+    root = tmp_path_factory.mktemp("train_data")
+    paths = make_synthetic_dataset(str(root), num_train_images=24, num_val_images=8, num_test_images=8,
+                                   captions_per_image=2, image_size=32, seed=0)
+    config = tiny_config(root, dataset="custom", image_root=paths["image_root"], train_file=paths["train_file"],
+                         val_file=paths["val_file"], test_file=paths["test_file"], text_encoder=paths["vocab_file"],
+                         batch_size_train=8, batch_size_test=8, k_test=4, queue_size=16, max_epoch=2, log_every=2,
+                         init_lr=1e-4)
+    path = os.path.join(root, "config.yaml")
+    save_config(config, path)
+    return path
+
+
+def _train(config_path: str, out_dir, *extra: str) -> dict:
+    return train_retrieval.main(["--config", config_path, "--output-dir", str(out_dir), *extra])
+
+
+@pytest.fixture(scope="module")
+def straight_run(config_path: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Two epochs in one go; its output directory."""
+    out = tmp_path_factory.mktemp("straight")
+    _train(config_path, out)
+    return str(out)
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_training_writes_every_output(straight_run: str):
+    for name in ("config.yaml", "log.jsonl", "checkpoint_last.pth", "checkpoint_best.pth", "metrics_val.json",
+                 "metrics_test.json"):
+        assert os.path.isfile(os.path.join(straight_run, name)), name
+    records = _read_jsonl(os.path.join(straight_run, "log.jsonl"))
+    steps = [r for r in records if "loss_ita" in r]
+    epochs = [r for r in records if "train_loss_ita" in r]
+    assert len(steps) == 6 and len(epochs) == 2  # 6 optimizer steps per epoch, logged every 2
+    assert set(steps[0]) == {"epoch", "step", "loss_ita", "loss_itm", "lr", "images_per_s", "num_neg_fallback"}
+    assert [r["step"] for r in steps] == [2, 4, 6, 8, 10, 12]
+    assert epochs[0]["lr"] == pytest.approx(1e-4) and epochs[1]["lr"] == pytest.approx(5e-5)  # cosine per epoch
+    assert all(f"val_{k}" in r for r in epochs for k in RECALL_KEYS)
+    best = epochs[-1]["best_epoch"]
+    assert best in (0, 1)
+    # Test is scored with the selected weights only, in the epoch that selected them.
+    assert "test_r_mean" in epochs[best] and all("test_r_mean" not in r for r in epochs if r["epoch"] != best)
+    with open(os.path.join(straight_run, "metrics_val.json")) as f:
+        val = json.load(f)
+    with open(os.path.join(straight_run, "metrics_test.json")) as f:
+        test = json.load(f)
+    assert set(RECALL_KEYS) <= set(val) and set(RECALL_KEYS) <= set(test)
+    assert val["epoch"] == test["epoch"] == best
+    assert val["r_mean"] == pytest.approx(epochs[best]["val_r_mean"])
+    assert test["r_mean"] == pytest.approx(epochs[best]["test_r_mean"])
+    last = torch.load(os.path.join(straight_run, "checkpoint_last.pth"), weights_only=True)
+    assert last["epoch"] == 1 and last["global_step"] == 12 and last["best_epoch"] == best
+    assert {"image_queue", "text_queue", "idx_queue", "ptr_queue", "visual_encoder_m.pos_embed"} <= set(last["model"])
+    assert len(last["rng_states"]) == 1 and last["config"]["max_epoch"] == 2
+    best_ckpt = torch.load(os.path.join(straight_run, "checkpoint_best.pth"), weights_only=True)
+    assert best_ckpt["epoch"] == best and best_ckpt["val_metrics"]["r_mean"] == pytest.approx(val["r_mean"])
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_resume_is_bitwise_identical_to_a_straight_run(config_path, straight_run, tmp_path, monkeypatch):
+    out = tmp_path / "resumed"
+    save = train_retrieval.save_last_checkpoint
+
+    def save_then_crash(state: dict, path: str) -> None:  # the job dies right after epoch 0 is saved
+        save(state, path)
+        raise _Interrupted
+
+    monkeypatch.setattr(train_retrieval, "save_last_checkpoint", save_then_crash)
+    with pytest.raises(_Interrupted):
+        _train(config_path, out)
+    monkeypatch.setattr(train_retrieval, "save_last_checkpoint", save)
+    _train(config_path, out, "--resume")
+
+    a = torch.load(os.path.join(straight_run, "checkpoint_last.pth"), weights_only=True)
+    b = torch.load(os.path.join(out, "checkpoint_last.pth"), weights_only=True)
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:  # every tensor, momentum encoders and queues included, with atol 0
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for name in pa:
+            assert torch.equal(pa[name], pb[name]), name
+    assert (a["epoch"], a["global_step"], a["best_epoch"]) == (b["epoch"], b["global_step"], b["best_epoch"])
+    assert {k: a["best_test"][k] for k in RECALL_KEYS} == {k: b["best_test"][k] for k in RECALL_KEYS}
+    records = _read_jsonl(os.path.join(out, "log.jsonl"))
+    assert any(r.get("event") == "resume" for r in records)
+    straight_losses = [r["loss_ita"] for r in _read_jsonl(os.path.join(straight_run, "log.jsonl")) if "loss_ita" in r]
+    assert [r["loss_ita"] for r in records if "loss_ita" in r] == straight_losses
+
+
+def _dist_body(rank: int, world_size: int, config_path: str, out_dir: str) -> dict:
+    # RANK/WORLD_SIZE/MASTER_* are set by run_distributed, so init_distributed joins a gloo group itself.
+    result = train_retrieval.main(["--config", config_path, "--output-dir", out_dir, "--options", "max_epoch=1",
+                                   "negative_all_rank=true", "grad_accum_steps=2", "clip_grad_norm=1.0"])
+    return {k: v.clone() for k, v in result["model"].state_dict().items()}
+
+
+def test_two_process_ddp_keeps_ranks_identical(config_path, tmp_path):
+    # Global batch 2 x 8 = 16 = queue_size; 3 micro-batches per rank: one accumulated step (no_sync) + one short.
+    states = run_distributed(_dist_body, 2, config_path, str(tmp_path / "ddp"), init_process_group=False,
+                             timeout_s=120)
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+    assert int(states[0]["ptr_queue"]) == 0  # 3 micro-batches x 16 = 48 = 3 full turns of the 16-slot queue
+    assert (states[0]["idx_queue"] >= 0).all()  # every slot was written with gathered ids from both ranks
+    records = _read_jsonl(str(tmp_path / "ddp" / "log.jsonl"))
+    assert [r["step"] for r in records if "loss_ita" in r] == [2]  # 2 optimizer steps; the last one is logged
+    assert os.path.isfile(tmp_path / "ddp" / "metrics_test.json")
+
+
+def test_evaluate_mode_reproduces_the_selected_epoch(config_path, straight_run, tmp_path):
+    out = tmp_path / "eval"
+    _train(config_path, out, "--evaluate", "--options",
+           f"pretrained={os.path.join(straight_run, 'checkpoint_best.pth')}")
+    assert not os.path.exists(out / "checkpoint_last.pth")
+    for split in ("val", "test"):
+        with open(os.path.join(straight_run, f"metrics_{split}.json")) as f:
+            expected = json.load(f)
+        with open(out / f"metrics_{split}.json") as f:
+            got = json.load(f)
+        for key in RECALL_KEYS:
+            assert got[key] == pytest.approx(expected[key]), (split, key)
+
+
+def test_unknown_option_names_the_key_and_a_suggestion(config_path, tmp_path):
+    with pytest.raises(ConfigError, match=r"'init_lrr'.*did you mean 'init_lr'"):
+        _train(config_path, tmp_path / "x", "--options", "init_lrr=1e-4")
+
+
+def test_queue_size_must_be_a_multiple_of_the_global_batch(config_path, tmp_path):
+    with pytest.raises(ConfigError, match=r"queue_size 20 is not a multiple of the global batch 8.*e\.g\. 16"):
+        _train(config_path, tmp_path / "x", "--options", "queue_size=20")
+
+
+def test_cli_turns_errors_into_a_one_line_exit(config_path, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["train_retrieval.py", "--config", config_path, "--output-dir",
+                                      str(tmp_path), "--options", "batch_size_trian=4"])
+    with pytest.raises(SystemExit, match=r"error: unknown config key 'batch_size_trian'.*'batch_size_train'"):
+        train_retrieval.cli()
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(config_path, tmp_path):
+    with pytest.raises(ConfigError, match=r"--resume: no checkpoint at .*checkpoint_last\.pth"):
+        _train(config_path, tmp_path / "empty", "--resume")
+    with pytest.raises(ConfigError, match=r"no checkpoint at .*missing\.pth"):
+        _train(config_path, tmp_path / "empty", "--resume", str(tmp_path / "missing.pth"))
+
+
+def test_existing_run_needs_resume_and_a_matching_architecture(config_path, straight_run, tmp_path):
+    with pytest.raises(ConfigError, match=r"already holds a training run.*--resume"):
+        _train(config_path, straight_run)
+    last = os.path.join(straight_run, "checkpoint_last.pth")
+    with pytest.raises(CheckpointError, match=r"different shape.*vision_proj"):
+        _train(config_path, tmp_path / "a", "--resume", last, "--options", "embed_dim=32")
+    with pytest.raises(CheckpointError, match=r"(?s)does not match.*MISSING.*visual_encoder"):
+        _train(config_path, tmp_path / "b", "--resume", last, "--options", "vit.depth=3")
+
+
+def test_missing_tensorboard_is_a_clear_error(config_path, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now raises ImportError
+    with pytest.raises(ConfigError, match=r"pip install tensorboard"):
+        _train(config_path, tmp_path / "tb", "--options", "tensorboard=true")
+
+
+@pytest.mark.parametrize(("name", "finetuned"), [
+    ("https://storage.googleapis.com/sfr-vision-language-research/BLIP/models/model_base_retrieval_coco.pth", True),
+    ("/ckpt/model_large_retrieval_flickr.pth", True),
+    ("/hf/blip-itm-base-coco/", True),
+    ("/ckpt/model_base.pth", False),
+    ("/ckpt/model_base_capfilt_large.pth", False),
+    ("", False),
+])
+def test_retrieval_finetuned_checkpoints_are_recognised(name, finetuned):
+    assert train_retrieval.is_retrieval_finetuned(name) is finetuned
