@@ -32,17 +32,25 @@ def init_tokenizer(text_encoder: str = "bert-base-uncased"):
     """
     from transformers import BertTokenizerFast
 
+    offline_hint = ("Without network access, download it once elsewhere (e.g. `huggingface-cli download "
+                    "bert-base-uncased vocab.txt tokenizer_config.json --local-dir DIR`) and set text_encoder to "
+                    "that local directory or to its vocab.txt.")
+    looks_like_path = text_encoder.startswith((".", "/", "~"))  # hub ids look like "org/name"
+    if looks_like_path and not os.path.exists(os.path.expanduser(text_encoder)):
+        raise OSError(f"tokenizer path {text_encoder!r} (config key text_encoder) does not exist. {offline_hint}")
     try:
         if os.path.isfile(text_encoder):
             tokenizer = BertTokenizerFast(text_encoder, do_lower_case=True)  # positional: v4 and v5 name it differently
         else:
-            tokenizer = BertTokenizerFast.from_pretrained(text_encoder)
+            tokenizer = BertTokenizerFast.from_pretrained(os.path.expanduser(text_encoder))
     except (OSError, ValueError) as e:
-        raise OSError(
-            f"could not load the BERT tokenizer {text_encoder!r} (config key text_encoder): {e}\n"
-            "Without network access, download it once elsewhere (e.g. `huggingface-cli download bert-base-uncased "
-            "vocab.txt tokenizer_config.json`) and set text_encoder to that local directory or to its vocab.txt."
-        ) from None
+        raise OSError(f"could not load the BERT tokenizer {text_encoder!r} (config key text_encoder): {e}\n"
+                      f"{offline_hint}") from None
+    # Some transformers versions return a tokenizer holding only the special tokens when nothing was found
+    # (e.g. offline with no cache), which would silently turn every word into [UNK].
+    if len(tokenizer.get_vocab()) <= len(tokenizer.all_special_tokens):
+        raise OSError(f"the tokenizer loaded from {text_encoder!r} (config key text_encoder) has no vocabulary "
+                      f"beyond its special tokens. {offline_hint}")
     if "[DEC]" not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"bos_token": "[DEC]"})
     if "[ENC]" not in tokenizer.get_vocab():
