@@ -180,7 +180,9 @@ def rerank_fast(model: BlipRetrieval, sims: torch.Tensor, image_tokens: torch.Te
     pair_img, pair_txt = pair_keys // n_txt, pair_keys % n_txt
     pair_scores = torch.zeros(len(pair_keys), device=device)
 
-    lengths = text_atts.sum(dim=1)
+    # Batch padding lengths are decided on the host so that the loop below never waits for the device.
+    lengths = text_atts.sum(dim=1).cpu()
+    pair_txt_host = pair_txt.cpu()
     first = int(torch.searchsorted(pair_img, torch.tensor(image_offset, device=device)))
     last = int(torch.searchsorted(pair_img, torch.tensor(image_offset + len(image_tokens), device=device)))
     counts = torch.bincount(pair_img[first:last] - image_offset, minlength=len(image_tokens)).tolist()
@@ -197,7 +199,7 @@ def rerank_fast(model: BlipRetrieval, sims: torch.Tensor, image_tokens: torch.Te
             for batch_start in range(position, stop, itm_batch_size):
                 batch = slice(batch_start, min(batch_start + itm_batch_size, stop))
                 texts = pair_txt[batch]
-                max_len = int(lengths[texts].max())  # pad to the longest text of this batch, not to 35
+                max_len = int(lengths[pair_txt_host[batch]].max())  # pad to this batch's longest text, not 35
                 ids, atts = text_ids[texts, :max_len], text_atts[texts, :max_len]
                 with _autocast(device, config):
                     hidden = model.text_encoder(ids, atts, encoder_kv=image_kv, mode="multimodal")

@@ -35,7 +35,11 @@ def init_tokenizer(text_encoder: str = "bert-base-uncased"):
     offline_hint = ("Without network access, download it once elsewhere (e.g. `huggingface-cli download "
                     "bert-base-uncased vocab.txt tokenizer_config.json --local-dir DIR`) and set text_encoder to "
                     "that local directory or to its vocab.txt.")
-    looks_like_path = text_encoder.startswith((".", "/", "~"))  # hub ids look like "org/name"
+    # Hub ids look like "name" or "org/name"; anything else that is not on disk fails here, before the hub
+    # client spends minutes retrying a name that cannot exist there.
+    first_dir = text_encoder.split("/")[0]
+    looks_like_path = (text_encoder.startswith((".", "/", "~")) or text_encoder.endswith((".txt", ".json"))
+                       or (text_encoder.count("/") >= 1 and os.path.isdir(first_dir)))
     if looks_like_path and not os.path.exists(os.path.expanduser(text_encoder)):
         raise OSError(f"tokenizer path {text_encoder!r} (config key text_encoder) does not exist. {offline_hint}")
     try:
