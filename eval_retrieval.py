@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -362,5 +363,17 @@ def main(argv: list[str] | None = None) -> dict:
     return result.metrics
 
 
+def cli() -> None:
+    """Command-line entry: user errors (config, data, checkpoint) end with their message, not a traceback."""
+    from data import DataError
+    from models.checkpoint import CheckpointError
+    from utils import ConfigError
+
+    try:
+        main()
+    except (ConfigError, DataError, CheckpointError) as err:
+        sys.exit(f"error: {err}")
+
+
 if __name__ == "__main__":
-    main()
+    cli()
