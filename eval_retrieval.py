@@ -181,9 +181,15 @@ def rerank_fast(model: BlipRetrieval, sims: torch.Tensor, image_tokens: torch.Te
     pair_img, pair_txt = pair_keys // n_txt, pair_keys % n_txt
     pair_scores = torch.zeros(len(pair_keys), device=device)
 
-    # Batch padding lengths are decided on the host so that the loop below never waits for the device.
+    # Within each image, score its texts shortest first, so that a batch padded to its longest text carries
+    # little padding. The order is computed on the host, so the loop below never waits for the device.
     lengths = text_atts.sum(dim=1).cpu()
     pair_txt_host = pair_txt.cpu()
+    length_order = torch.argsort(pair_img.cpu() * (int(lengths.max()) + 1) + lengths[pair_txt_host], stable=True)
+    pair_txt_host = pair_txt_host[length_order]
+    length_order = length_order.to(device)
+    pair_txt_sorted = pair_txt[length_order]
+    sorted_scores = torch.zeros(len(pair_keys), device=device)
     first = int(torch.searchsorted(pair_img, torch.tensor(image_offset, device=device)))
     last = int(torch.searchsorted(pair_img, torch.tensor(image_offset + len(image_tokens), device=device)))
     counts = torch.bincount(pair_img[first:last] - image_offset, minlength=len(image_tokens)).tolist()
@@ -199,15 +205,16 @@ def rerank_fast(model: BlipRetrieval, sims: torch.Tensor, image_tokens: torch.Te
             stop = position + counts[local]
             for batch_start in range(position, stop, itm_batch_size):
                 batch = slice(batch_start, min(batch_start + itm_batch_size, stop))
-                texts = pair_txt[batch]
+                texts = pair_txt_sorted[batch]
                 max_len = int(lengths[pair_txt_host[batch]].max())  # pad to this batch's longest text, not 35
                 ids, atts = text_ids[texts, :max_len], text_atts[texts, :max_len]
                 with _autocast(device, config):
                     hidden = model.text_encoder(ids, atts, encoder_kv=image_kv, mode="multimodal")
-                    pair_scores[batch] = model.itm_head(hidden[:, 0]).float()[:, 1]
+                    sorted_scores[batch] = model.itm_head(hidden[:, 0]).float()[:, 1]
             progress.update(stop - position)
             position = stop
     progress.close()
+    pair_scores[length_order] = sorted_scores
     all_reduce_sum_(pair_scores)  # each pair was scored by the rank that owns its image
     pair_scores += sims[pair_img, pair_txt]
 

@@ -39,6 +39,7 @@ import torch
 
 from data import create_dataset
 from data.synthetic import make_synthetic_dataset
+from eval_retrieval import evaluate
 from models.blip_retrieval import BlipRetrieval, build_model, init_tokenizer
 from utils import DEFAULT_CONFIG, validate_config
 
@@ -311,6 +312,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak dense TFLOP/s for model FLOP utilisation; default 989 (H100 bf16) on CUDA")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice); 1 makes process CPU time a clean measure "
+                        "of work on a shared machine")
     p.add_argument("--data-dir", default=None, help="where to write the generated data (default: a temp dir)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -325,8 +329,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run_mode(model, dataset, config: dict, device: torch.device, warmup) -> tuple:
-    from eval_retrieval import evaluate
-
     if warmup is not None:
         evaluate(model, warmup, config, device, desc="warm-up")
     with PeakMemory(device) as mem:
@@ -340,6 +342,8 @@ def run_mode(model, dataset, config: dict, device: torch.device, warmup) -> tupl
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     env = environment()
     print(f"device: {device_description(device)}; torch {torch.__version__}; random-init weights (timing only)")
     with tempfile.TemporaryDirectory(prefix="bench_eval_") as tmp:

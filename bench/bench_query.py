@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"], help="autocast of 'ours' on CUDA")
     p.add_argument("--index-batch-size", type=int, default=64, help="images per ViT forward when indexing")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice); 1 makes process CPU time a clean measure "
+                        "of work on a shared machine")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     cuda = resolve_device(args.device).type == "cuda"
@@ -173,6 +176,8 @@ def timed(fn, caption: str, device: torch.device):
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     env = environment()
     amp = args.amp if device.type == "cuda" else "none"
     print(f"device: {device_description(device)}; torch {torch.__version__}; random-init weights (timing only)")

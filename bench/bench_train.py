@@ -72,6 +72,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--alpha", type=float, default=0.4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice); 1 makes process CPU time a clean measure "
+                        "of work on a shared machine")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     cuda = resolve_device(args.device).type == "cuda"
@@ -134,6 +137,8 @@ def run_variant(model, init_state: dict, batch: tuple, variant: str, args, devic
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     env = environment()
     print(f"device: {device_description(device)}; torch {torch.__version__}; random-init weights (timing only)")
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
