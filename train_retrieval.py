@@ -25,10 +25,12 @@ import os
 import re
 import sys
 import time
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
@@ -38,10 +40,14 @@ from models.blip_retrieval import check_queue_size
 from models.checkpoint import CheckpointError, is_hf_directory, load_model, load_state_dict_checked
 from utils import ConfigError, JsonlLogger, is_main_process, log
 
+if TYPE_CHECKING:
+    from eval_retrieval import EvalResult
+
 CKPT_FORMAT = "blip-retrieval-train-v1"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="YAML config (keys: utils.DEFAULT_CONFIG)")
     parser.add_argument("--output-dir", required=True, help="where checkpoints, logs and metrics go")
@@ -61,6 +67,7 @@ def is_retrieval_finetuned(source: str) -> bool:
 
 
 def has_split(config: dict, split: str) -> bool:
+    """Whether the config provides `split` (val/test)."""
     # flickr/coco always have every split (downloaded when missing); custom only those it names.
     return config["dataset"] != "custom" or bool(config.get(f"{split}_file"))
 
@@ -83,6 +90,7 @@ def gather_rng_states(distributed: bool) -> list[dict]:
 
 
 def load_train_checkpoint(path: str) -> dict:
+    """Read a checkpoint_last.pth for --resume, refusing anything train_retrieval.py did not write."""
     try:
         # weights_only: our checkpoints hold only tensors and plain containers, and this refuses pickled code.
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -100,7 +108,8 @@ def save_last_checkpoint(state: dict, path: str) -> None:
     utils.atomic_save(state, path)
 
 
-def open_tensorboard(output_dir: str):
+def open_tensorboard(output_dir: str) -> Any:
+    """A SummaryWriter under OUTPUT_DIR/tensorboard; a clear error when the optional package is missing."""
     try:
         from torch.utils.tensorboard import SummaryWriter  # lazy: an optional dependency
     except ImportError as err:
@@ -109,7 +118,8 @@ def open_tensorboard(output_dir: str):
     return SummaryWriter(os.path.join(output_dir, "tensorboard"))
 
 
-def evaluate_split(model, datasets: dict, config: dict, device: torch.device, split: str):
+def evaluate_split(model: torch.nn.Module, datasets: dict, config: dict, device: torch.device,
+                   split: str) -> EvalResult | None:
     """Evaluate one split on every rank (evaluate() shards the queries); None when the split is absent."""
     from eval_retrieval import evaluate  # entry point module; imported here to keep startup light
 
@@ -121,15 +131,17 @@ def evaluate_split(model, datasets: dict, config: dict, device: torch.device, sp
     return result
 
 
-def write_outputs(result, output_dir: str, split: str, epoch: int | None) -> None:
+def write_outputs(result: EvalResult | None, output_dir: str, split: str, epoch: int | None) -> None:
+    """metrics_<split>.json (main process), tagged with the epoch the weights come from."""
     from eval_retrieval import write_eval_outputs
 
     if result is not None:
         write_eval_outputs(result, output_dir, split, save_scores=False, extra={"epoch": epoch})
 
 
-def train_one_epoch(model, ddp, loader, optimizer, scaler, config: dict, epoch: int, global_step: int,
-                    device: torch.device, jsonl: JsonlLogger, tb) -> tuple[dict, int]:
+def train_one_epoch(model: torch.nn.Module, ddp: DistributedDataParallel | None, loader: DataLoader,
+                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, config: dict, epoch: int,
+                    global_step: int, device: torch.device, jsonl: JsonlLogger, tb: Any) -> tuple[dict, int]:
     """One pass over the loader. Returns (train averages over all ranks, updated global step)."""
     model.train()
     lr = optimizer.param_groups[0]["lr"]
@@ -185,10 +197,9 @@ def train_one_epoch(model, ddp, loader, optimizer, scaler, config: dict, epoch: 
             window_sum.zero_()
             window_micro, window_start = 0, time.perf_counter()
     bar.close()
-    utils.all_reduce_sum_(epoch_sum)
-    ita, itm, fallback = (epoch_sum / (n * utils.get_world_size())).tolist()
-    return {"loss_ita": ita, "loss_itm": itm, "num_neg_fallback": round(fallback * n * utils.get_world_size())}, \
-        global_step
+    ita, itm, fallback = utils.all_reduce_sum_(epoch_sum).tolist()
+    count = n * utils.get_world_size()
+    return {"loss_ita": ita / count, "loss_itm": itm / count, "num_neg_fallback": int(fallback)}, global_step
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -206,6 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _run(args: argparse.Namespace, config: dict, info: utils.DistInfo) -> dict:
     device, out_dir = info.device, args.output_dir
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes (official setting)
     utils.set_seed(config["seed"] + info.rank)  # ranks draw different augmentations, dropout and negatives
     last_path = os.path.join(out_dir, "checkpoint_last.pth")
     resume_path = None
@@ -305,6 +318,10 @@ def _run(args: argparse.Namespace, config: dict, info: utils.DistInfo) -> dict:
             log(f"WARNING: the checkpoint was written by {len(ckpt['rng_states'])} processes, this run has "
                 f"{info.world_size}: RNG streams are re-seeded, so the continuation is not bit-exact")
             utils.set_seed(config["seed"] + info.rank + 1000 * start_epoch)
+        old_config = ckpt["config"]
+        changed = [f"{k}: {old_config.get(k)!r} -> {v!r}" for k, v in config.items() if old_config.get(k) != v]
+        if changed:  # e.g. a longer max_epoch, which also changes the rest of the cosine schedule
+            log("resuming with config changes: " + ", ".join(changed))
         log(f"resumed from {resume_path}: epoch {ckpt['epoch']} done, step {global_step}, best epoch {best_epoch}")
         jsonl.log({"event": "resume", "from": resume_path, "start_epoch": start_epoch, "step": global_step})
 
@@ -365,6 +382,7 @@ def _run(args: argparse.Namespace, config: dict, info: utils.DistInfo) -> dict:
 
 
 def cli() -> None:
+    """Console entry point: user errors end in one line on stderr instead of a traceback."""
     try:
         main()
     except (ConfigError, DataError, CheckpointError) as err:
