@@ -152,6 +152,15 @@ def test_evaluate_mode_reproduces_the_selected_epoch(config_path, straight_run, 
             assert got[key] == pytest.approx(expected[key]), (split, key)
 
 
+def test_custom_dataset_without_val_and_test_trains_and_skips_evaluation(config_path, tmp_path, capsys):
+    out = tmp_path / "noeval"
+    result = _train(config_path, out, "--options", "max_epoch=1", "val_file=null", "test_file=null")
+    assert "no val split configured" in capsys.readouterr().out
+    assert result["best_epoch"] == 0 and result["best_val"] is None and result["best_test"] is None
+    assert os.path.isfile(out / "checkpoint_best.pth")  # nothing to select by: the last epoch
+    assert not os.path.exists(out / "metrics_val.json") and not os.path.exists(out / "metrics_test.json")
+
+
 def test_unknown_option_names_the_key_and_a_suggestion(config_path, tmp_path):
     with pytest.raises(ConfigError, match=r"'init_lrr'.*did you mean 'init_lr'"):
         _train(config_path, tmp_path / "x", "--options", "init_lrr=1e-4")
