@@ -25,7 +25,6 @@ import json
 import os
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,6 +37,7 @@ from models.checkpoint import load_model
 from utils import (
     all_gather_concat,
     all_reduce_sum_,
+    autocast,
     format_metrics_table,
     get_rank,
     get_world_size,
@@ -65,10 +65,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _autocast(device: torch.device, config: dict):
-    amp = config.get("amp", "none")
-    if device.type != "cuda" or amp == "none":
-        return nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    return autocast(device, config.get("amp", "none"))
 
 
 def _shard(n: int, rank: int, world: int) -> tuple[int, int]:

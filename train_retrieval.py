@@ -72,13 +72,6 @@ def has_split(config: dict, split: str) -> bool:
     return config["dataset"] != "custom" or bool(config.get(f"{split}_file"))
 
 
-def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """Mixed precision on CUDA only; CPU always runs fp32 (bf16 on CPU is slow and changes the numbers)."""
-    if device.type != "cuda" or amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
 def gather_rng_states(distributed: bool) -> list[dict]:
     """Every rank's RNG snapshot, in rank order, on every rank (ranks draw different dropout/negatives)."""
     state = utils.capture_rng_state()
@@ -163,7 +156,7 @@ def train_one_epoch(model: torch.nn.Module, ddp: DistributedDataParallel | None,
         # Skip the gradient all-reduce on all but the last micro-batch of an accumulation group.
         sync = ddp.no_sync() if (ddp is not None and not last_micro) else contextlib.nullcontext()
         with sync:
-            with autocast(device, config["amp"]):
+            with utils.autocast(device, config["amp"]):
                 out = model(image, caption, alpha, idx)
                 loss = out["loss_ita"] + out["loss_itm"]
             scaler.scale(loss / group_size).backward()

@@ -5,6 +5,7 @@ Everything here also works in a single process without torch.distributed initial
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import json
@@ -375,6 +376,13 @@ def cleanup_distributed() -> None:
 # ----------------------------------------------------------------------------------------------------
 # Schedules, seeding, saving, logging
 # ----------------------------------------------------------------------------------------------------
+
+
+def autocast(device: torch.device, amp: str):
+    """Mixed precision on CUDA only (`amp`: bf16 | fp16 | none); CPU always runs fp32."""
+    if device.type != "cuda" or amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 def cosine_lr(epoch: int, max_epoch: int, init_lr: float, min_lr: float) -> float:
