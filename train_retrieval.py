@@ -156,7 +156,7 @@ def train_one_epoch(model: torch.nn.Module, ddp: DistributedDataParallel | None,
         # Skip the gradient all-reduce on all but the last micro-batch of an accumulation group.
         sync = ddp.no_sync() if (ddp is not None and not last_micro) else contextlib.nullcontext()
         with sync:
-            with utils.autocast(device, config["amp"]):
+            with utils.autocast(device, config["amp"], config["amp_cpu"]):
                 out = model(image, caption, alpha, idx)
                 loss = out["loss_ita"] + out["loss_itm"]
             scaler.scale(loss / group_size).backward()

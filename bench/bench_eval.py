@@ -2,7 +2,7 @@
 
     python -m bench.bench_eval [--device auto|cuda|cpu] [--vit base|large|tiny] [--text base|tiny]
         [--image-size N] [--num-images N] [--captions-per-image 5] [--k-test K] [--itm-batch-size B]
-        [--amp bf16|fp16|none] [--peak-tflops T] [--out results.json]
+        [--amp bf16|fp16|none] [--amp-cpu] [--peak-tflops T] [--out results.json]
 
 Both modes run in ONE process on the SAME randomly initialised model and the SAME generated dataset
 (data.synthetic). Random weights are fine for timing: the work done does not depend on the weights, and
@@ -10,8 +10,9 @@ the two score matrices must agree whatever the weights are. Printed: per-phase a
 speed-ups, R@1/5/10 of each mode (they must be equal), the max abs difference between the score matrices,
 peak memory, and the analytic FLOPs of the ITM re-rank phase (with model FLOP utilisation on a GPU).
 
-The official mode runs in fp32 as the official code does. On CUDA with --amp bf16, the fast mode is also
-run once in fp32 (skip with --no-fp32-check) to separate bf16 rounding from the algorithm.
+The official mode runs in fp32 as the official code does. The fast mode autocasts with --amp on CUDA, and
+on CPU only with --amp-cpu (config amp_cpu, bf16). Whenever it autocasts, it is also run once in fp32 (skip
+with --no-fp32-check) to separate bf16 rounding from the algorithm.
 
 Defaults depend on the device: on CUDA the Flickr30K test size (1000 images, 5000 captions, k_test 128,
 ViT-B/16 at 384 px); on CPU a size that finishes in a few minutes (32 images, k_test 16, 128 px).
@@ -39,7 +40,7 @@ import torch
 
 from data import create_dataset
 from data.synthetic import make_synthetic_dataset
-from eval_retrieval import evaluate
+from eval_retrieval import evaluate, length_batches
 from models.blip_retrieval import BlipRetrieval, build_model, init_tokenizer
 from utils import DEFAULT_CONFIG, validate_config
 
@@ -83,13 +84,6 @@ def resolve_device(name: str) -> torch.device:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def autocast_for(device: torch.device, amp: str):
-    """bf16/fp16 autocast on CUDA; CPU always runs fp32 in this project."""
-    if device.type != "cuda" or amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 def cpu_model_name() -> str:
@@ -207,17 +201,21 @@ def write_json(path: str | None, payload: dict) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def itm_text_flops(med, length: int, n_image_tokens: int) -> int:
+def itm_text_flops(med, length: int, n_image_tokens: int, cls_only: bool = False) -> int:
     """FLOPs (2 x MACs) of one (text, image) pair through the text tower in multimodal mode, per text of
     `length` tokens, without the cross-attention key/value projections of the image tokens.
 
     Per layer and token: self-attention Q/K/V/output projections 4H^2, self-attention scores and weighted
     sum 2LH, cross-attention query/output projections 2H^2, cross-attention scores and weighted sum 2NH,
-    FFN 2HI. Embeddings, LayerNorms, softmax and the ITM head are negligible and not counted.
+    FFN 2HI. With `cls_only` the last layer projects keys and values (2H^2) for every token and does the rest
+    for position 0 only. Embeddings, LayerNorms, softmax and the ITM head are negligible and not counted.
     """
     h, i = med.hidden_size, med.intermediate_size
     per_token = 4 * h * h + 2 * length * h + 2 * h * h + 2 * n_image_tokens * h + 2 * h * i
-    return 2 * med.num_hidden_layers * length * per_token
+    if not cls_only:
+        return 2 * med.num_hidden_layers * length * per_token
+    last_layer = length * 2 * h * h + (per_token - 2 * h * h)
+    return 2 * ((med.num_hidden_layers - 1) * length * per_token + last_layer)
 
 
 def kv_projection_flops(med, n_image_tokens: int) -> int:
@@ -254,12 +252,13 @@ def rerank_flops(model: BlipRetrieval, dataset, results: dict, k_test: int, itm_
         return None
     union = masks[0] | masks[1].T  # (N_img, N_txt): the pairs the fast mode scores once each
     flops, pairs = n_img * kv_projection_flops(med, n_tok), 0
-    for image in range(n_img):  # same grouping as rerank_fast: per image, texts in order, batches padded
+    for image in range(n_img):  # same batches as rerank_fast: per image, texts shortest first, padding bounded
         texts = np.flatnonzero(union[image])
+        texts = texts[np.argsort(lengths[texts], kind="stable")]
         pairs += len(texts)
-        for start in range(0, len(texts), itm_batch_size):
-            batch = texts[start:start + itm_batch_size]
-            flops += len(batch) * itm_text_flops(med, int(lengths[batch].max()), n_tok)
+        for start, end in length_batches(lengths[texts].tolist(), itm_batch_size):
+            batch = texts[start:end]
+            flops += len(batch) * itm_text_flops(med, int(lengths[batch].max()), n_tok, cls_only=True)
     out["fast"] = {"pairs": pairs, "kv_projections": n_img, "flops": flops}
     out["image_tokens"] = n_tok
     out["text_tokens_official"] = padded
@@ -304,9 +303,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size-test", type=int, default=DEFAULT_CONFIG["batch_size_test"])
     p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers; default 4 on CUDA, 0 on CPU")
     p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"],
-                   help="autocast of the fast mode on CUDA (CPU always runs fp32); the official mode is fp32")
+                   help="autocast of the fast mode on CUDA (on CPU see --amp-cpu); the official mode is fp32")
+    p.add_argument("--amp-cpu", action="store_true",
+                   help="on CPU, run the fast mode under bf16 autocast (config amp_cpu; needs --amp bf16)")
     p.add_argument("--no-fp32-check", action="store_true",
-                   help="on CUDA with --amp, skip the extra fp32 run of the fast mode")
+                   help="when the fast mode autocasts, skip its extra fp32 run")
     p.add_argument("--warmup-images", type=int, default=4,
                    help="evaluate each mode once on this many images before timing (0: no warm-up)")
     p.add_argument("--peak-tflops", type=float, default=None,
@@ -318,6 +319,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None, help="where to write the generated data (default: a temp dir)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
+    if args.amp_cpu and args.amp != "bf16":
+        p.error("--amp-cpu autocasts to bf16 only; use it with --amp bf16")
     cuda = resolve_device(args.device).type == "cuda"
     for name, gpu, cpu in (("image_size", 384, 128), ("num_images", 1000, 32), ("k_test", 128, 16),
                            ("num_workers", 4, 0)):
@@ -360,14 +363,16 @@ def main(argv: list[str] | None = None) -> dict:
         model = make_model(base, args.seed, device)
         warmup = head_dataset(dataset, min(args.warmup_images, len(dataset.image))) if args.warmup_images else None
 
-        runs = {"official": dict(base, eval_mode="official", amp="none"),
-                "fast": dict(base, eval_mode="fast", amp=args.amp)}
-        if device.type == "cuda" and args.amp != "none" and not args.no_fp32_check:
-            runs["fast_fp32"] = dict(base, eval_mode="fast", amp="none")
+        runs = {"official": dict(base, eval_mode="official", amp="none", amp_cpu=False),
+                "fast": validate_config(dict(base, eval_mode="fast", amp=args.amp, amp_cpu=args.amp_cpu), "--amp")}
+        autocasts = args.amp != "none" and (device.type == "cuda" or args.amp_cpu)
+        if autocasts and not args.no_fp32_check:
+            runs["fast_fp32"] = dict(base, eval_mode="fast", amp="none", amp_cpu=False)
         results, memory = {}, {}
         for name, config in runs.items():
-            amp = config["amp"] if device.type == "cuda" else "none (CPU runs fp32)"
-            print(f"running {name}: eval_mode {config['eval_mode']}, amp {amp}", flush=True)
+            on = device.type == "cuda" or config["amp_cpu"]
+            print(f"running {name}: eval_mode {config['eval_mode']}, autocast {config['amp'] if on else 'none'}",
+                  flush=True)
             results[name], memory[name] = run_mode(model, dataset, config, device, warmup)
         flops = rerank_flops(model, dataset, results, args.k_test, args.itm_batch_size)
     env["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
@@ -411,7 +416,8 @@ def report(args, env: dict, device: torch.device, results: dict, memory: dict, f
                        "image_tokens": flops["image_tokens"], "text_tokens_mean": flops["text_tokens_mean"]}
         print(f"\nITM re-rank work: official {flops['official']['pairs']} pair forwards (35-token texts, K/V per "
               f"pair), fast {flops['fast']['pairs']} distinct pairs (mean text {flops['text_tokens_mean']:.1f} "
-              f"tokens, K/V once per image); {flops['image_tokens']} image tokens")
+              f"tokens, shortest first, K/V once per image, last layer [ENC] only); {flops['image_tokens']} image "
+              f"tokens")
         for n in ("official", "fast") + (("fast_fp32",) if "fast_fp32" in results else ()):
             key = "fast" if n == "fast_fp32" else n
             achieved = flops[key]["flops"] / results[n].metrics["time_rerank"] / 1e12

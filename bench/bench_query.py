@@ -2,7 +2,7 @@
 
     python -m bench.bench_query [--device auto|cuda|cpu] [--vit base|large|tiny] [--text base|tiny]
         [--image-size N] [--num-images N] [--num-queries Q] [--k K] [--kv-cache auto|all|per-query]
-        [--amp bf16|fp16|none] [--out results.json]
+        [--amp bf16|fp16|none] [--amp-cpu] [--out results.json]
 
 N generated images are embedded once into an index. Then each of Q captions is answered as a query:
 ITC top-k over the index, then ITM re-ranking of the k candidates (score = ITM match logit + cosine, the
@@ -10,10 +10,10 @@ evaluation's score). Two paths, same random-init weights, same index images, sam
 
     ours      index: image tokens and ITC features kept on the device, and (--kv-cache all) the per-layer
               cross-attention keys/values of every indexed image computed once; per query: the text is
-              tokenised to its own length, under autocast (--amp, CUDA only), and the k candidates' cached
-              K/V are gathered, so no image token is projected again. With --kv-cache per-query (or auto when
-              the cache does not fit in half the free memory) the candidates' K/V are projected per query
-              from the cached image tokens.
+              tokenised to its own length, under autocast (--amp on CUDA; bf16 on CPU with --amp-cpu), and
+              the k candidates' cached K/V are gathered, so no image token is projected again. With
+              --kv-cache per-query (or auto when the cache does not fit in half the free memory) the
+              candidates' K/V are projected per query from the cached image tokens.
     official  index: fp32, image tokens on the CPU (as the official evaluation keeps them); per query: text
               padded to max_length 35, the k candidates' tokens copied to the device, the text repeated k
               times, and the cross-attention K/V recomputed for every (text, image) pair, in fp32.
@@ -42,7 +42,6 @@ import torch
 from bench.bench_eval import (
     VIT_PRESETS,
     PeakMemory,
-    autocast_for,
     bench_config,
     device_description,
     environment,
@@ -53,6 +52,7 @@ from bench.bench_eval import (
     write_json,
 )
 from data import create_dataset
+from utils import autocast
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -69,6 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kv-cache", default="auto", choices=["auto", "all", "per-query"],
                    help="ours: cache K/V of every indexed image (all), or project the k candidates per query")
     p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"], help="autocast of 'ours' on CUDA")
+    p.add_argument("--amp-cpu", action="store_true", help="on CPU, run 'ours' under bf16 autocast (config amp_cpu)")
     p.add_argument("--index-batch-size", type=int, default=64, help="images per ViT forward when indexing")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
@@ -76,6 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "of work on a shared machine")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
+    if args.amp_cpu and args.amp != "bf16":
+        p.error("--amp-cpu autocasts to bf16 only; use it with --amp bf16")
     cuda = resolve_device(args.device).type == "cuda"
     for name, gpu, cpu in (("image_size", 384, 128), ("num_images", 1000, 64), ("num_queries", 200, 20),
                            ("warmup_queries", 10, 2), ("k", 128, 16)):
@@ -104,7 +107,7 @@ def build_index(model, dataset, device: torch.device, amp: str, batch_size: int,
     tokens, feats = [], []
     for start in range(0, len(dataset), batch_size):
         images = torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))])
-        with autocast_for(device, amp):
+        with autocast(device, amp, amp_cpu=True):
             image_embeds, image_feat = model.encode_image(images.to(device))
         tokens.append(image_embeds.to(keep_on))
         feats.append(image_feat.float())
@@ -112,7 +115,8 @@ def build_index(model, dataset, device: torch.device, amp: str, batch_size: int,
 
 
 class OfficialPath:
-    """The official per-query algorithm: fp32, max_length padding, tokens on the CPU, K/V per pair."""
+    """The official per-query algorithm: fp32, max_length padding, tokens on the CPU, K/V per pair, every token
+    through the text tower's last layer."""
 
     def __init__(self, model, tokens_cpu: torch.Tensor, feats: torch.Tensor, k: int, device: torch.device):
         self.model, self.tokens, self.feats, self.k, self.device = model, tokens_cpu, feats, k, device
@@ -121,11 +125,11 @@ class OfficialPath:
     def __call__(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.model
         ids, atts = model.tokenize([caption], self.device)  # padded to max_length (35)
-        text_feat = model.encode_text(ids, atts)
+        text_feat = model.encode_text(ids, atts, cls_only=False)
         topk_sim, topk_idx = (self.feats @ text_feat[0]).topk(self.k)
         states = self.tokens[topk_idx.cpu()].to(self.device)  # (k, 1+P, D), copied per query
         enc_ids = model.with_enc_token(ids)
-        itm = model.itm_logits(enc_ids.repeat(self.k, 1), atts.repeat(self.k, 1), states)[:, 1]
+        itm = model.itm_logits(enc_ids.repeat(self.k, 1), atts.repeat(self.k, 1), states, cls_only=False)[:, 1]
         scores, order = (itm + topk_sim).sort(descending=True)
         return topk_idx[order], scores
 
@@ -144,7 +148,7 @@ class CachedPath:
         tok = model.tokenizer([caption], padding="longest", truncation=True, max_length=model.max_length,
                               return_tensors="pt")
         ids, atts = tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
-        with autocast_for(self.device, self.amp):
+        with autocast(self.device, self.amp, amp_cpu=True):
             text_feat = model.encode_text(ids, atts)
             topk_sim, topk_idx = (self.feats @ text_feat[0].float()).topk(self.k)
             if self.kv_all is not None:
@@ -179,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     env = environment()
-    amp = args.amp if device.type == "cuda" else "none"
+    amp = args.amp if device.type == "cuda" or args.amp_cpu else "none"
     print(f"device: {device_description(device)}; torch {torch.__version__}; random-init weights (timing only)")
     with tempfile.TemporaryDirectory(prefix="bench_query_") as tmp:
         paths = make_data(tmp, args.num_images, 5, args.image_size, seed=args.seed)
@@ -209,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
                      med.hidden_size // med.num_attention_heads)
             kv_all = [(torch.empty(shape, dtype=kv_dtype, device=device),
                        torch.empty(shape, dtype=kv_dtype, device=device)) for _ in layers]
-            with torch.no_grad(), autocast_for(device, amp):
+            with torch.no_grad(), autocast(device, amp, amp_cpu=True):
                 for start in range(0, len(tokens), 16):
                     for (keys, values), (k, v) in zip(kv_all, model.text_encoder.cross_attention_kv(
                             tokens[start:start + 16])):

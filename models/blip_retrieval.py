@@ -92,6 +92,9 @@ class BlipRetrieval(nn.Module):
             raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but med_config vocab_size is "
                              f"{med_config.vocab_size}; they must match (30524 for bert-base-uncased + [DEC], [ENC])")
         self.max_length = max_length
+        # The training step reads only position 0 of the text tower, so its last layer computes only that
+        # position (BertModel.forward `cls_only`): identical losses and gradients. False = the official FLOPs.
+        self.cls_only = True
         self.visual_encoder, vision_width = create_vit(vit, image_size, vit_grad_ckpt, vit_ckpt_layer,
                                                        vit_drop_path_rate, vit_layer_norm_eps)
         med_config = MedConfig(**{**med_config.to_dict(), "encoder_width": vision_width})
@@ -141,21 +144,25 @@ class BlipRetrieval(nn.Module):
         image_embeds = self.visual_encoder(images)
         return image_embeds, F.normalize(self.vision_proj(image_embeds[:, 0]).float(), dim=-1)
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Unit ITC text vectors (B, embed_dim) from the [CLS] position of the text-only pass."""
-        hidden = self.text_encoder(input_ids, attention_mask, mode="text")
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cls_only: bool = True) -> torch.Tensor:
+        """Unit ITC text vectors (B, embed_dim) from the [CLS] position of the text-only pass.
+
+        `cls_only=False` runs the full last layer as the official code does (same numbers, more FLOPs).
+        """
+        hidden = self.text_encoder(input_ids, attention_mask, mode="text", cls_only=cls_only)
         return F.normalize(self.text_proj(hidden[:, 0]).float(), dim=-1)
 
     def itm_logits(self, enc_input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    image_embeds: torch.Tensor | None = None,
-                   image_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+                   image_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                   cls_only: bool = True) -> torch.Tensor:
         """ITM logits (B, 2) (index 1 = match) for ids that already start with [ENC].
 
         Pass either `image_embeds` (one image per text) or `image_kv` from `text_encoder.cross_attention_kv`
-        (G images, texts grouped contiguously, B a multiple of G).
+        (G images, texts grouped contiguously, B a multiple of G). `cls_only`: see BertModel.forward.
         """
         hidden = self.text_encoder(enc_input_ids, attention_mask, encoder_hidden_states=image_embeds,
-                                   encoder_kv=image_kv, mode="multimodal")
+                                   encoder_kv=image_kv, mode="multimodal", cls_only=cls_only)
         return self.itm_head(hidden[:, 0]).float()
 
     # ----------------------------------------------------------------------------------------------
@@ -169,7 +176,7 @@ class BlipRetrieval(nn.Module):
 
         image_embeds, image_feat = self.encode_image(image)
         text_ids, text_atts = self.tokenize(caption, image.device)
-        text_feat = self.encode_text(text_ids, text_atts)
+        text_feat = self.encode_text(text_ids, text_atts, cls_only=self.cls_only)
 
         # ITC targets: every column holding the same image id is a positive (in batch and in the queue).
         idx_all = torch.cat([idx.t(), self.idx_queue.clone().detach()], dim=1)
@@ -181,7 +188,7 @@ class BlipRetrieval(nn.Module):
             image_embeds_m = self.visual_encoder_m(image)
             image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0]).float(), dim=-1)
             image_feat_m_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1)
-            text_hidden_m = self.text_encoder_m(text_ids, text_atts, mode="text")
+            text_hidden_m = self.text_encoder_m(text_ids, text_atts, mode="text", cls_only=self.cls_only)
             text_feat_m = F.normalize(self.text_proj_m(text_hidden_m[:, 0]).float(), dim=-1)
             text_feat_m_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach()], dim=1)
             sim_i2t_m = image_feat_m @ text_feat_m_all / self.temp
@@ -227,7 +234,7 @@ class BlipRetrieval(nn.Module):
         all_ids = torch.cat([enc_ids, enc_ids, text_ids_neg], dim=0)
         all_atts = torch.cat([text_atts, text_atts, text_atts_neg], dim=0)
         all_images = torch.cat([image_embeds, image_embeds_neg, image_embeds], dim=0)
-        itm_logits = self.itm_logits(all_ids, all_atts, all_images)
+        itm_logits = self.itm_logits(all_ids, all_atts, all_images, cls_only=self.cls_only)
         itm_labels = torch.zeros(3 * bs, dtype=torch.long, device=image.device)
         itm_labels[:bs] = 1
         loss_itm = F.cross_entropy(itm_logits, itm_labels)

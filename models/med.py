@@ -123,15 +123,19 @@ class BertSelfAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attn_bias: torch.Tensor | None = None,
                 kv_states: torch.Tensor | None = None,
-                kv: tuple[torch.Tensor, torch.Tensor] | None = None, is_causal: bool = False) -> torch.Tensor:
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None, is_causal: bool = False,
+                query_len: int | None = None) -> torch.Tensor:
         """Attention of `hidden_states` over itself, over `kv_states`, or over precomputed `kv`.
+
+        With `query_len`, only the first `query_len` positions ask (keys and values still cover every position).
 
         With precomputed `kv` of batch G and text batch B = G*m, texts [g*m, (g+1)*m) attend to image g.
         Cross-attention queries are independent of each other, so the m texts of one image are folded
         into one long query sequence and share the image's keys/values without copying them.
         """
-        batch, length, width = hidden_states.shape
-        q = self.split_heads(self.query(hidden_states))
+        queries = hidden_states if query_len is None else hidden_states[:, :query_len]
+        batch, length, width = queries.shape
+        q = self.split_heads(self.query(queries))
         if kv is None:
             k, v = self.project_kv(hidden_states if kv_states is None else kv_states)
         else:
@@ -175,8 +179,9 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config, is_cross_attention)
         self.output = BertSelfOutput(config, config.hidden_size)
 
-    def forward(self, hidden_states: torch.Tensor, **attention_kwargs) -> torch.Tensor:
-        return self.output(self.self(hidden_states, **attention_kwargs), hidden_states)
+    def forward(self, hidden_states: torch.Tensor, query_len: int | None = None, **attention_kwargs) -> torch.Tensor:
+        residual = hidden_states if query_len is None else hidden_states[:, :query_len]
+        return self.output(self.self(hidden_states, query_len=query_len, **attention_kwargs), residual)
 
 
 class BertIntermediate(nn.Module):
@@ -200,8 +205,10 @@ class BertLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, self_bias: torch.Tensor | None, is_causal: bool,
                 encoder_hidden_states: torch.Tensor | None = None, encoder_bias: torch.Tensor | None = None,
-                encoder_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        x = self.attention(hidden_states, attn_bias=self_bias, is_causal=is_causal)
+                encoder_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                query_len: int | None = None) -> torch.Tensor:
+        """`query_len`: compute outputs for the first `query_len` positions only (the rest are not returned)."""
+        x = self.attention(hidden_states, attn_bias=self_bias, is_causal=is_causal, query_len=query_len)
         if encoder_hidden_states is not None or encoder_kv is not None:
             x = self.crossattention(x, attn_bias=encoder_bias, kv_states=encoder_hidden_states, kv=encoder_kv)
         return self.output(self.intermediate(x), x)
@@ -244,7 +251,15 @@ class BertModel(nn.Module):
                 encoder_hidden_states: torch.Tensor | None = None,
                 encoder_attention_mask: torch.Tensor | None = None,
                 encoder_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                mode: str = "multimodal", is_decoder: bool = False) -> torch.Tensor:
+                mode: str = "multimodal", is_decoder: bool = False, cls_only: bool = False) -> torch.Tensor:
+        """Last hidden states (B, L, hidden), or (B, 1, hidden) with `cls_only`.
+
+        `cls_only`: retrieval reads only position 0 ([CLS] for ITC, [ENC] for ITM). Its last-layer output needs
+        every position's keys and values but no other position's query, cross-attention or FFN, so the last
+        layer computes position 0 alone: the same numbers, about 7% fewer FLOPs for BERT-base at 35 tokens.
+        """
+        if cls_only and is_decoder:
+            raise ValueError("cls_only is for the bidirectional encoder, not the causal decoder")
         if mode not in ("text", "multimodal"):
             raise ValueError(f"mode must be 'text' or 'multimodal', got {mode!r}")
         multimodal = mode == "multimodal"
@@ -266,11 +281,13 @@ class BertModel(nn.Module):
             # The image mask is all ones in retrieval; skip the bias then so SDPA can use its fastest kernel.
             if not bool(encoder_attention_mask.all()):
                 encoder_bias = padding_mask_to_bias(encoder_attention_mask, dtype)
+        last = len(self.encoder.layer) - 1
         for i, layer in enumerate(self.encoder.layer):
             hidden = layer(hidden, self_bias, is_causal=is_decoder and self_bias is None,
                            encoder_hidden_states=encoder_hidden_states if multimodal else None,
                            encoder_bias=encoder_bias,
-                           encoder_kv=encoder_kv[i] if (multimodal and encoder_kv is not None) else None)
+                           encoder_kv=encoder_kv[i] if (multimodal and encoder_kv is not None) else None,
+                           query_len=1 if (cls_only and i == last) else None)
         return hidden
 
 

@@ -327,6 +327,36 @@ def test_fast_and_official_agree_with_split_itm_batches(model, test_ds, config):
     np.testing.assert_allclose(fast.scores_t2i, big.scores_t2i, atol=1e-5, rtol=0)
 
 
+def test_fast_mode_with_cpu_bf16_autocast_stays_close_to_fp32(model, test_ds, config):
+    """amp_cpu runs the fast mode in bf16 on the CPU: scores come back as float32 and within bf16 rounding."""
+    fp32 = ev.evaluate(model, test_ds, _cfg(config, eval_mode="fast", k_test=5), CPU)
+    bf16 = ev.evaluate(model, test_ds, _cfg(config, eval_mode="fast", k_test=5, amp="bf16", amp_cpu=True), CPU)
+    assert bf16.scores_i2t.dtype == np.float32
+    in_top_k = fp32.scores_i2t > -50
+    assert ((bf16.scores_i2t > -50) == in_top_k).mean() > 0.9  # the ITC top k barely moves
+    both = in_top_k & (bf16.scores_i2t > -50)
+    diff = np.abs(bf16.scores_i2t[both] - fp32.scores_i2t[both])
+    assert diff.mean() < 0.05 and diff.max() < 0.25  # ITM + cosine in [-1, 3] here; bf16 keeps ~3 digits
+    assert np.corrcoef(bf16.scores_i2t[both], fp32.scores_i2t[both])[0, 1] > 0.99
+    assert np.abs(bf16.scores_i2t - fp32.scores_i2t).max() > 0  # it really ran in bf16
+
+
+def test_length_batches_bound_padding_and_batch_size():
+    assert ev.length_batches([], 4) == []
+    assert ev.length_batches([5, 5, 5, 5, 5], 2) == [(0, 2), (2, 4), (4, 5)]  # max_batch only
+    # 3 texts of 10 then one of 20: padding 3 x 10 tokens to 20 would double the work, so 20 goes alone.
+    assert ev.length_batches([10, 10, 10, 20], 8) == [(0, 3), (3, 4)]
+    assert ev.length_batches([10, 10, 10, 11], 8) == [(0, 4)]  # 3 padding tokens on 41: within 10%
+    lengths = sorted(np.random.default_rng(0).integers(4, 36, 500).tolist())
+    batches = ev.length_batches(lengths, 64)
+    assert batches[0][0] == 0 and batches[-1][1] == 500
+    assert all(a[1] == b[0] for a, b in zip(batches, batches[1:]))  # contiguous, every text once
+    for start, end in batches:
+        chunk = lengths[start:end]
+        assert 1 <= len(chunk) <= 64
+        assert len(chunk) == 1 or len(chunk) * max(chunk) <= 1.1 * sum(chunk)
+
+
 def test_evaluate_restores_training_mode(model, test_ds, config):
     model.train()
     try:

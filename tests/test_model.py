@@ -75,6 +75,31 @@ def test_cached_kv_grouped_texts_match_per_pair_forward():
         model(ids[:5], mask[:5], encoder_kv=model.cross_attention_kv(images))
 
 
+def test_cls_only_equals_position_zero_of_the_full_forward():
+    """cls_only skips the last layer's work for positions 1.. ; position 0 must not change (both modes, padding,
+    shared K/V), and gradients through it must match too."""
+    torch.manual_seed(0)
+    model = BertModel(SMALL).eval()
+    ids = torch.randint(5, 40, (4, 9))
+    mask = torch.ones_like(ids)
+    mask[2, 5:] = 0
+    images = torch.randn(4, 6, 48)
+    for kwargs in ({"mode": "text"}, {"encoder_hidden_states": images},
+                   {"encoder_kv": model.cross_attention_kv(images[:2])}):
+        full = model(ids, mask, **kwargs)
+        first = model(ids, mask, cls_only=True, **kwargs)
+        assert first.shape == (4, 1, SMALL.hidden_size)
+        assert torch.allclose(first[:, 0], full[:, 0], atol=1e-6)
+    image = images.clone().requires_grad_(True)
+    model(ids, mask, encoder_hidden_states=image)[:, 0].sum().backward()
+    grad_full = image.grad.clone()
+    image.grad = None
+    model(ids, mask, encoder_hidden_states=image, cls_only=True)[:, 0].sum().backward()
+    assert torch.allclose(image.grad, grad_full, atol=1e-6)
+    with pytest.raises(ValueError, match="decoder"):
+        model(ids, mask, mode="text", is_decoder=True, cls_only=True)
+
+
 def test_mode_errors():
     model = BertModel(SMALL)
     ids = torch.randint(5, 40, (2, 4))

@@ -87,6 +87,7 @@ def test_empty_file_means_defaults(tmp_path):
         ("max_epoch: -1\n", [], ["'max_epoch'", ">= 0"]),
         ("alpha: 1.5\n", [], ["'alpha'", "[0, 1]"]),
         ("image_size: 100\n", [], ["'image_size'", "patch size 16"]),
+        ("amp: fp16\namp_cpu: true\n", [], ["'amp_cpu'", "cfg.yaml", "bf16 only", "'fp16'"]),
         ("- a\n- b\n", [], ["cfg.yaml", "mapping", "list"]),
         ("a: [1\n", [], ["cfg.yaml", "not valid YAML"]),
         ("", ["novalue"], ["'novalue'", "key=value"]),
@@ -124,6 +125,17 @@ def test_save_load_round_trip(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # Schedules
 # ---------------------------------------------------------------------------------------------------
+
+
+def test_autocast_is_cuda_only_unless_amp_cpu():
+    cpu = torch.device("cpu")
+    x = torch.randn(4, 4)
+    with utils.autocast(cpu, "bf16"):
+        assert (x @ x).dtype == torch.float32  # the default: CPU runs fp32
+    with utils.autocast(cpu, "none", amp_cpu=True):
+        assert (x @ x).dtype == torch.float32
+    with utils.autocast(cpu, "bf16", amp_cpu=True):
+        assert (x @ x).dtype == torch.bfloat16
 
 
 def test_cosine_lr_matches_official_values():
