@@ -92,9 +92,10 @@ class BlipRetrieval(nn.Module):
             raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but med_config vocab_size is "
                              f"{med_config.vocab_size}; they must match (30524 for bert-base-uncased + [DEC], [ENC])")
         self.max_length = max_length
-        # The training step reads only position 0 of the text tower, so its last layer computes only that
-        # position (BertModel.forward `cls_only`): identical losses and gradients. False = the official FLOPs.
-        self.cls_only = True
+        # The training step trims the text tower's work without changing its math: captions are padded to the
+        # batch's longest instead of max_length, and the last layer computes only position 0, the only one read
+        # (BertModel.forward `cls_only`). True = the official amount of work (benchmarks compare against it).
+        self.official_text_compute = False
         self.visual_encoder, vision_width = create_vit(vit, image_size, vit_grad_ckpt, vit_ckpt_layer,
                                                        vit_drop_path_rate, vit_layer_norm_eps)
         med_config = MedConfig(**{**med_config.to_dict(), "encoder_width": vision_width})
@@ -126,10 +127,12 @@ class BlipRetrieval(nn.Module):
     # ----------------------------------------------------------------------------------------------
     # Encoders shared by training and evaluation
     # ----------------------------------------------------------------------------------------------
-    def tokenize(self, captions: list[str], device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids and attention mask, padded and truncated to max_length (35) as in the official code."""
-        tokens = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_length,
-                                return_tensors="pt")
+    def tokenize(self, captions: list[str], device: torch.device | None = None,
+                 pad_to_longest: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask, truncated to max_length (35) and padded to it as in the official code,
+        or with `pad_to_longest` only to the longest caption (the same outputs: padding is masked)."""
+        tokens = self.tokenizer(captions, padding="longest" if pad_to_longest else "max_length", truncation=True,
+                                max_length=self.max_length, return_tensors="pt")
         device = device or self.temp.device
         return tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
 
@@ -175,8 +178,11 @@ class BlipRetrieval(nn.Module):
         idx = idx.view(-1, 1)
 
         image_embeds, image_feat = self.encode_image(image)
-        text_ids, text_atts = self.tokenize(caption, image.device)
-        text_feat = self.encode_text(text_ids, text_atts, cls_only=self.cls_only)
+        # Negatives gathered from all ranks need one text shape on every rank: that mode keeps max_length padding.
+        cls_only = not self.official_text_compute
+        text_ids, text_atts = self.tokenize(caption, image.device,
+                                            pad_to_longest=cls_only and not self.negative_all_rank)
+        text_feat = self.encode_text(text_ids, text_atts, cls_only=cls_only)
 
         # ITC targets: every column holding the same image id is a positive (in batch and in the queue).
         idx_all = torch.cat([idx.t(), self.idx_queue.clone().detach()], dim=1)
@@ -188,7 +194,7 @@ class BlipRetrieval(nn.Module):
             image_embeds_m = self.visual_encoder_m(image)
             image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0]).float(), dim=-1)
             image_feat_m_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1)
-            text_hidden_m = self.text_encoder_m(text_ids, text_atts, mode="text", cls_only=self.cls_only)
+            text_hidden_m = self.text_encoder_m(text_ids, text_atts, mode="text", cls_only=cls_only)
             text_feat_m = F.normalize(self.text_proj_m(text_hidden_m[:, 0]).float(), dim=-1)
             text_feat_m_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach()], dim=1)
             sim_i2t_m = image_feat_m @ text_feat_m_all / self.temp
@@ -234,7 +240,7 @@ class BlipRetrieval(nn.Module):
         all_ids = torch.cat([enc_ids, enc_ids, text_ids_neg], dim=0)
         all_atts = torch.cat([text_atts, text_atts, text_atts_neg], dim=0)
         all_images = torch.cat([image_embeds, image_embeds_neg, image_embeds], dim=0)
-        itm_logits = self.itm_logits(all_ids, all_atts, all_images, cls_only=self.cls_only)
+        itm_logits = self.itm_logits(all_ids, all_atts, all_images, cls_only=cls_only)
         itm_labels = torch.zeros(3 * bs, dtype=torch.long, device=image.device)
         itm_labels[:bs] = 1
         loss_itm = F.cross_entropy(itm_logits, itm_labels)

@@ -241,6 +241,25 @@ def test_negative_all_rank_in_one_process_equals_local_mode(tmp_path):
         assert torch.equal(out_local[key], out_all[key]), key
 
 
+def test_trimmed_text_compute_gives_the_official_losses_and_gradients(tmp_path):
+    """Padding to the longest caption and the [CLS]-only last layer (default) vs the official max_length padding
+    and full last layer: same losses and gradients, so the trimming is pure speed."""
+    trimmed = _model(tmp_path)
+    official = copy.deepcopy(trimmed)
+    official.official_text_compute = True
+    image, caption, idx = _inputs()
+    grads = []
+    for model in (trimmed, official):
+        torch.manual_seed(5)  # the same hard negatives
+        out = model(image, caption, 0.4, idx)
+        (out["loss_ita"] + out["loss_itm"]).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        grads[-1]["losses"] = torch.stack([out["loss_ita"], out["loss_itm"]]).detach()
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4), name
+
+
 # ----------------------------------------------------------------------------- momentum and temperature
 
 

@@ -66,7 +66,11 @@ def test_training_writes_every_output(straight_run: str):
     best = epochs[-1]["best_epoch"]
     assert best in (0, 1)
     # Test is scored with the selected weights only, in the epoch that selected them.
-    assert "test_r_mean" in epochs[best] and all("test_r_mean" not in r for r in epochs if r["epoch"] != best)
+    # Test is scored exactly when val r_mean sets a new best (with those weights), never in other epochs.
+    running_best = [max(r["val_r_mean"] for r in epochs[:i + 1]) for i in range(len(epochs))]
+    new_best = [i == 0 or epochs[i]["val_r_mean"] > running_best[i - 1] for i in range(len(epochs))]
+    assert ["test_r_mean" in r for r in epochs] == new_best
+    assert new_best[best] and not any(new_best[best + 1:])
     with open(os.path.join(straight_run, "metrics_val.json")) as f:
         val = json.load(f)
     with open(os.path.join(straight_run, "metrics_test.json")) as f:
