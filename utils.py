@@ -57,7 +57,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "val_file": None,  # dataset custom: validation annotation JSON
     "test_file": None,  # dataset custom: test annotation JSON
     "amp": "bf16",  # bf16 | fp16 | none; applies on CUDA only, CPU always runs fp32 unless amp_cpu
-    "amp_cpu": False,  # also autocast to bf16 on CPU (needs amp bf16); fast on CPUs with AVX512-BF16 or AMX
+    "amp_cpu": False,  # with amp bf16, also autocast on CPU; pays off on CPUs with AVX512-BF16 or AMX
     "device": "auto",  # auto | cuda | cpu
     "seed": 42,  # base seed (each rank adds its rank)
     "num_workers": 4,  # DataLoader workers per process
@@ -180,7 +180,7 @@ def validate_config(config: dict, origins: dict[str, str] | str | None = None) -
     if config["image_size"] % patch:
         raise ConfigError(f"config key 'image_size' {where('image_size')}: {config['image_size']} is not "
                           f"divisible by the ViT patch size {patch}")
-    if config["amp_cpu"] and config["amp"] != "bf16":
+    if config["amp_cpu"] and config["amp"] == "fp16":  # amp none simply turns autocast off everywhere
         raise ConfigError(f"config key 'amp_cpu' {where('amp_cpu')}: CPU autocast is bf16 only, but amp is "
                           f"{config['amp']!r}; set amp: bf16 or amp_cpu: false")
     return config
