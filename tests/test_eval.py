@@ -341,6 +341,33 @@ def test_fast_mode_with_cpu_bf16_autocast_stays_close_to_fp32(model, test_ds, co
     assert np.abs(bf16.scores_i2t - fp32.scores_i2t).max() > 0  # it really ran in bf16
 
 
+def test_official_mode_ignores_amp(model, test_ds, config):
+    """The reference path is fp32 whatever `amp` says (here bf16 on the CPU via amp_cpu)."""
+    plain = ev.evaluate(model, test_ds, _cfg(config, eval_mode="official", k_test=4), CPU)
+    asked = ev.evaluate(model, test_ds, _cfg(config, eval_mode="official", k_test=4, amp="bf16", amp_cpu=True), CPU)
+    np.testing.assert_array_equal(plain.scores_i2t, asked.scores_i2t)
+    np.testing.assert_array_equal(plain.scores_t2i, asked.scores_t2i)
+
+
+def test_image_tokens_are_stored_in_the_autocast_dtype():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert ev.token_dtype(cuda, {"amp": "bf16"}) == torch.bfloat16
+    assert ev.token_dtype(cuda, {"amp": "fp16"}) == torch.float16
+    assert ev.token_dtype(cuda, {"amp": "none"}) == torch.float32
+    assert ev.token_dtype(cuda, {"amp": "bf16", "eval_mode": "official"}) == torch.float32
+    assert ev.token_dtype(cpu, {"amp": "bf16"}) == torch.float32
+    assert ev.token_dtype(cpu, {"amp": "bf16", "amp_cpu": True}) == torch.bfloat16
+
+
+def test_image_tokens_leave_the_gpu_when_they_take_over_half_its_free_memory(monkeypatch):
+    """The decision only (no GPU here): 1000 Flickr images of ViT-B tokens at 384 px in bf16 are 0.85 GiB."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * 2**30, 80 * 2**30))
+    cuda, values = torch.device("cuda"), 1000 * 577 * 768
+    assert ev.token_home(cuda, values, torch.bfloat16) == cuda
+    assert ev.token_home(cuda, 5 * values, torch.bfloat16) == torch.device("cpu")  # 4.2 GiB > half of 4 GiB
+    assert ev.token_home(torch.device("cpu"), 5 * values, torch.float32) == torch.device("cpu")
+
+
 def test_length_batches_bound_padding_and_batch_size():
     assert ev.length_batches([], 4) == []
     assert ev.length_batches([5, 5, 5, 5, 5], 2) == [(0, 2), (2, 4), (4, 5)]  # max_batch only
