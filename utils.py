@@ -56,7 +56,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "train_file": None,  # dataset custom: training annotation JSON
     "val_file": None,  # dataset custom: validation annotation JSON
     "test_file": None,  # dataset custom: test annotation JSON
-    "amp": "bf16",  # bf16 | fp16 | none; applies on CUDA only, CPU always runs fp32 unless amp_cpu
+    "amp": "bf16",  # bf16 | fp16 | none; applies on CUDA, and on CPU only with amp_cpu (bf16)
     "amp_cpu": False,  # with amp bf16, also autocast on CPU; pays off on CPUs with AVX512-BF16 or AMX
     "device": "auto",  # auto | cuda | cpu
     "seed": 42,  # base seed (each rank adds its rank)
