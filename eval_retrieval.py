@@ -389,6 +389,10 @@ def evaluate(model: BlipRetrieval, dataset, config: dict, device: torch.device, 
 
     result = EvalResult(scores_i2t.float().cpu().numpy(), scores_t2i.float().cpu().numpy())
     result.metrics = compute_metrics(result.scores_i2t, result.scores_t2i, dataset.txt2img, dataset.img2txt)
+    # The same metrics on the ITC cosines alone (keys itc_*): what re-ranking adds, and what an ITC-only index gives.
+    cosines = sims.float().cpu().numpy()
+    itc = compute_metrics(cosines, np.ascontiguousarray(cosines.T), dataset.txt2img, dataset.img2txt)
+    result.metrics.update({f"itc_{key}": value for key, value in itc.items()})
     result.metrics.update(num_images=n_img, num_texts=n_txt, k_test=k_test, eval_mode=mode, **timings)
     model.train(was_training)
     return result
@@ -439,6 +443,8 @@ def main(argv: list[str] | None = None) -> dict:
         write_eval_outputs(result, output_dir, args.split, args.save_scores, extra={"checkpoint": source})
         m = result.metrics
         print(format_metrics_table(m))
+        print(f"ITC only, before re-ranking: R@1 TR {m['itc_txt_r1']:.1f}  IR {m['itc_img_r1']:.1f}   r_mean "
+              f"{m['itc_r_mean']:.2f}")
         print(f"median rank  TR {m['txt_medr']:.1f}  IR {m['img_medr']:.1f}   mean rank  TR {m['txt_meanr']:.1f}  "
               f"IR {m['img_meanr']:.1f}")
         print(f"time: text features {m['time_text_features']:.1f}s, image features {m['time_image_features']:.1f}s, "

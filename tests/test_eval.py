@@ -296,8 +296,10 @@ def test_evaluate_matches_brute_force(model, test_ds, config, brute_test, mode, 
     assert ((result.scores_i2t > -50).sum(1) == min(k_test, 60)).all()
     assert ((result.scores_t2i > -50).sum(1) == min(k_test, 12)).all()
     expected_metrics = ev.compute_metrics(exp_i2t, exp_t2i, test_ds.txt2img, test_ds.img2txt)
+    expected_itc = ev.compute_metrics(cos, np.ascontiguousarray(cos.T), test_ds.txt2img, test_ds.img2txt)
     for key in RECALL_KEYS:
         assert result.metrics[key] == pytest.approx(expected_metrics[key]), key
+        assert result.metrics[f"itc_{key}"] == pytest.approx(expected_itc[key]), key  # cosines alone
     assert result.metrics["k_test"] == k_test and result.metrics["num_images"] == 12
     assert result.metrics["num_texts"] == 60
     assert not model.training
