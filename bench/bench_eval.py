@@ -73,6 +73,32 @@ def med_config_for(text: str) -> dict:
     raise ValueError(f"--text must be base or tiny, got {text!r}")
 
 
+def common_parser(doc: str, ours: str) -> argparse.ArgumentParser:
+    """The options every benchmark shares; `ours` names our side in the help texts."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--vit", default="base", choices=sorted(VIT_PRESETS))
+    p.add_argument("--text", default="base", choices=["base", "tiny"])
+    p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"],
+                   help=f"autocast of {ours} on CUDA (on CPU see --amp-cpu); the official side is fp32")
+    p.add_argument("--amp-cpu", action="store_true",
+                   help=f"on CPU, run {ours} under bf16 autocast (config amp_cpu; needs --amp bf16)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice); 1 makes process CPU time a clean measure "
+                        "of work on a shared machine")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    return p
+
+
+def parse_common(p: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, bool]:
+    """Parse, check the shared options, and say whether the run is on CUDA (for device-dependent defaults)."""
+    args = p.parse_args(argv)
+    if args.amp_cpu and args.amp != "bf16":
+        p.error("--amp-cpu autocasts to bf16 only; use it with --amp bf16")
+    return args, resolve_device(args.device).type == "cuda"
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -84,6 +110,16 @@ def resolve_device(name: str) -> torch.device:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def start_run(args: argparse.Namespace) -> tuple[torch.device, dict]:
+    """Device, thread count and environment record of a benchmark run; prints the device line."""
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    env = environment()
+    print(f"device: {device_description(device)}; torch {torch.__version__}; random-init weights (timing only)")
+    return device, env
 
 
 def cpu_model_name() -> str:
@@ -290,11 +326,7 @@ PHASES = ("time_text_features", "time_image_features", "time_itc", "time_rerank"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--vit", default="base", choices=sorted(VIT_PRESETS))
-    p.add_argument("--text", default="base", choices=["base", "tiny"])
+    p = common_parser(__doc__, "the fast mode")
     p.add_argument("--image-size", type=int, default=None, help="default 384 on CUDA, 128 on CPU")
     p.add_argument("--num-images", type=int, default=None, help="default 1000 on CUDA, 32 on CPU")
     p.add_argument("--captions-per-image", type=int, default=5)
@@ -302,26 +334,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--itm-batch-size", type=int, default=DEFAULT_CONFIG["itm_batch_size"])
     p.add_argument("--batch-size-test", type=int, default=DEFAULT_CONFIG["batch_size_test"])
     p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers; default 4 on CUDA, 0 on CPU")
-    p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"],
-                   help="autocast of the fast mode on CUDA (on CPU see --amp-cpu); the official mode is fp32")
-    p.add_argument("--amp-cpu", action="store_true",
-                   help="on CPU, run the fast mode under bf16 autocast (config amp_cpu; needs --amp bf16)")
     p.add_argument("--no-fp32-check", action="store_true",
                    help="when the fast mode autocasts, skip its extra fp32 run")
     p.add_argument("--warmup-images", type=int, default=4,
                    help="evaluate each mode once on this many images before timing (0: no warm-up)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak dense TFLOP/s for model FLOP utilisation; default 989 (H100 bf16) on CUDA")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice); 1 makes process CPU time a clean measure "
-                        "of work on a shared machine")
     p.add_argument("--data-dir", default=None, help="where to write the generated data (default: a temp dir)")
-    p.add_argument("--out", default=None, help="write the results as JSON here")
-    args = p.parse_args(argv)
-    if args.amp_cpu and args.amp != "bf16":
-        p.error("--amp-cpu autocasts to bf16 only; use it with --amp bf16")
-    cuda = resolve_device(args.device).type == "cuda"
+    args, cuda = parse_common(p, argv)
     for name, gpu, cpu in (("image_size", 384, 128), ("num_images", 1000, 32), ("k_test", 128, 16),
                            ("num_workers", 4, 0)):
         if getattr(args, name) is None:
@@ -344,11 +364,7 @@ def run_mode(model, dataset, config: dict, device: torch.device, warmup) -> tupl
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    device = resolve_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    env = environment()
-    print(f"device: {device_description(device)}; torch {torch.__version__}; random-init weights (timing only)")
+    device, env = start_run(args)
     with tempfile.TemporaryDirectory(prefix="bench_eval_") as tmp:
         data_dir = args.data_dir or tmp
         t0 = time.perf_counter()

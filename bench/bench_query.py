@@ -40,14 +40,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 from bench.bench_eval import (
-    VIT_PRESETS,
     PeakMemory,
     bench_config,
+    common_parser,
     device_description,
-    environment,
     make_data,
     make_model,
-    resolve_device,
+    parse_common,
+    start_run,
     sync,
     write_json,
 )
@@ -56,11 +56,7 @@ from utils import autocast
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--vit", default="base", choices=sorted(VIT_PRESETS))
-    p.add_argument("--text", default="base", choices=["base", "tiny"])
+    p = common_parser(__doc__, "'ours'")
     p.add_argument("--image-size", type=int, default=None, help="default 384 on CUDA, 128 on CPU")
     p.add_argument("--num-images", type=int, default=None, help="index size; default 1000 on CUDA, 64 on CPU")
     p.add_argument("--num-queries", type=int, default=None, help="timed queries; default 200 on CUDA, 20 on CPU")
@@ -68,18 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=None, help="candidates re-ranked per query; default 128 CUDA, 16 CPU")
     p.add_argument("--kv-cache", default="auto", choices=["auto", "all", "per-query"],
                    help="ours: cache K/V of every indexed image (all), or project the k candidates per query")
-    p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"], help="autocast of 'ours' on CUDA")
-    p.add_argument("--amp-cpu", action="store_true", help="on CPU, run 'ours' under bf16 autocast (config amp_cpu)")
     p.add_argument("--index-batch-size", type=int, default=64, help="images per ViT forward when indexing")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice); 1 makes process CPU time a clean measure "
-                        "of work on a shared machine")
-    p.add_argument("--out", default=None, help="write the results as JSON here")
-    args = p.parse_args(argv)
-    if args.amp_cpu and args.amp != "bf16":
-        p.error("--amp-cpu autocasts to bf16 only; use it with --amp bf16")
-    cuda = resolve_device(args.device).type == "cuda"
+    args, cuda = parse_common(p, argv)
     for name, gpu, cpu in (("image_size", 384, 128), ("num_images", 1000, 64), ("num_queries", 200, 20),
                            ("warmup_queries", 10, 2), ("k", 128, 16)):
         if getattr(args, name) is None:
@@ -179,12 +165,8 @@ def timed(fn, caption: str, device: torch.device):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    device = resolve_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    env = environment()
+    device, env = start_run(args)
     amp = args.amp if device.type == "cuda" or args.amp_cpu else "none"
-    print(f"device: {device_description(device)}; torch {torch.__version__}; random-init weights (timing only)")
     with tempfile.TemporaryDirectory(prefix="bench_query_") as tmp:
         paths = make_data(tmp, args.num_images, 5, args.image_size, seed=args.seed)
         config = bench_config(paths, args.vit, args.text, args.image_size, device=device.type, seed=args.seed,

@@ -39,14 +39,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 from bench.bench_eval import (
-    VIT_PRESETS,
     PeakMemory,
     bench_config,
+    common_parser,
     device_description,
-    environment,
     make_data,
     make_model,
-    resolve_device,
+    parse_common,
+    start_run,
     sync,
     write_json,
 )
@@ -57,34 +57,20 @@ OFFICIAL_QUEUE = 57600
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--vit", default="base", choices=sorted(VIT_PRESETS))
-    p.add_argument("--text", default="base", choices=["base", "tiny"])
+    p = common_parser(__doc__, "'ours'")
     p.add_argument("--batch-size", type=int, default=None, help="default 32 on CUDA, 8 on CPU")
     p.add_argument("--image-size", type=int, default=None, help="default 384 on CUDA, 128 on CPU")
     p.add_argument("--queue-size", type=int, default=None,
                    help=f"default: the largest multiple of the batch <= {OFFICIAL_QUEUE}")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per variant; default 3 CUDA, 1 CPU")
     p.add_argument("--steps", type=int, default=None, help="timed steps per variant; default 10 CUDA, 3 CPU")
-    p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"], help="autocast of 'ours' on CUDA")
-    p.add_argument("--amp-cpu", action="store_true", help="on CPU, run 'ours' under bf16 autocast (config amp_cpu)")
     p.add_argument("--ckpt-layer", type=int, default=4, help="ViT blocks checkpointed in the 'ckpt' variants")
     p.add_argument("--variants", nargs="+", default=["ours", "fp32", "ours+ckpt", "fp32+ckpt"],
                    choices=["ours", "fp32", "ours+ckpt", "fp32+ckpt"])
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--alpha", type=float, default=0.4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice); 1 makes process CPU time a clean measure "
-                        "of work on a shared machine")
-    p.add_argument("--out", default=None, help="write the results as JSON here")
-    args = p.parse_args(argv)
-    if args.amp_cpu and args.amp != "bf16":
-        p.error("--amp-cpu autocasts to bf16 only; use it with --amp bf16")
-    cuda = resolve_device(args.device).type == "cuda"
+    args, cuda = parse_common(p, argv)
     for name, gpu, cpu in (("batch_size", 32, 8), ("image_size", 384, 128), ("warmup", 3, 1), ("steps", 10, 3)):
         if getattr(args, name) is None:
             setattr(args, name, gpu if cuda else cpu)
@@ -147,11 +133,7 @@ def run_variant(model, init_state: dict, batch: tuple, variant: str, args, devic
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    device = resolve_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    env = environment()
-    print(f"device: {device_description(device)}; torch {torch.__version__}; random-init weights (timing only)")
+    device, env = start_run(args)
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         paths = make_data(tmp, args.batch_size, 1, args.image_size, split="train", seed=args.seed)
         config = bench_config(paths, args.vit, args.text, args.image_size, queue_size=args.queue_size,
