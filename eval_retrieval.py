@@ -41,6 +41,7 @@ from utils import (
     all_gather_concat,
     all_reduce_sum_,
     autocast,
+    autocast_dtype,
     format_metrics_table,
     get_rank,
     get_world_size,
@@ -74,21 +75,20 @@ def _official(config: dict) -> bool:
     return config.get("eval_mode", "fast") == "official"
 
 
-def _autocast(device: torch.device, config: dict):
+def _autocast_args(device: torch.device, config: dict) -> tuple[torch.device, str, bool]:
     """`amp` applies to the fast mode only; the official mode is fp32 throughout, as the official code."""
     amp = "none" if _official(config) else config.get("amp", "none")
-    return autocast(device, amp, config.get("amp_cpu", False))
+    return device, amp, config.get("amp_cpu", False)
+
+
+def _autocast(device: torch.device, config: dict):
+    return autocast(*_autocast_args(device, config))
 
 
 def token_dtype(device: torch.device, config: dict) -> torch.dtype:
     """dtype for stored image tokens. They only feed the cross-attention key/value projections, which autocast
     casts to its own dtype anyway, so storing them in that dtype halves their memory and changes nothing."""
-    amp = "none" if _official(config) else config.get("amp", "none")
-    if device.type == "cuda" and amp != "none":
-        return torch.bfloat16 if amp == "bf16" else torch.float16
-    if device.type == "cpu" and amp == "bf16" and config.get("amp_cpu", False):
-        return torch.bfloat16
-    return torch.float32
+    return autocast_dtype(*_autocast_args(device, config)) or torch.float32
 
 
 def token_home(device: torch.device, num_values: int, dtype: torch.dtype) -> torch.device:
@@ -266,14 +266,13 @@ def rerank_fast(model: BlipRetrieval, sims: torch.Tensor, image_tokens: torch.Te
     first = int(torch.searchsorted(pair_img, torch.tensor(image_offset, device=device)))
     last = int(torch.searchsorted(pair_img, torch.tensor(image_offset + len(image_tokens), device=device)))
     counts = torch.bincount(pair_img[first:last] - image_offset, minlength=len(image_tokens)).tolist()
-    kv_chunk = KV_CHUNK
     position = first
     progress = tqdm(total=last - first, desc="ITM pairs", disable=not show_progress)
-    for chunk_start in range(0, len(image_tokens), kv_chunk):
+    for chunk_start in range(0, len(image_tokens), KV_CHUNK):
         with _autocast(device, config):
-            chunk_tokens = image_tokens[chunk_start:chunk_start + kv_chunk].to(device, non_blocking=True)
+            chunk_tokens = image_tokens[chunk_start:chunk_start + KV_CHUNK].to(device, non_blocking=True)
             chunk_kv = model.text_encoder.cross_attention_kv(chunk_tokens)
-        for local in range(chunk_start, min(chunk_start + kv_chunk, len(image_tokens))):
+        for local in range(chunk_start, min(chunk_start + KV_CHUNK, len(image_tokens))):
             image_kv = [(k[local - chunk_start:local - chunk_start + 1], v[local - chunk_start:local - chunk_start + 1])
                         for k, v in chunk_kv]
             stop = position + counts[local]

@@ -382,17 +382,23 @@ def cleanup_distributed() -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
+def autocast_dtype(device: torch.device, amp: str, amp_cpu: bool = False) -> torch.dtype | None:
+    """The dtype `autocast` runs in, or None where it does not autocast (see there)."""
+    if device.type == "cuda" and amp != "none":
+        return torch.bfloat16 if amp == "bf16" else torch.float16
+    if device.type == "cpu" and amp == "bf16" and amp_cpu:
+        return torch.bfloat16
+    return None
+
+
 def autocast(device: torch.device, amp: str, amp_cpu: bool = False):
     """Mixed precision (`amp`: bf16 | fp16 | none) on CUDA; on CPU only bf16 and only with `amp_cpu`.
 
     CPU bf16 is opt-in: it roughly doubles matmul throughput where the CPU has bf16 instructions (AVX512-BF16,
     AMX) and is slower than fp32 where it has to be emulated.
     """
-    if amp == "none" or device.type not in ("cuda", "cpu"):
-        return contextlib.nullcontext()
-    if device.type == "cpu":
-        return torch.autocast("cpu", dtype=torch.bfloat16) if amp_cpu and amp == "bf16" else contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    dtype = autocast_dtype(device, amp, amp_cpu)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def cosine_lr(epoch: int, max_epoch: int, init_lr: float, min_lr: float) -> float:
