@@ -17,17 +17,22 @@ Two implementations of the re-ranking, chosen by the config key `eval_mode`:
   scored against it; texts are scored shortest first, in batches whose padding to their longest text stays
   within 10% of the real tokens (`length_batches`); the last layer computes only the [ENC] position (the only
   one ITM reads); image tokens stay on the device; bf16 autocast on CUDA (config `amp`; on CPU with
-  `amp_cpu`); images are sharded across ranks. Text features for ITC get the same length batching.
+  `amp_cpu`); images are sharded across ranks. Text features for ITC get the same length batching. On a GPU,
+  where launching a forward's kernels costs more than computing a few hundred short texts, texts of up to
+  KV_CHUNK images share one forward (`plan_itm_forwards`), and attention avoids the cuDNN backend, which
+  plans every new shape.
 Both give the same scores up to float rounding (tests/test_eval.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,7 +61,11 @@ OUTSIDE_TOP_K = -100.0
 TEXT_BATCH = 256  # texts per ITC text-encoder batch (official value)
 MAX_PADDING = 0.1  # fast mode: a batch's padding to its longest text stays within 10% of its real tokens
 TOKEN_MEMORY_FRACTION = 0.5  # fast mode: image tokens stay on the GPU if they take at most this much of its free memory
-KV_CHUNK = 8  # fast mode: images whose cross-attention keys/values are projected (and streamed) together
+KV_CHUNK = 32  # fast mode: images whose cross-attention keys/values are projected (and streamed) together
+# Fast mode on a GPU: one ITM forward of a few hundred short texts costs less than launching its ~400 kernels,
+# so texts of several images share a forward, in pieces of ITM_PIECE texts per image (see plan_itm_forwards).
+# On a CPU the arithmetic dominates, and each forward holds the texts of one image (no filler rows).
+ITM_PIECE = {"cuda": 16}
 
 
 @dataclass
@@ -81,8 +90,20 @@ def _autocast_args(device: torch.device, config: dict) -> tuple[torch.device, st
     return device, amp, config.get("amp_cpu", False)
 
 
+AVOID_CUDNN_ATTENTION = True  # see _autocast
+
+
+@contextlib.contextmanager
 def _autocast(device: torch.device, config: dict):
-    return autocast(*_autocast_args(device, config))
+    """Autocast of `amp` (fast mode only), and on CUDA attention without the cuDNN backend: cuDNN builds an
+    execution plan for every new input shape, and the fast mode's length-cut batches come in hundreds of shapes."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(autocast(*_autocast_args(device, config)))
+        if device.type == "cuda" and AVOID_CUDNN_ATTENTION and hasattr(torch.nn, "attention"):
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            stack.enter_context(sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                                             SDPBackend.MATH]))
+        yield
 
 
 def token_dtype(device: torch.device, config: dict) -> torch.dtype:
@@ -123,6 +144,55 @@ def length_batches(lengths: list[int], max_batch: int, max_padding: float = MAX_
     if start < len(lengths):
         batches.append((start, len(lengths)))
     return batches
+
+
+@dataclass
+class ItmForward:
+    """One ITM forward of the fast re-ranking: `images[p]` is the image of piece p (an index within its KV chunk),
+    `rows` the pair positions, `len(rows) // len(images)` per piece, pieces contiguous; `real` the indices into
+    `rows` of the rows that are scored (the others are filler repeating a real row); `max_len` the text length
+    every row is padded to."""
+    images: list[int]
+    rows: list[int]
+    real: list[int]
+    max_len: int
+
+
+def plan_itm_forwards(counts: list[int], lengths: list[int], max_batch: int, piece: int | None = None,
+                      max_padding: float = MAX_PADDING) -> Iterator[list[ItmForward]]:
+    """The ITM forwards of the fast re-ranking, chunk by chunk of KV_CHUNK images (a generator: the host plans
+    the next chunk while the GPU runs the current one, and COCO's millions of pairs are never listed at once).
+
+    `counts[j]` is the number of pairs of image j; pairs are numbered image by image, and `lengths` gives each
+    pair's text length, ascending within an image. Without `piece`, a forward holds texts of one image,
+    `length_batches` of them. With `piece`, each image's texts are cut into pieces of `piece` texts (its last piece
+    filled up by repeating its longest text, whose score is discarded); the pieces of a chunk are sorted by their
+    longest text and `length_batches` groups them, at most max_batch // piece per forward. Each row of a
+    piece attends to its own image's keys/values (BertSelfAttention folds a piece into one query sequence).
+    """
+    first = 0
+    for chunk_start in range(0, len(counts), KV_CHUNK):
+        forwards = []
+        if piece is None:
+            for local, count in enumerate(counts[chunk_start:chunk_start + KV_CHUNK]):
+                for start, end in length_batches(lengths[first:first + count], max_batch, max_padding):
+                    rows = list(range(first + start, first + end))
+                    forwards.append(ItmForward([local], rows, list(range(len(rows))), lengths[rows[-1]]))
+                first += count
+        else:
+            pieces = []  # (longest text, image, rows)
+            for local, count in enumerate(counts[chunk_start:chunk_start + KV_CHUNK]):
+                for start in range(first, first + count, piece):
+                    rows = list(range(start, min(start + piece, first + count)))
+                    pieces.append((lengths[rows[-1]], local, rows + rows[-1:] * (piece - len(rows))))
+                first += count
+            pieces.sort(key=lambda p: p[0])
+            for start, end in length_batches([p[0] for p in pieces], max(1, max_batch // piece), max_padding):
+                group = pieces[start:end]
+                rows = [row for p in group for row in p[2]]
+                real = [i for i, row in enumerate(rows) if i % piece == 0 or row != rows[i - 1]]
+                forwards.append(ItmForward([p[1] for p in group], rows, real, group[-1][0]))
+        yield forwards
 
 
 def _shard(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -199,6 +269,14 @@ def image_features(model: BlipRetrieval, dataset, device: torch.device, config: 
     return tokens, torch.cat(feats).float()
 
 
+def _to_device(index_lists: list[list[int]], device: torch.device) -> list[torch.Tensor]:
+    """Host index lists as device tensors, through one pinned buffer and one non-blocking copy on CUDA."""
+    flat = torch.tensor([i for lst in index_lists for i in lst], dtype=torch.long)
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    return list(torch.split(flat, [len(lst) for lst in index_lists]))
+
+
 def _fill_outside(sims: torch.Tensor) -> torch.Tensor:
     return sims + OUTSIDE_TOP_K
 
@@ -266,26 +344,31 @@ def rerank_fast(model: BlipRetrieval, sims: torch.Tensor, image_tokens: torch.Te
     first = int(torch.searchsorted(pair_img, torch.tensor(image_offset, device=device)))
     last = int(torch.searchsorted(pair_img, torch.tensor(image_offset + len(image_tokens), device=device)))
     counts = torch.bincount(pair_img[first:last] - image_offset, minlength=len(image_tokens)).tolist()
-    position = first
+    plan = plan_itm_forwards(counts, lengths[pair_txt_host[first:last]].tolist(), itm_batch_size,
+                             ITM_PIECE.get(device.type))
     progress = tqdm(total=last - first, desc="ITM pairs", disable=not show_progress)
-    for chunk_start in range(0, len(image_tokens), KV_CHUNK):
-        with _autocast(device, config):
-            chunk_tokens = image_tokens[chunk_start:chunk_start + KV_CHUNK].to(device, non_blocking=True)
+    with _autocast(device, config):  # one autocast region: weights are cast to bf16 once, not per forward
+        for chunk, forwards in enumerate(plan):
+            chunk_tokens = image_tokens[chunk * KV_CHUNK:(chunk + 1) * KV_CHUNK].to(device, non_blocking=True)
             chunk_kv = model.text_encoder.cross_attention_kv(chunk_tokens)
-        for local in range(chunk_start, min(chunk_start + KV_CHUNK, len(image_tokens))):
-            image_kv = [(k[local - chunk_start:local - chunk_start + 1], v[local - chunk_start:local - chunk_start + 1])
-                        for k, v in chunk_kv]
-            stop = position + counts[local]
-            for batch_start, batch_end in length_batches(lengths[pair_txt_host[position:stop]].tolist(),
-                                                         itm_batch_size):
-                batch = slice(position + batch_start, position + batch_end)
-                texts = pair_txt_sorted[batch]
-                max_len = int(lengths[pair_txt_host[batch]].max())  # pad to this batch's longest text, not 35
-                ids, atts = text_ids[texts, :max_len], text_atts[texts, :max_len]
-                with _autocast(device, config):
-                    sorted_scores[batch] = model.itm_logits(ids, atts, image_kv=image_kv)[:, 1]
-            progress.update(stop - position)
-            position = stop
+            # Every index of the chunk goes to the device in one asynchronous copy; the loop never waits for it.
+            rows, images, real = _to_device([[first + r for f in forwards for r in f.rows],
+                                             [i for f in forwards for i in f.images],
+                                             [r for f in forwards for r in f.real]], device)
+            at_row = at_image = at_real = 0
+            for f in forwards:
+                f_rows = rows[at_row:at_row + len(f.rows)]
+                f_real = real[at_real:at_real + len(f.real)]
+                if len(f.images) == 1:  # one image: its keys/values as a view, no gather
+                    image_kv = [(k[f.images[0]:f.images[0] + 1], v[f.images[0]:f.images[0] + 1]) for k, v in chunk_kv]
+                else:
+                    f_images = images[at_image:at_image + len(f.images)]
+                    image_kv = [(k[f_images], v[f_images]) for k, v in chunk_kv]
+                texts = pair_txt_sorted[f_rows]
+                ids, atts = text_ids[texts, :f.max_len], text_atts[texts, :f.max_len]  # pad to the longest, not 35
+                sorted_scores[f_rows[f_real]] = model.itm_logits(ids, atts, image_kv=image_kv)[f_real, 1]
+                at_row, at_image, at_real = at_row + len(f.rows), at_image + len(f.images), at_real + len(f.real)
+                progress.update(len(f.real))
     progress.close()
     pair_scores[length_order] = sorted_scores
     all_reduce_sum_(pair_scores)  # each pair was scored by the rank that owns its image

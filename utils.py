@@ -62,7 +62,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "seed": 42,  # base seed (each rank adds its rank)
     "num_workers": 4,  # DataLoader workers per process
     "eval_mode": "fast",  # fast (cached cross-attention K/V, batched) | official (per-query, reference path)
-    "itm_batch_size": 256,  # max image-text pairs per ITM forward in fast evaluation (padding kept within 10%)
+    "itm_batch_size": 1024,  # max image-text pairs per ITM forward in fast evaluation (padding kept within 10%)
     "eval_every": 1,  # evaluate every N epochs (the last epoch is always evaluated)
     "grad_accum_steps": 1,  # micro-batches per optimizer step
     "clip_grad_norm": 0.0,  # max gradient norm; 0 = off (official)

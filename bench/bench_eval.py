@@ -40,7 +40,7 @@ import torch
 
 from data import create_dataset
 from data.synthetic import make_synthetic_dataset
-from eval_retrieval import evaluate, length_batches
+from eval_retrieval import ITM_PIECE, evaluate, plan_itm_forwards
 from models.blip_retrieval import BlipRetrieval, build_model, init_tokenizer
 from utils import DEFAULT_CONFIG, validate_config
 
@@ -268,7 +268,8 @@ def topk_masks(result, k_test: int) -> tuple[np.ndarray, np.ndarray] | None:
     return masks
 
 
-def rerank_flops(model: BlipRetrieval, dataset, results: dict, k_test: int, itm_batch_size: int) -> dict | None:
+def rerank_flops(model: BlipRetrieval, dataset, results: dict, k_test: int, itm_batch_size: int,
+                 device: torch.device) -> dict | None:
     """Analytic FLOPs of the ITM re-rank phase of each mode, reconstructing the pairs each one scored."""
     med = model.med_config
     n_tok = model.visual_encoder.num_patches + 1
@@ -287,15 +288,15 @@ def rerank_flops(model: BlipRetrieval, dataset, results: dict, k_test: int, itm_
     if masks is None:
         return None
     union = masks[0] | masks[1].T  # (N_img, N_txt): the pairs the fast mode scores once each
-    flops, pairs = n_img * kv_projection_flops(med, n_tok), 0
-    for image in range(n_img):  # same batches as rerank_fast: per image, texts shortest first, padding bounded
-        texts = np.flatnonzero(union[image])
-        texts = texts[np.argsort(lengths[texts], kind="stable")]
-        pairs += len(texts)
-        for start, end in length_batches(lengths[texts].tolist(), itm_batch_size):
-            batch = texts[start:end]
-            flops += len(batch) * itm_text_flops(med, int(lengths[batch].max()), n_tok, cls_only=True)
-    out["fast"] = {"pairs": pairs, "kv_projections": n_img, "flops": flops}
+    # The same forwards as rerank_fast: per image, texts shortest first, then plan_itm_forwards.
+    counts = union.sum(axis=1).tolist()
+    pair_lengths = [n for image in range(n_img) for n in np.sort(lengths[union[image]], kind="stable").tolist()]
+    flops, rows, forwards = n_img * kv_projection_flops(med, n_tok), 0, 0
+    for chunk in plan_itm_forwards(counts, pair_lengths, itm_batch_size, ITM_PIECE.get(device.type)):
+        for forward in chunk:
+            flops += len(forward.rows) * itm_text_flops(med, forward.max_len, n_tok, cls_only=True)
+            rows, forwards = rows + len(forward.rows), forwards + 1
+    out["fast"] = {"pairs": sum(counts), "kv_projections": n_img, "flops": flops, "rows": rows, "forwards": forwards}
     out["image_tokens"] = n_tok
     out["text_tokens_official"] = padded
     out["text_tokens_mean"] = float(lengths.mean())
@@ -390,7 +391,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"running {name}: eval_mode {config['eval_mode']}, autocast {config['amp'] if on else 'none'}",
                   flush=True)
             results[name], memory[name] = run_mode(model, dataset, config, device, warmup)
-        flops = rerank_flops(model, dataset, results, args.k_test, args.itm_batch_size)
+        flops = rerank_flops(model, dataset, results, args.k_test, args.itm_batch_size, device)
     env["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return report(args, env, device, results, memory, flops)
 
@@ -429,11 +430,12 @@ def report(args, env: dict, device: torch.device, results: dict, memory: dict, f
         flop_report = {"pairs": {n: flops[n]["pairs"] for n in ("official", "fast")},
                        "kv_projections": {n: flops[n]["kv_projections"] for n in ("official", "fast")},
                        "rerank_tflop": {n: flops[n]["flops"] / 1e12 for n in ("official", "fast")},
-                       "image_tokens": flops["image_tokens"], "text_tokens_mean": flops["text_tokens_mean"]}
+                       "image_tokens": flops["image_tokens"], "text_tokens_mean": flops["text_tokens_mean"],
+                       "fast_forwards": flops["fast"]["forwards"], "fast_rows": flops["fast"]["rows"]}
         print(f"\nITM re-rank work: official {flops['official']['pairs']} pair forwards (35-token texts, K/V per "
               f"pair), fast {flops['fast']['pairs']} distinct pairs (mean text {flops['text_tokens_mean']:.1f} "
-              f"tokens, shortest first, K/V once per image, last layer [ENC] only); {flops['image_tokens']} image "
-              f"tokens")
+              f"tokens, shortest first, K/V once per image, last layer [ENC] only) in {flops['fast']['forwards']} "
+              f"forwards of {flops['fast']['rows']} rows; {flops['image_tokens']} image tokens")
         for n in ("official", "fast") + (("fast_fp32",) if "fast_fp32" in results else ()):
             key = "fast" if n == "fast_fp32" else n
             achieved = flops[key]["flops"] / results[n].metrics["time_rerank"] / 1e12

@@ -15,10 +15,11 @@ weights (restored before each variant), the SAME batch of generated images and c
                (model.official_text_compute = True)
 
 each with ViT activation checkpointing off and on (vit_grad_ckpt, last --ckpt-layer blocks). The model
-uses SDPA attention in every variant. Printed per variant: median step time, images/s, peak memory and the
-first step's loss (equal within a kind; between kinds it differs by dropout noise, see run_variant); then the
-speed-up fp32/ours. On CPU both variants run fp32 unless --amp-cpu, so the ratio there measures only the
-optimizer and the text-side trimming.
+uses SDPA attention in every variant. Printed per variant: median step time, images/s, peak memory, the
+FLOPs of one step (torch.utils.flop_counter, in one extra untimed step), the achieved TFLOP/s and, with
+--peak-tflops (default on CUDA), model FLOP utilisation, and the first step's loss (equal within a kind;
+between kinds it differs by dropout noise, see run_variant); then the speed-up fp32/ours. On CPU both
+variants run fp32 unless --amp-cpu, so the ratio there measures only the optimizer and the text-side trimming.
 
 Defaults: CUDA batch 32 at 384 px, 3 warm-up + 10 timed steps; CPU batch 8 at 128 px, 1 + 3 steps.
 queue_size defaults to the largest multiple of the batch that is <= 57600 (the official queue length).
@@ -37,6 +38,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from bench.bench_eval import (
     PeakMemory,
@@ -70,7 +72,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--alpha", type=float, default=0.4)
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak dense TFLOP/s for model FLOP utilisation; default 989 (H100 bf16) on CUDA")
     args, cuda = parse_common(p, argv)
+    if args.peak_tflops is None and cuda:
+        args.peak_tflops = 989.0
     for name, gpu, cpu in (("batch_size", 32, 8), ("image_size", 384, 128), ("warmup", 3, 1), ("steps", 10, 3)):
         if getattr(args, name) is None:
             setattr(args, name, gpu if cuda else cpu)
@@ -122,12 +128,21 @@ def run_variant(model, init_state: dict, batch: tuple, variant: str, args, devic
                 times.append(time.perf_counter() - t0)
                 cpu_times.append(time.process_time() - cpu0)
             losses.append(loss.detach())
+    # One more, untimed, forward + backward under FlopCounterMode: the matrix FLOPs the step really does
+    # (with checkpointing, the recomputed forward too; AdamW's elementwise work is not counted).
+    with FlopCounterMode(display=False) as counter, autocast(device, amp, amp_cpu=True):
+        out = model(images, captions, args.alpha, idx)
+        (out["loss_ita"] + out["loss_itm"]).backward()
+    model.zero_grad(set_to_none=True)
     del optimizer, params
     median = statistics.median(times)
+    flops = counter.get_total_flops()
     return {"variant": variant, "autocast": amp, "optimizer": opt_name,
             "vit_ckpt_layer": args.ckpt_layer if ckpt else 0, "step_times_s": times, "median_step_s": median,
             "images_per_s": args.batch_size / median, "median_process_cpu_s": statistics.median(cpu_times),
-            "losses": [float(x) for x in losses],
+            "losses": [float(x) for x in losses], "step_tflop": flops / 1e12,
+            "achieved_tflops": flops / median / 1e12,
+            "mfu": flops / median / 1e12 / args.peak_tflops if args.peak_tflops else None,
             "peak_memory": mem.as_dict(), "memory_summary": mem.summary()}
 
 
@@ -160,6 +175,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['images_per_s']:8.2f} img/s  "
               f"autocast {r['autocast']}, {r['optimizer']}, ViT ckpt layers {r['vit_ckpt_layer']}; "
               f"{r['memory_summary']}; first loss {r['losses'][0]:.6f}", flush=True)
+        mfu = f", MFU {100 * r['mfu']:.1f}% of {args.peak_tflops:g}" if r["mfu"] is not None else ""
+        print(f"  {'':10} {r['step_tflop']:8.4g} TFLOP per step (FlopCounterMode), {r['achieved_tflops']:.1f} "
+              f"TFLOP/s{mfu}", flush=True)
 
     ratios = {}
     print("\nspeed-up fp32 / ours (step time):")

@@ -11,6 +11,8 @@ import copy
 import os
 from typing import Any
 
+import torch
+
 from models.blip_retrieval import BlipRetrieval, build_model
 from utils import DEFAULT_CONFIG, validate_config
 
@@ -50,3 +52,16 @@ def tiny_config(tmp_path: str | os.PathLike, **overrides: Any) -> dict:
 def tiny_model(tmp_path: str | os.PathLike, **overrides: Any) -> BlipRetrieval:
     """BlipRetrieval built with build_model from tiny_config(tmp_path, **overrides)."""
     return build_model(tiny_config(tmp_path, **overrides))
+
+
+def spread_weights(model: BlipRetrieval, std: float = 0.3) -> BlipRetrieval:
+    """Redraw the weight matrices (and ViT position/CLS embeddings) with a large std, in place.
+
+    The default init (std 0.02) makes every cosine in a row agree to ~1e-3, so top-k sets would hinge on 1e-7
+    differences; std 0.3 spreads the cosines over ~0.8 and the ITM logits over ~1, giving well separated
+    top-k boundaries and an ITM term that matters."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 or name.endswith(("pos_embed", "cls_token")):
+                p.normal_(0.0, std)
+    return model

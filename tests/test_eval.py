@@ -22,7 +22,7 @@ from data import DataError, create_dataset
 from data.synthetic import make_synthetic_dataset
 from models.blip_retrieval import build_model
 from tests.dist_helpers import run_distributed
-from tests.helpers import TINY_MED, tiny_config
+from tests.helpers import TINY_MED, spread_weights, tiny_config
 from utils import ConfigError
 
 CPU = torch.device("cpu")
@@ -55,17 +55,9 @@ def config(synth: dict[str, str]) -> dict:
 
 @pytest.fixture(scope="module")
 def model(config: dict):
-    """A tiny random model. The default init (std 0.02) makes every cosine in a row agree to ~1e-3, so the
-    top-k sets would hinge on 1e-7 differences; redrawing the weights with std 0.3 spreads the cosines over
-    ~0.8 and the ITM logits over ~1, giving well separated top-k boundaries and an ITM term that matters."""
+    """A tiny random model whose weights are spread (tests.helpers.spread_weights) for clear top-k boundaries."""
     torch.manual_seed(0)
-    m = build_model(config)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if p.dim() >= 2 or name.endswith(("pos_embed", "cls_token")):
-                p.normal_(0.0, 0.3)
-    m.eval()
-    return m
+    return spread_weights(build_model(config)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -314,14 +306,20 @@ def test_itm_changes_the_ranking(test_ds, brute_test):
     assert itm.std() > 1e-3
 
 
-def test_fast_and_official_agree_with_split_itm_batches(model, test_ds, config):
-    cfg = _cfg(config, k_test=9, itm_batch_size=7)  # 7 does not divide any image's pair count in general
-    fast = ev.evaluate(model, test_ds, _cfg(cfg, eval_mode="fast"), CPU)
-    official = ev.evaluate(model, test_ds, _cfg(cfg, eval_mode="official"), CPU)
+def _fast_matching_official(model, dataset, cfg: dict):
+    """Evaluate in both modes, check the fast mode gives the official scores and metrics; return both results."""
+    fast = ev.evaluate(model, dataset, _cfg(cfg, eval_mode="fast"), CPU)
+    official = ev.evaluate(model, dataset, _cfg(cfg, eval_mode="official"), CPU)
     np.testing.assert_allclose(fast.scores_i2t, official.scores_i2t, atol=1e-4, rtol=0)
     np.testing.assert_allclose(fast.scores_t2i, official.scores_t2i, atol=1e-4, rtol=0)
     for key in RECALL_KEYS + RANK_KEYS:
         assert fast.metrics[key] == official.metrics[key], key
+    return fast, official
+
+
+def test_fast_and_official_agree_with_split_itm_batches(model, test_ds, config):
+    cfg = _cfg(config, k_test=9, itm_batch_size=7)  # 7 does not divide any image's pair count in general
+    fast, official = _fast_matching_official(model, test_ds, cfg)
     assert fast.metrics["eval_mode"] == "fast" and official.metrics["eval_mode"] == "official"
     # itm_batch_size must not change the fast scores beyond float rounding.
     big = ev.evaluate(model, test_ds, _cfg(cfg, eval_mode="fast", itm_batch_size=1000), CPU)
@@ -370,6 +368,19 @@ def test_image_tokens_leave_the_gpu_when_they_take_over_half_its_free_memory(mon
     assert ev.token_home(torch.device("cpu"), 5 * values, torch.float32) == torch.device("cpu")
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # autocast("cuda") on a machine without CUDA warns
+def test_fast_mode_keeps_attention_off_cudnn_on_cuda_only():
+    """cuDNN attention plans every new shape (seconds per evaluation on an H100, bench/RESULTS.md): the fast mode
+    turns that backend off inside its region on CUDA and restores the global setting afterwards."""
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    with ev._autocast(torch.device("cuda"), {"amp": "bf16"}):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    with ev._autocast(torch.device("cpu"), {"amp": "bf16"}):
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
 def test_length_batches_bound_padding_and_batch_size():
     assert ev.length_batches([], 4) == []
     assert ev.length_batches([5, 5, 5, 5, 5], 2) == [(0, 2), (2, 4), (4, 5)]  # max_batch only
@@ -384,6 +395,38 @@ def test_length_batches_bound_padding_and_batch_size():
         chunk = lengths[start:end]
         assert 1 <= len(chunk) <= 64
         assert len(chunk) == 1 or len(chunk) * max(chunk) <= 1.1 * sum(chunk)
+
+
+def test_plan_itm_forwards_scores_every_pair_once_against_its_own_image(monkeypatch):
+    rng = np.random.default_rng(1)
+    counts = [0, 5, 1, 17, 9, 3, 12]
+    lengths = [n for c in counts for n in sorted(rng.integers(3, 30, c).tolist())]
+    image_of = [j for j, c in enumerate(counts) for _ in range(c)]
+    for piece, max_batch, chunk in ((None, 4, 3), (4, 12, 3), (4, 3, 32), (16, 1024, 32)):
+        monkeypatch.setattr(ev, "KV_CHUNK", chunk)
+        plan = list(ev.plan_itm_forwards(counts, lengths, max_batch, piece))
+        assert len(plan) == -(-len(counts) // chunk)
+        scored = []
+        for c, forwards in enumerate(plan):
+            for f in forwards:
+                per_piece = len(f.rows) // len(f.images)
+                assert len(f.rows) == per_piece * len(f.images)
+                assert len(f.rows) <= max(max_batch, piece or 0)
+                assert f.max_len == max(lengths[r] for r in f.rows)
+                for p, image in enumerate(f.images):  # every row of a piece belongs to that piece's image
+                    assert {image_of[r] for r in f.rows[p * per_piece:(p + 1) * per_piece]} == {c * chunk + image}
+                scored += [f.rows[i] for i in f.real]
+                fillers = set(range(len(f.rows))) - set(f.real)
+                assert all(f.rows[i] == f.rows[i - 1] for i in fillers)  # filler repeats the previous row
+        assert sorted(scored) == list(range(len(lengths)))  # every pair exactly once
+
+
+def test_cross_image_forwards_give_the_official_scores(model, test_ds, config, monkeypatch):
+    """The GPU batching (pieces of several images in one forward, with filler rows), forced on the CPU with small
+    pieces and chunks, gives the official scores."""
+    monkeypatch.setitem(ev.ITM_PIECE, "cpu", 3)
+    monkeypatch.setattr(ev, "KV_CHUNK", 5)  # 12 images: chunks of 5, 5 and 2
+    _fast_matching_official(model, test_ds, _cfg(config, k_test=9, itm_batch_size=10))
 
 
 def test_evaluate_restores_training_mode(model, test_ds, config):
