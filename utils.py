@@ -34,7 +34,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "pretrained": "",  # checkpoint to start from: local .pth, http(s) URL or HF directory; '' = random init
     "vit": "base",  # base | large | mapping {width, depth, heads, patch_size, mlp_ratio} for small models
     "vit_grad_ckpt": False,  # activation checkpointing in the ViT
-    "vit_ckpt_layer": 0,  # with vit_grad_ckpt, checkpoint the last vit_ckpt_layer ViT blocks (official: 4)
+    "vit_ckpt_layer": 0,  # with vit_grad_ckpt, checkpoint the last N ViT blocks (official: 4); auto: fit GPU memory
     "batch_size_train": 32,  # per-process training batch size
     "batch_size_test": 64,  # per-process feature-extraction batch size in evaluation
     "init_lr": 1e-5,  # learning rate of epoch 0 (cosine schedule, no warmup)
@@ -80,7 +80,7 @@ class ConfigError(ValueError):
 
 # Accepted types per key; by default the type of the default value (int is accepted for float below).
 _TYPES: dict[str, tuple[type, ...]] = {k: (type(v),) for k, v in DEFAULT_CONFIG.items() if v is not None}
-_TYPES.update(vit=(str, dict), med_config=(str, dict), drop_path_rate=(float, type(None)),
+_TYPES.update(vit=(str, dict), med_config=(str, dict), drop_path_rate=(float, type(None)), vit_ckpt_layer=(int, str),
               **dict.fromkeys(("train_file", "val_file", "test_file"), (str, type(None))))
 _ENUMS: dict[str, tuple[str, ...]] = {
     "dataset": ("flickr", "coco", "custom"),
@@ -88,6 +88,7 @@ _ENUMS: dict[str, tuple[str, ...]] = {
     "device": ("auto", "cuda", "cpu"),
     "eval_mode": ("fast", "official"),
     "vit": ("base", "large"),
+    "vit_ckpt_layer": ("auto",),
 }
 # Inclusive (low, high) bounds; None = unbounded.
 _BOUNDS: dict[str, tuple[float | None, float | None]] = {
@@ -171,7 +172,7 @@ def validate_config(config: dict, origins: dict[str, str] | str | None = None) -
             raise ConfigError(f"config key {key!r} {where(key)}: expected one of "
                               f"{', '.join(_ENUMS[key])}, got {value!r}")
         lo, hi = _BOUNDS.get(key, (None, None))
-        if value is not None and ((lo is not None and value < lo) or (hi is not None and value > hi)):
+        if isinstance(value, (int, float)) and ((lo is not None and value < lo) or (hi is not None and value > hi)):
             expected = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
             raise ConfigError(f"config key {key!r} {where(key)}: expected a value {expected}, got {value!r}")
     if isinstance(config["vit"], dict):

@@ -67,9 +67,12 @@ class VisionTransformer(TimmVisionTransformer):
         return self.norm(x)
 
 
-def create_vit(vit: str | dict, image_size: int, grad_ckpt: bool = False, ckpt_layer: int = 0,
+def create_vit(vit: str | dict, image_size: int, grad_ckpt: bool = False, ckpt_layer: int | str = 0,
                drop_path_rate: float | None = None, layer_norm_eps: float = 1e-6) -> tuple[VisionTransformer, int]:
-    """Build the image encoder; returns (encoder, width). `drop_path_rate=None` keeps the official default."""
+    """Build the image encoder; returns (encoder, width). `drop_path_rate=None` keeps the official default.
+    `ckpt_layer="auto"` starts at 0; train_retrieval sets the number once it has measured the GPU's memory."""
+    if ckpt_layer == "auto":
+        ckpt_layer = 0
     spec = vit_spec(vit)
     if drop_path_rate is None:
         drop_path_rate = spec["drop_path_rate"]

@@ -150,6 +150,21 @@ def test_compiled_training_on_cuda_matches_eager(config, tmp_path):
     assert compiled[0]["loss_ita"] == pytest.approx(eager[0]["loss_ita"], rel=2e-2)
 
 
+def test_memory_probe_on_cuda_measures_and_restores(config):
+    """vit_ckpt_layer auto on a GPU: the probe's peaks grow with the batch and shrink with checkpointing, the
+    model comes back unchanged, and the choice is a block count."""
+    torch.manual_seed(0)
+    model = build_model({**config, "med_config": {**config["med_config"], **NO_DROPOUT}}).to(CUDA)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    depth = len(model.visual_encoder.blocks)
+    peak_1, peak_2, peak_1_all = (train_retrieval.measure_step_peak(model, b, n, config, CUDA)
+                                  for b, n in ((1, 0), (2, 0), (1, depth)))
+    assert 0 < peak_1 <= peak_2
+    assert peak_1_all <= 1.01 * peak_1  # tiny blocks: checkpointing saves little, but never adds to the peak
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert 0 <= train_retrieval.choose_vit_ckpt_layers(model, {**config, "batch_size_train": 8}, CUDA) <= depth
+
+
 def _deterministic_negatives(sim: torch.Tensor, positive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The hardest negative of each row instead of a multinomial draw, whose RNG differs between devices."""
     return sim.float().masked_fill(positive, float("-inf")).argmax(dim=1), torch.zeros((), device=sim.device)

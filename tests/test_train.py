@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import train_retrieval
+import utils
 from data.synthetic import make_synthetic_dataset
+from models.blip_retrieval import build_model
 from models.checkpoint import CheckpointError
 from tests.dist_helpers import run_distributed
 from tests.helpers import tiny_config
@@ -215,3 +217,73 @@ def test_missing_tensorboard_is_a_clear_error(config_path, tmp_path, monkeypatch
 ])
 def test_retrieval_finetuned_checkpoints_are_recognised(name, finetuned):
     assert train_retrieval.is_retrieval_finetuned(name) is finetuned
+
+
+# ----------------------------------------------------------------------------- vit_ckpt_layer: auto
+
+
+def test_vit_ckpt_layer_auto_is_accepted_and_other_words_are_not(config_path, tmp_path):
+    with pytest.raises(ConfigError, match=r"'vit_ckpt_layer'.*expected one of auto, got 'all'"):
+        _train(config_path, tmp_path / "x", "--options", "vit_ckpt_layer=all")
+    with pytest.raises(ConfigError, match=r"'vit_ckpt_layer'.*expected a value >= 0, got -1"):
+        _train(config_path, tmp_path / "y", "--options", "vit_ckpt_layer=-1")
+
+
+def test_fit_ckpt_layers_follows_the_linear_memory_model():
+    gib = 2**30
+    # fixed 4 GiB, 1 GiB per image without checkpointing, 12 blocks saving 0.05 GiB per image each.
+    peak_1, peak_2, peak_1_all = 5 * gib, 6 * gib, int(5 * gib - 12 * 0.05 * gib)
+    fit = train_retrieval.fit_ckpt_layers
+    assert fit(peak_1, peak_2, peak_1_all, 12, 32, 0, 40 * gib) == (0, 36 * gib)  # fits as it is
+    # 32 images: 4 + 32 * (1 - 0.05 n) <= 33 needs n >= 1.875, so 2 blocks (estimate 32.8 GiB).
+    blocks, estimate = fit(peak_1, peak_2, peak_1_all, 12, 32, 0, 33 * gib)
+    assert blocks == 2 and estimate == pytest.approx(32.8 * gib, rel=1e-6)
+    assert fit(peak_1, peak_2, peak_1_all, 12, 32, 3 * gib, 33 * gib)[0] == 4  # AdamW state counted: 3 GiB more
+    assert fit(peak_1, peak_2, peak_1_all, 12, 32, 0, 10 * gib)[0] == 12  # never fits: everything checkpointed
+
+
+def _tiny_train_model(config_path):
+    config = utils.load_config(config_path, ["vit_grad_ckpt=true", "vit_ckpt_layer=auto"])
+    torch.manual_seed(0)
+    return build_model(config), config
+
+
+def test_measure_step_peak_leaves_the_model_as_found(config_path):
+    model, config = _tiny_train_model(config_path)
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = utils.capture_rng_state()
+    assert train_retrieval.measure_step_peak(model, 2, 1, config, torch.device("cpu")) == 0  # no GPU: no peak
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights, momentum encoders, queues, pointer
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng["torch"])
+    assert not model.training and model.visual_encoder.ckpt_layer == 0 and not model.official_text_compute
+    assert "_dequeue_and_enqueue" not in vars(model)  # the class method is back
+
+
+def test_choose_vit_ckpt_layers_on_a_gpu_fits_the_measured_model(config_path, monkeypatch):
+    """The decision on a GPU, with the probe and the memory query faked (no GPU here)."""
+    model, config = _tiny_train_model(config_path)
+    depth, gib = len(model.visual_encoder.blocks), 2**30
+    peaks = {(1, 0): 5 * gib, (2, 0): 6 * gib, (1, depth): 4 * gib}  # each block saves 0.5 GiB per image
+    calls = []
+
+    def fake_measure(model, batch_size, ckpt_layers, config, device):
+        calls.append((batch_size, ckpt_layers))
+        return peaks[batch_size, ckpt_layers]
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    # batch 8: 4 GiB + AdamW state + 8 * (1 - 0.5 n) GiB must fit in 0.85 * 10 GiB: n = 1 (8.0 GiB + state).
+    blocks = train_retrieval.choose_vit_ckpt_layers(model, config, torch.device("cuda"), measure=fake_measure)
+    assert sorted(calls) == [(1, 0), (1, depth), (2, 0)] and blocks == 1
+
+
+def test_vit_ckpt_layer_auto_trains_on_the_cpu_without_checkpointing(config_path, tmp_path, capsys):
+    out = tmp_path / "auto"
+    result = _train(config_path, out, "--options", "max_epoch=1", "vit_grad_ckpt=true", "vit_ckpt_layer=auto")
+    assert "vit_ckpt_layer auto: no GPU memory to fit on the CPU" in capsys.readouterr().out
+    assert result["model"].visual_encoder.ckpt_layer == 0
+    events = [r for r in _read_jsonl(os.path.join(out, "log.jsonl")) if r.get("event") == "vit_ckpt_layer_auto"]
+    assert events == [{"event": "vit_ckpt_layer_auto", "blocks": 0}]
