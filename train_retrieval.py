@@ -379,6 +379,7 @@ def _run(args: argparse.Namespace, config: dict, info: utils.DistInfo) -> dict:
                                       broadcast_buffers=False)
         train_model = ddp
     if config["compile"]:
+        model.static_caption_shape = True  # captions padded to max_length: one graph, no recompiles for new lengths
         train_model = torch.compile(train_model)
 
     start_epoch, global_step, best, best_epoch, best_val, best_test = 0, 0, -1.0, None, None, None

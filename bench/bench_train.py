@@ -14,7 +14,8 @@ weights (restored before each variant), the SAME batch of generated images and c
     fp32       no autocast, plain AdamW(foreach=False), captions padded to 35 and the full last layer
                (model.official_text_compute = True)
 
-each with ViT activation checkpointing off and on (vit_grad_ckpt, last --ckpt-layer blocks). The model
+each with ViT activation checkpointing off and on (vit_grad_ckpt, last --ckpt-layer blocks), and on request
+`ours+compile` (ours under torch.compile; its warm-up steps include the compilation). The model
 uses SDPA attention in every variant. Printed per variant: median step time, images/s, peak memory, the
 FLOPs of one step (torch.utils.flop_counter, in one extra untimed step), the achieved TFLOP/s and, with
 --peak-tflops (default on CUDA), model FLOP utilisation, and the first step's loss (equal within a kind;
@@ -68,7 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="timed steps per variant; default 10 CUDA, 3 CPU")
     p.add_argument("--ckpt-layer", type=int, default=4, help="ViT blocks checkpointed in the 'ckpt' variants")
     p.add_argument("--variants", nargs="+", default=["ours", "fp32", "ours+ckpt", "fp32+ckpt"],
-                   choices=["ours", "fp32", "ours+ckpt", "fp32+ckpt"])
+                   choices=["ours", "fp32", "ours+ckpt", "fp32+ckpt", "ours+compile"],
+                   help="ours+compile: ours under torch.compile (captions padded to max_length, as "
+                        "train_retrieval.py with compile: true); not in the default set")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--alpha", type=float, default=0.4)
@@ -96,10 +99,12 @@ def make_optimizer(params: list, kind: str, device: torch.device, lr: float, wei
 
 
 def run_variant(model, init_state: dict, batch: tuple, variant: str, args, device: torch.device) -> dict:
-    kind, ckpt = variant.split("+")[0], variant.endswith("+ckpt")
+    kind, ckpt, compiled = variant.split("+")[0], variant.endswith("+ckpt"), variant.endswith("+compile")
     model.load_state_dict(init_state)  # same starting weights, queues and queue pointer for every variant
     model.visual_encoder.ckpt_layer = args.ckpt_layer if ckpt else 0
     model.official_text_compute = kind == "fp32"
+    model.static_caption_shape = compiled  # as train_retrieval.py does with compile: true
+    step_model = torch.compile(model) if compiled else model  # compiled during the warm-up steps
     model.train()
     amp = args.amp if kind == "ours" and (device.type == "cuda" or args.amp_cpu) else "none"
     images, captions, idx = batch
@@ -117,7 +122,7 @@ def run_variant(model, init_state: dict, batch: tuple, variant: str, args, devic
             sync(device)
             t0, cpu0 = time.perf_counter(), time.process_time()
             with autocast(device, amp, amp_cpu=True):  # `amp` is already "none" where it must not apply
-                out = model(images, captions, args.alpha, idx)
+                out = step_model(images, captions, args.alpha, idx)
                 loss = out["loss_ita"] + out["loss_itm"]
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -134,7 +139,8 @@ def run_variant(model, init_state: dict, batch: tuple, variant: str, args, devic
         out = model(images, captions, args.alpha, idx)
         (out["loss_ita"] + out["loss_itm"]).backward()
     model.zero_grad(set_to_none=True)
-    del optimizer, params
+    model.static_caption_shape = False
+    del optimizer, params, step_model
     median = statistics.median(times)
     flops = counter.get_total_flops()
     return {"variant": variant, "autocast": amp, "optimizer": opt_name,
@@ -191,6 +197,9 @@ def main(argv: list[str] | None = None) -> dict:
             ratios[key + "_process_cpu_time"] = cpu_ratio
             print(f"  ViT checkpointing {'on ' if suffix else 'off'}: {ratios[key]:.2f}x (process CPU time "
                   f"{cpu_ratio:.2f}x; first-step |loss diff| {loss_diff:.2e})")
+    if results.get("ours") and results.get("ours+compile"):
+        ratios["compile"] = results["ours"]["median_step_s"] / results["ours+compile"]["median_step_s"]
+        print(f"  torch.compile, ours / ours+compile: {ratios['compile']:.2f}x")
     if device.type != "cuda":
         print("  (CPU: both variants run fp32 unless --amp-cpu: this measures foreach AdamW and text-side trimming)")
     for kind in ("ours", "fp32"):

@@ -96,6 +96,8 @@ class BlipRetrieval(nn.Module):
         # batch's longest instead of max_length, and the last layer computes only position 0, the only one read
         # (BertModel.forward `cls_only`). True = the official amount of work (benchmarks compare against it).
         self.official_text_compute = False
+        # Captions padded to max_length even when trimming: one text shape for torch.compile (train sets it).
+        self.static_caption_shape = False
         self.visual_encoder, vision_width = create_vit(vit, image_size, vit_grad_ckpt, vit_ckpt_layer,
                                                        vit_drop_path_rate, vit_layer_norm_eps)
         med_config = MedConfig(**{**med_config.to_dict(), "encoder_width": vision_width})
@@ -127,6 +129,9 @@ class BlipRetrieval(nn.Module):
     # ----------------------------------------------------------------------------------------------
     # Encoders shared by training and evaluation
     # ----------------------------------------------------------------------------------------------
+    # Eager under torch.compile: traced, the tokenizer's Python would be guarded on every token id and
+    # recompiled for every batch of captions.
+    @torch.compiler.disable
     def tokenize(self, captions: list[str], device: torch.device | None = None,
                  pad_to_longest: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask, truncated to max_length (35) and padded to it as in the official code,
@@ -180,8 +185,8 @@ class BlipRetrieval(nn.Module):
         image_embeds, image_feat = self.encode_image(image)
         # Negatives gathered from all ranks need one text shape on every rank: that mode keeps max_length padding.
         cls_only = not self.official_text_compute
-        text_ids, text_atts = self.tokenize(caption, image.device,
-                                            pad_to_longest=cls_only and not self.negative_all_rank)
+        one_shape = self.negative_all_rank or self.static_caption_shape
+        text_ids, text_atts = self.tokenize(caption, image.device, pad_to_longest=cls_only and not one_shape)
         text_feat = self.encode_text(text_ids, text_atts, cls_only=cls_only)
 
         # ITC targets: every column holding the same image id is a positive (in batch and in the queue).

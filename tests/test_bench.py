@@ -48,3 +48,13 @@ def test_bench_train_tiny_variants_share_their_first_loss():
     assert losses["ours"] == pytest.approx(losses["ours+ckpt"], abs=1e-5)
     assert losses["fp32"] == pytest.approx(losses["fp32+ckpt"], abs=1e-5)
     assert set(out["speedup_fp32_over_ours"]) >= {"no_ckpt", "ckpt"}
+    tflop = {name: r["step_tflop"] for name, r in out["variants"].items()}
+    assert 0 < tflop["ours"] < tflop["fp32"]  # 35-token captions and the full last layer cost more
+    assert tflop["ours+ckpt"] >= tflop["ours"]  # checkpointing recomputes, never saves work
+
+
+def test_bench_train_tiny_compiled_variant_runs():
+    out = bench_train.main(TINY + ["--image-size", "32", "--batch-size", "4", "--warmup", "1", "--steps", "1",
+                                   "--variants", "ours", "ours+compile"])
+    assert out["speedup_fp32_over_ours"]["compile"] > 0
+    assert out["variants"]["ours+compile"]["step_tflop"] > 0
