@@ -441,21 +441,37 @@ def test_evaluate_restores_training_mode(model, test_ds, config):
 # ----------------------------------------------------------------------------- distributed (2 gloo processes)
 
 
+DIST_MODES = ("fast", "fast_pieces", "official")  # fast_pieces: the GPU batching forced on the CPU
+
+
+def _evaluate_mode(model, dataset, config: dict, mode: str):
+    if mode != "fast_pieces":
+        return ev.evaluate(model, dataset, _cfg(config, eval_mode=mode), CPU)
+    saved = dict(ev.ITM_PIECE), ev.KV_CHUNK
+    ev.ITM_PIECE["cpu"], ev.KV_CHUNK = 2, 4  # pieces of 2 texts, chunks of 4 images
+    try:
+        return ev.evaluate(model, dataset, _cfg(config, eval_mode="fast"), CPU)
+    finally:
+        ev.ITM_PIECE.clear()
+        ev.ITM_PIECE.update(saved[0])
+        ev.KV_CHUNK = saved[1]
+
+
 def _dist_eval_body(rank: int, world_size: int, configs: dict, state_path: str) -> dict:
     out = {}
     for name, config in configs.items():
         model = build_model(config)
         model.load_state_dict(torch.load(state_path, weights_only=True))
         dataset = create_dataset(config, "val")
-        for mode in ("fast", "official"):
-            r = ev.evaluate(model, dataset, _cfg(config, eval_mode=mode), CPU)
+        for mode in DIST_MODES:
+            r = _evaluate_mode(model, dataset, config, mode)
             out[name, mode] = (r.scores_i2t, r.scores_t2i, _without_times(r.metrics))
     return out
 
 
 def test_distributed_matches_single_process(model, val_ds, config, synth, tmp_path):
-    """2 gloo processes vs 1 process, both modes: on 11 images (uneven shards: 6 + 5 images, 28 + 27 texts)
-    and on a 1-image split, where rank 1 gets no image at all."""
+    """2 gloo processes vs 1 process, both modes (fast also with the GPU's cross-image batching): on 11 images
+    (uneven shards: 6 + 5 images, 28 + 27 texts) and on a 1-image split, where rank 1 gets no image at all."""
     assert len(val_ds.image) == 11
     with open(synth["test_file"]) as f:
         one_image = tmp_path / "one_image.json"
@@ -467,8 +483,10 @@ def test_distributed_matches_single_process(model, val_ds, config, synth, tmp_pa
     single, shapes = {}, {"11": (11, 55), "1": (1, 5)}
     for name, cfg in configs.items():
         dataset = create_dataset(cfg, "val")
-        for mode in ("fast", "official"):
-            single[name, mode] = ev.evaluate(model, dataset, _cfg(cfg, eval_mode=mode), CPU)
+        for mode in DIST_MODES:
+            single[name, mode] = _evaluate_mode(model, dataset, cfg, mode)
+        np.testing.assert_allclose(single[name, "fast_pieces"].scores_i2t, single[name, "official"].scores_i2t,
+                                   atol=1e-4, rtol=0)
     results = run_distributed(_dist_eval_body, 2, configs, state_path, timeout_s=120)
     for rank, per_rank in enumerate(results):
         assert set(per_rank) == set(single)
@@ -494,7 +512,7 @@ def test_distributed_fast_with_fewer_texts_than_ranks(model, config, synth, tmp_
     torch.save(model.state_dict(), state_path)
     dataset = create_dataset(cfg, "val")
     assert len(dataset.text) == 1
-    single = {mode: ev.evaluate(model, dataset, _cfg(cfg, eval_mode=mode), CPU) for mode in ("fast", "official")}
+    single = {mode: _evaluate_mode(model, dataset, cfg, mode) for mode in DIST_MODES}
     results = run_distributed(_dist_eval_body, 2, {"1x1": cfg}, state_path, timeout_s=60)
     for rank, per_rank in enumerate(results):
         for (_, mode), (i2t, t2i, metrics) in per_rank.items():
