@@ -49,6 +49,13 @@ def tiny_config(tmp_path: str | os.PathLike, **overrides: Any) -> dict:
     return validate_config(config, "tiny_config")
 
 
+def synthetic_config(root: str | os.PathLike, paths: dict[str, str], **overrides: Any) -> dict:
+    """tiny_config for a `data.synthetic.make_synthetic_dataset` output: its images, splits and vocabulary."""
+    return tiny_config(root, dataset="custom", image_root=paths["image_root"], train_file=paths["train_file"],
+                       val_file=paths["val_file"], test_file=paths["test_file"], text_encoder=paths["vocab_file"],
+                       **overrides)
+
+
 def tiny_model(tmp_path: str | os.PathLike, **overrides: Any) -> BlipRetrieval:
     """BlipRetrieval built with build_model from tiny_config(tmp_path, **overrides)."""
     return build_model(tiny_config(tmp_path, **overrides))

@@ -23,7 +23,7 @@ import train_retrieval
 from data import create_dataset
 from data.synthetic import make_synthetic_dataset
 from models.blip_retrieval import build_model
-from tests.helpers import spread_weights, tiny_config
+from tests.helpers import spread_weights, synthetic_config
 from utils import autocast, save_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -44,10 +44,8 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def config(synth: dict[str, str]) -> dict:
-    return tiny_config(synth["root"], dataset="custom", image_root=synth["image_root"],
-                       train_file=synth["train_file"], val_file=synth["val_file"], test_file=synth["test_file"],
-                       text_encoder=synth["vocab_file"], vit=dict(VIT), batch_size_test=6, k_test=6,
-                       itm_batch_size=7, device="cuda")
+    return synthetic_config(synth["root"], synth, vit=dict(VIT), batch_size_test=6, k_test=6, itm_batch_size=7,
+                            device="cuda")
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from data import DataError, create_dataset
 from data.synthetic import make_synthetic_dataset
 from models.blip_retrieval import build_model
 from tests.dist_helpers import run_distributed
-from tests.helpers import TINY_MED, spread_weights, tiny_config
+from tests.helpers import TINY_MED, spread_weights, synthetic_config
 from utils import ConfigError
 
 CPU = torch.device("cpu")
@@ -48,9 +48,7 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def config(synth: dict[str, str]) -> dict:
-    return tiny_config(synth["root"], dataset="custom", image_root=synth["image_root"],
-                       train_file=synth["train_file"], val_file=synth["val_file"], test_file=synth["test_file"],
-                       text_encoder=synth["vocab_file"], vit=dict(VIT), batch_size_test=5, k_test=8)
+    return synthetic_config(synth["root"], synth, vit=dict(VIT), batch_size_test=5, k_test=8)
 
 
 @pytest.fixture(scope="module")

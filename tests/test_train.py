@@ -15,7 +15,7 @@ from data.synthetic import make_synthetic_dataset
 from models.blip_retrieval import build_model
 from models.checkpoint import CheckpointError
 from tests.dist_helpers import run_distributed
-from tests.helpers import tiny_config
+from tests.helpers import synthetic_config
 from utils import ConfigError, save_config
 
 RECALL_KEYS = ["txt_r1", "txt_r5", "txt_r10", "txt_r_mean", "img_r1", "img_r5", "img_r10", "img_r_mean", "r_mean"]
@@ -27,10 +27,8 @@ def config_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     root = tmp_path_factory.mktemp("train_data")
     paths = make_synthetic_dataset(str(root), num_train_images=24, num_val_images=8, num_test_images=8,
                                    captions_per_image=2, image_size=32, seed=0)
-    config = tiny_config(root, dataset="custom", image_root=paths["image_root"], train_file=paths["train_file"],
-                         val_file=paths["val_file"], test_file=paths["test_file"], text_encoder=paths["vocab_file"],
-                         batch_size_train=8, batch_size_test=8, k_test=4, queue_size=16, max_epoch=2, log_every=2,
-                         init_lr=1e-4)
+    config = synthetic_config(root, paths, batch_size_train=8, batch_size_test=8, k_test=4, queue_size=16,
+                              max_epoch=2, log_every=2, init_lr=1e-4)
     path = os.path.join(root, "config.yaml")
     save_config(config, path)
     return path
