@@ -73,8 +73,11 @@ def med_config_for(text: str) -> dict:
     raise ValueError(f"--text must be base or tiny, got {text!r}")
 
 
-def common_parser(doc: str, ours: str) -> argparse.ArgumentParser:
-    """The options every benchmark shares; `ours` names our side in the help texts."""
+H100_BF16_PEAK_TFLOPS = 989.0  # dense bf16, H100 SXM: the default MFU reference on CUDA
+
+
+def common_parser(doc: str, ours: str, mfu: bool = False) -> argparse.ArgumentParser:
+    """The options every benchmark shares; `ours` names our side in the help texts. `mfu` adds --peak-tflops."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--vit", default="base", choices=sorted(VIT_PRESETS))
@@ -88,6 +91,10 @@ def common_parser(doc: str, ours: str) -> argparse.ArgumentParser:
                    help="torch CPU threads (default: torch's choice); 1 makes process CPU time a clean measure "
                         "of work on a shared machine")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    if mfu:
+        p.add_argument("--peak-tflops", type=float, default=None,
+                       help=f"peak dense TFLOP/s for model FLOP utilisation; default {H100_BF16_PEAK_TFLOPS:g} "
+                            "(H100 bf16) on CUDA")
     return p
 
 
@@ -96,7 +103,10 @@ def parse_common(p: argparse.ArgumentParser, argv: list[str] | None) -> tuple[ar
     args = p.parse_args(argv)
     if args.amp_cpu and args.amp != "bf16":
         p.error("--amp-cpu autocasts to bf16 only; use it with --amp bf16")
-    return args, resolve_device(args.device).type == "cuda"
+    cuda = resolve_device(args.device).type == "cuda"
+    if cuda and getattr(args, "peak_tflops", 0) is None:
+        args.peak_tflops = H100_BF16_PEAK_TFLOPS
+    return args, cuda
 
 
 def resolve_device(name: str) -> torch.device:
@@ -327,7 +337,7 @@ PHASES = ("time_text_features", "time_image_features", "time_itc", "time_rerank"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = common_parser(__doc__, "the fast mode")
+    p = common_parser(__doc__, "the fast mode", mfu=True)
     p.add_argument("--image-size", type=int, default=None, help="default 384 on CUDA, 128 on CPU")
     p.add_argument("--num-images", type=int, default=None, help="default 1000 on CUDA, 32 on CPU")
     p.add_argument("--captions-per-image", type=int, default=5)
@@ -339,16 +349,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="when the fast mode autocasts, skip its extra fp32 run")
     p.add_argument("--warmup-images", type=int, default=4,
                    help="evaluate each mode once on this many images before timing (0: no warm-up)")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="peak dense TFLOP/s for model FLOP utilisation; default 989 (H100 bf16) on CUDA")
     p.add_argument("--data-dir", default=None, help="where to write the generated data (default: a temp dir)")
     args, cuda = parse_common(p, argv)
     for name, gpu, cpu in (("image_size", 384, 128), ("num_images", 1000, 32), ("k_test", 128, 16),
                            ("num_workers", 4, 0)):
         if getattr(args, name) is None:
             setattr(args, name, gpu if cuda else cpu)
-    if args.peak_tflops is None and cuda:
-        args.peak_tflops = 989.0
     return args
 
 

@@ -60,7 +60,7 @@ OFFICIAL_QUEUE = 57600
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = common_parser(__doc__, "'ours'")
+    p = common_parser(__doc__, "'ours'", mfu=True)
     p.add_argument("--batch-size", type=int, default=None, help="default 32 on CUDA, 8 on CPU")
     p.add_argument("--image-size", type=int, default=None, help="default 384 on CUDA, 128 on CPU")
     p.add_argument("--queue-size", type=int, default=None,
@@ -75,11 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--alpha", type=float, default=0.4)
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="peak dense TFLOP/s for model FLOP utilisation; default 989 (H100 bf16) on CUDA")
     args, cuda = parse_common(p, argv)
-    if args.peak_tflops is None and cuda:
-        args.peak_tflops = 989.0
     for name, gpu, cpu in (("batch_size", 32, 8), ("image_size", 384, 128), ("warmup", 3, 1), ("steps", 10, 3)):
         if getattr(args, name) is None:
             setattr(args, name, gpu if cuda else cpu)
