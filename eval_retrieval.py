@@ -16,7 +16,7 @@ Two implementations of the re-ranking, chosen by the config key `eval_mode`:
   by image: each image's cross-attention keys/values are projected once per layer and shared by all texts
   scored against it; texts are scored shortest first, in batches whose padding to their longest text stays
   within 10% of the real tokens (`length_batches`); the last layer computes only the [ENC] position (the only
-  one ITM reads); image tokens stay on the device; bf16 autocast on CUDA (config `amp`; on CPU with
+  one ITM reads); image tokens stay on the device; optional bf16 autocast (config `eval_amp`; on CPU also
   `amp_cpu`); images are sharded across ranks. Text features for ITC get the same length batching. On a GPU,
   where launching a forward's kernels costs more than computing a few hundred short texts, texts of up to
   KV_CHUNK images share one forward (`plan_itm_forwards`), and attention avoids the cuDNN backend, which
@@ -85,8 +85,8 @@ def _official(config: dict) -> bool:
 
 
 def _autocast_args(device: torch.device, config: dict) -> tuple[torch.device, str, bool]:
-    """`amp` applies to the fast mode only; the official mode is fp32 throughout, as the official code."""
-    amp = "none" if _official(config) else config.get("amp", "none")
+    """`eval_amp` applies to the fast mode only; the official mode is fp32 throughout, as the official code."""
+    amp = "none" if _official(config) else config["eval_amp"]
     return device, amp, config.get("amp_cpu", False)
 
 
@@ -525,8 +525,6 @@ def main(argv: list[str] | None = None) -> dict:
         write_eval_outputs(result, output_dir, args.split, args.save_scores, extra={"checkpoint": source})
         m = result.metrics
         print(format_metrics_table(m))
-        print(f"ITC only, before re-ranking: R@1 TR {m['itc_txt_r1']:.1f}  IR {m['itc_img_r1']:.1f}   r_mean "
-              f"{m['itc_r_mean']:.2f}")
         print(f"median rank  TR {m['txt_medr']:.1f}  IR {m['img_medr']:.1f}   mean rank  TR {m['txt_meanr']:.1f}  "
               f"IR {m['img_meanr']:.1f}")
         print(f"time: text features {m['time_text_features']:.1f}s, image features {m['time_image_features']:.1f}s, "

@@ -213,6 +213,18 @@ def write_outputs(result: EvalResult | None, output_dir: str, split: str, epoch:
         write_eval_outputs(result, output_dir, split, save_scores=False, extra={"epoch": epoch})
 
 
+# Per-step training statistics returned by the model, summed on the device and averaged when logged (the
+# ITM accuracies show whether the ITM head learns or sits at the prior: ~0.64 loss, everything called mismatch).
+STAT_KEYS = ("loss_ita", "loss_itm", "itm_acc_pos", "itm_acc_neg", "num_neg_fallback")
+
+
+def _stat_means(sums: list[float], count: int) -> dict:
+    """Averages of the STAT_KEYS sums over `count` micro-steps; num_neg_fallback stays a total."""
+    means = {key: total / count for key, total in zip(STAT_KEYS, sums, strict=True)}
+    means["num_neg_fallback"] = int(sums[STAT_KEYS.index("num_neg_fallback")])
+    return means
+
+
 def train_one_epoch(model: torch.nn.Module, ddp: DistributedDataParallel | None, loader: DataLoader,
                     optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, config: dict, epoch: int,
                     global_step: int, device: torch.device, jsonl: JsonlLogger, tb: Any) -> tuple[dict, int]:
@@ -222,15 +234,16 @@ def train_one_epoch(model: torch.nn.Module, ddp: DistributedDataParallel | None,
     n = len(loader)
     accum, log_every = config["grad_accum_steps"], config["log_every"]
     images_per_micro = config["batch_size_train"] * utils.get_world_size()
-    # Running sums stay on the device: (loss_ita, loss_itm, num_neg_fallback). Read only when logging,
-    # so the step never waits for the device.
-    epoch_sum = torch.zeros(3, device=device)
-    window_sum, window_micro, window_start = torch.zeros(3, device=device), 0, time.perf_counter()
+    # Running sums stay on the device, one per STAT_KEYS entry. Read only when logging, so the step never waits
+    # for the device.
+    epoch_sum = torch.zeros(len(STAT_KEYS), device=device)
+    window_sum, window_micro, window_start = torch.zeros(len(STAT_KEYS), device=device), 0, time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]
     bar = tqdm(loader, desc=f"train epoch {epoch}", disable=not is_main_process(), dynamic_ncols=True)
     for i, (image, caption, idx) in enumerate(bar):
         image, idx = image.to(device, non_blocking=True), idx.to(device, non_blocking=True)
         alpha = utils.alpha_at(i, n, epoch, config["alpha"])
+        hard_fraction = utils.itm_hard_fraction(global_step, config["itm_negatives"], config["itm_negatives_steps"])
         group_start = i - i % accum
         group_size = min(accum, n - group_start)  # the last group of an epoch may be shorter
         last_micro = i - group_start == group_size - 1
@@ -238,11 +251,10 @@ def train_one_epoch(model: torch.nn.Module, ddp: DistributedDataParallel | None,
         sync = ddp.no_sync() if (ddp is not None and not last_micro) else contextlib.nullcontext()
         with sync:
             with utils.autocast(device, config["amp"], config["amp_cpu"]):
-                out = model(image, caption, alpha, idx)
+                out = model(image, caption, alpha, idx, hard_fraction)
                 loss = out["loss_ita"] + out["loss_itm"]
             scaler.scale(loss / group_size).backward()
-        stats = torch.stack([out["loss_ita"].detach().float(), out["loss_itm"].detach().float(),
-                             out["num_neg_fallback"].detach().float()])
+        stats = torch.stack([out[key].detach().float() for key in STAT_KEYS])
         epoch_sum += stats
         window_sum += stats
         window_micro += 1
@@ -256,24 +268,20 @@ def train_one_epoch(model: torch.nn.Module, ddp: DistributedDataParallel | None,
         optimizer.zero_grad(set_to_none=True)
         global_step += 1
         if global_step % log_every == 0 or i == n - 1:
-            ita, itm, fallback = window_sum.tolist()  # the one host sync, every log_every steps
+            window = _stat_means(window_sum.tolist(), window_micro)  # the one host sync, every log_every steps
             elapsed = time.perf_counter() - window_start
-            record = {"epoch": epoch, "step": global_step, "loss_ita": ita / window_micro,
-                      "loss_itm": itm / window_micro, "lr": lr,
-                      "images_per_s": window_micro * images_per_micro / max(elapsed, 1e-9),
-                      "num_neg_fallback": int(fallback)}
+            record = {"epoch": epoch, "step": global_step, **window, "lr": lr, "itm_hard_fraction": hard_fraction,
+                      "images_per_s": window_micro * images_per_micro / max(elapsed, 1e-9)}
             jsonl.log(record)
-            bar.set_postfix(loss=f"{(ita + itm) / window_micro:.3f}", lr=f"{lr:.2e}",
+            bar.set_postfix(loss=f"{window['loss_ita'] + window['loss_itm']:.3f}", lr=f"{lr:.2e}",
                             img_s=f"{record['images_per_s']:.1f}")
             if tb is not None:
-                for key in ("loss_ita", "loss_itm", "lr", "images_per_s", "num_neg_fallback"):
+                for key in (*STAT_KEYS, "lr", "images_per_s", "itm_hard_fraction"):
                     tb.add_scalar(f"train/{key}", record[key], global_step)
             window_sum.zero_()
             window_micro, window_start = 0, time.perf_counter()
     bar.close()
-    ita, itm, fallback = utils.all_reduce_sum_(epoch_sum).tolist()
-    count = n * utils.get_world_size()
-    return {"loss_ita": ita / count, "loss_itm": itm / count, "num_neg_fallback": int(fallback)}, global_step
+    return _stat_means(utils.all_reduce_sum_(epoch_sum).tolist(), n * utils.get_world_size()), global_step
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> None:
             for _ in range(args.repeats):
                 for avoid in (True, False):
                     eval_retrieval.AVOID_CUDNN_ATTENTION = avoid
-                    m = eval_retrieval.evaluate(model, dataset, dict(config, eval_mode="fast", amp=amp), device).metrics
+                    run_config = dict(config, eval_mode="fast", eval_amp=amp)
+                    m = eval_retrieval.evaluate(model, dataset, run_config, device).metrics
                     setting = "off" if avoid else "on "
                     print(f"amp {amp:4} cuDNN attention {setting}: text {m['time_text_features']:.2f}s "
                           f"image {m['time_image_features']:.2f}s re-rank {m['time_rerank']:.2f}s total "

@@ -386,15 +386,16 @@ def main(argv: list[str] | None = None) -> dict:
         model = make_model(base, args.seed, device)
         warmup = head_dataset(dataset, min(args.warmup_images, len(dataset.image))) if args.warmup_images else None
 
-        runs = {"official": dict(base, eval_mode="official", amp="none", amp_cpu=False),
-                "fast": validate_config(dict(base, eval_mode="fast", amp=args.amp, amp_cpu=args.amp_cpu), "--amp")}
+        runs = {"official": dict(base, eval_mode="official", eval_amp="none", amp_cpu=False),
+                "fast": validate_config(dict(base, eval_mode="fast", eval_amp=args.amp, amp_cpu=args.amp_cpu),
+                                        "--amp")}
         autocasts = args.amp != "none" and (device.type == "cuda" or args.amp_cpu)
         if autocasts and not args.no_fp32_check:
-            runs["fast_fp32"] = dict(base, eval_mode="fast", amp="none", amp_cpu=False)
+            runs["fast_fp32"] = dict(base, eval_mode="fast", eval_amp="none", amp_cpu=False)
         results, memory = {}, {}
         for name, config in runs.items():
             on = device.type == "cuda" or config["amp_cpu"]
-            print(f"running {name}: eval_mode {config['eval_mode']}, autocast {config['amp'] if on else 'none'}",
+            print(f"running {name}: eval_mode {config['eval_mode']}, autocast {config['eval_amp'] if on else 'none'}",
                   flush=True)
             results[name], memory[name] = run_mode(model, dataset, config, device, warmup)
         flops = rerank_flops(model, dataset, results, args.k_test, args.itm_batch_size, device)

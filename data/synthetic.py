@@ -89,8 +89,8 @@ class Group:
 # ----------------------------------------------------------------------------- scenes and images
 
 
-def _sample_scene(rng: random.Random) -> list[Shape]:
-    n = rng.choice([1, 1, 2, 2, 2, 3, 3])
+def _sample_scene(rng: random.Random, num_shapes: int | None = None) -> list[Shape]:
+    n = num_shapes or rng.choice([1, 1, 2, 2, 2, 3, 3])
     cells = rng.sample(sorted(LOCATIONS), n)
     colours = rng.sample(sorted(COLOURS), n)
     kinds = [rng.choice(SHAPES) for _ in range(n)]
@@ -296,12 +296,16 @@ def make_synthetic_dataset(
     captions_per_image: int = 5,
     image_size: int = 64,
     seed: int = 0,
+    num_shapes: int | None = None,
 ) -> dict[str, str]:
     """Write a synthetic retrieval dataset under ``out_dir`` and return its paths.
 
     Returns a dict with ``image_root``, ``ann_root``, ``train_file``, ``val_file``, ``test_file`` and
-    ``vocab_file``. The output depends only on the arguments (same seed, same bytes).
+    ``vocab_file``. The output depends only on the arguments (same seed, same bytes). ``num_shapes`` fixes
+    the number of shapes per image (1-3); by default it varies.
     """
+    if num_shapes is not None and not 1 <= num_shapes <= 3:
+        raise ValueError(f"num_shapes must be 1, 2 or 3, got {num_shapes}")
     if captions_per_image < 1:
         raise ValueError(f"captions_per_image must be >= 1, got {captions_per_image}")
     if image_size < 24:
@@ -319,7 +323,7 @@ def make_synthetic_dataset(
         os.makedirs(os.path.join(image_root, split), exist_ok=True)
         records: list[dict[str, object]] = []
         for i in range(count):
-            scene = _sample_scene(rng)
+            scene = _sample_scene(rng, num_shapes)
             rel = f"{split}/{i:05d}.png"
             _render(scene, image_size, rng, np_rng).save(os.path.join(image_root, rel))
             captions = _captions(scene, captions_per_image, rng)
@@ -352,6 +356,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--captions-per-image", type=int, default=5)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-shapes", type=int, default=None, choices=[1, 2, 3],
+                        help="shapes per image (default: 1-3, varying)")
     args = parser.parse_args(argv)
     paths = make_synthetic_dataset(
         args.out,
@@ -361,6 +367,7 @@ def main(argv: list[str] | None = None) -> None:
         captions_per_image=args.captions_per_image,
         image_size=args.image_size,
         seed=args.seed,
+        num_shapes=args.num_shapes,
     )
     print(json.dumps(paths, indent=2))
 

@@ -63,19 +63,27 @@ def init_tokenizer(text_encoder: str = "bert-base-uncased"):
     return tokenizer
 
 
-def sample_hard_negatives(sim: torch.Tensor, positive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one hard negative per row: multinomial over softmax(sim) with positives zeroed.
+def sample_hard_negatives(sim: torch.Tensor, positive: torch.Tensor,
+                          hard_fraction: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one ITM negative per row: multinomial over softmax(sim) with positives zeroed (official).
 
     sim: (B, C) similarities already divided by temp; positive: (B, C) bool, True where the candidate shares
-    the row's image. Rows whose weights are all zero or not finite (no candidate of another image, or an
-    underflow) draw uniformly among candidates of other images, or among all candidates if there are none.
-    Returns (indices (B,), number of fallback rows as a 0-d tensor: no host sync).
+    the row's image. `hard_fraction` < 1 draws from the mixture hard_fraction x hard + (1 - hard_fraction) x
+    uniform over the candidates of other images (0: uniform negatives; see `itm_hard_fraction`); 1 is the
+    official sampler, bit for bit. Rows whose hard weights are all zero or not finite (no candidate of another
+    image, or an underflow) draw uniformly among candidates of other images, or among all candidates if there
+    are none. Returns (indices (B,), number of such fallback rows as a 0-d tensor: no host sync).
     """
     weights = F.softmax(sim.float(), dim=1).masked_fill(positive, 0.0)
     weights = torch.nan_to_num(weights, nan=0.0, posinf=0.0, neginf=0.0)
     invalid = weights.sum(dim=1) <= 0
     uniform = (~positive).float()
     uniform = torch.where(uniform.sum(dim=1, keepdim=True) > 0, uniform, torch.ones_like(uniform))
+    if hard_fraction < 1.0:
+        hard = weights / weights.sum(dim=1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+        weights = hard_fraction * hard + (1.0 - hard_fraction) * uniform / uniform.sum(dim=1, keepdim=True)
+        if hard_fraction == 0.0:
+            invalid = torch.zeros_like(invalid)  # nothing falls back: the uniform draw is the intended one
     weights = torch.where(invalid[:, None], uniform, weights)
     return torch.multinomial(weights, 1).squeeze(1), invalid.sum()
 
@@ -176,8 +184,12 @@ class BlipRetrieval(nn.Module):
     # ----------------------------------------------------------------------------------------------
     # Training
     # ----------------------------------------------------------------------------------------------
-    def forward(self, image: torch.Tensor, caption: list[str], alpha: float, idx: torch.Tensor) -> dict:
-        """Training losses. Returns {'loss_ita', 'loss_itm', 'num_neg_fallback'} (tensors, no host sync)."""
+    def forward(self, image: torch.Tensor, caption: list[str], alpha: float, idx: torch.Tensor,
+                hard_negative_fraction: float = 1.0) -> dict:
+        """Training losses and ITM statistics, all tensors (no host sync): {'loss_ita', 'loss_itm',
+        'itm_acc_pos' (share of matching pairs the ITM head calls a match), 'itm_acc_neg' (share of negative
+        pairs it calls a mismatch), 'num_neg_fallback'}. `hard_negative_fraction`: see sample_hard_negatives
+        (1 = the official hard negatives)."""
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
         idx = idx.view(-1, 1)
@@ -230,8 +242,8 @@ class BlipRetrieval(nn.Module):
                 positive = torch.eq(idx, idx.t())
                 sim_i2t_hard = image_feat @ text_feat.t() / self.temp
                 sim_t2i_hard = text_feat @ image_feat.t() / self.temp
-            neg_image_idx, fallback_t2i = sample_hard_negatives(sim_t2i_hard, positive)
-            neg_text_idx, fallback_i2t = sample_hard_negatives(sim_i2t_hard, positive)
+            neg_image_idx, fallback_t2i = sample_hard_negatives(sim_t2i_hard, positive, hard_negative_fraction)
+            neg_text_idx, fallback_i2t = sample_hard_negatives(sim_i2t_hard, positive, hard_negative_fraction)
         if self.negative_all_rank:
             image_embeds_world = all_gather_with_grad(image_embeds)  # negatives get gradient on their owner rank
             ids_world, atts_world = all_gather_concat(enc_ids), all_gather_concat(text_atts)
@@ -249,7 +261,12 @@ class BlipRetrieval(nn.Module):
         itm_labels = torch.zeros(3 * bs, dtype=torch.long, device=image.device)
         itm_labels[:bs] = 1
         loss_itm = F.cross_entropy(itm_logits, itm_labels)
-        return {"loss_ita": loss_ita, "loss_itm": loss_itm, "num_neg_fallback": fallback_t2i + fallback_i2t}
+        with torch.no_grad():
+            called_match = itm_logits.argmax(dim=1) == 1
+            itm_acc_pos = called_match[:bs].float().mean()
+            itm_acc_neg = 1.0 - called_match[bs:].float().mean()
+        return {"loss_ita": loss_ita, "loss_itm": loss_itm, "itm_acc_pos": itm_acc_pos, "itm_acc_neg": itm_acc_neg,
+                "num_neg_fallback": fallback_t2i + fallback_i2t}
 
     @torch.no_grad()
     def copy_params(self) -> None:

@@ -70,12 +70,12 @@ def _evaluate(model, dataset, config: dict, device: torch.device, **overrides):
 
 @pytest.fixture(scope="module")
 def official_cpu(model, test_ds, config):
-    return _evaluate(model, test_ds, config, CPU, eval_mode="official", amp="none")
+    return _evaluate(model, test_ds, config, CPU, eval_mode="official", eval_amp="none")
 
 
 def test_fast_and_official_on_cuda_match_the_cpu_reference(model, test_ds, config, official_cpu):
-    fast = _evaluate(model, test_ds, config, CUDA, eval_mode="fast", amp="none")
-    official = _evaluate(model, test_ds, config, CUDA, eval_mode="official", amp="bf16")  # official ignores amp
+    fast = _evaluate(model, test_ds, config, CUDA, eval_mode="fast", eval_amp="none")
+    official = _evaluate(model, test_ds, config, CUDA, eval_mode="official", eval_amp="bf16")  # ignored there
     for result in (fast, official):
         np.testing.assert_allclose(result.scores_i2t, official_cpu.scores_i2t, atol=2e-3, rtol=0)
         np.testing.assert_allclose(result.scores_t2i, official_cpu.scores_t2i, atol=2e-3, rtol=0)
@@ -84,7 +84,7 @@ def test_fast_and_official_on_cuda_match_the_cpu_reference(model, test_ds, confi
 
 
 def test_fast_bf16_on_cuda_stays_close_to_fp32(model, test_ds, config, official_cpu):
-    bf16 = _evaluate(model, test_ds, config, CUDA, eval_mode="fast", amp="bf16")
+    bf16 = _evaluate(model, test_ds, config, CUDA, eval_mode="fast", eval_amp="bf16")
     assert bf16.scores_i2t.dtype == np.float32
     reference = official_cpu.scores_i2t
     both = (reference > -50) & (bf16.scores_i2t > -50)
@@ -98,10 +98,10 @@ def test_fast_bf16_on_cuda_stays_close_to_fp32(model, test_ds, config, official_
 def test_streamed_image_tokens_give_the_resident_scores(model, test_ds, config, monkeypatch, amp):
     """Tokens that do not fit stay in pinned host memory and are copied KV_CHUNK images at a time; forcing that
     path (and chunks that do not divide the image count) must not change a single score."""
-    resident = _evaluate(model, test_ds, config, CUDA, eval_mode="fast", amp=amp)
+    resident = _evaluate(model, test_ds, config, CUDA, eval_mode="fast", eval_amp=amp)
     monkeypatch.setattr(ev, "TOKEN_MEMORY_FRACTION", 0.0)
     monkeypatch.setattr(ev, "KV_CHUNK", 3)
-    streamed = _evaluate(model, test_ds, config, CUDA, eval_mode="fast", amp=amp)
+    streamed = _evaluate(model, test_ds, config, CUDA, eval_mode="fast", eval_amp=amp)
     np.testing.assert_allclose(streamed.scores_i2t, resident.scores_i2t, atol=1e-5, rtol=0)
     np.testing.assert_allclose(streamed.scores_t2i, resident.scores_t2i, atol=1e-5, rtol=0)
 
@@ -163,7 +163,8 @@ def test_memory_probe_on_cuda_measures_and_restores(config):
     assert 0 <= train_retrieval.choose_vit_ckpt_layers(model, {**config, "batch_size_train": 8}, CUDA) <= depth
 
 
-def _deterministic_negatives(sim: torch.Tensor, positive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _deterministic_negatives(sim: torch.Tensor, positive: torch.Tensor,
+                             hard_fraction: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The hardest negative of each row instead of a multinomial draw, whose RNG differs between devices."""
     return sim.float().masked_fill(positive, float("-inf")).argmax(dim=1), torch.zeros((), device=sim.device)
 

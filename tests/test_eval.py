@@ -23,7 +23,7 @@ from data.synthetic import make_synthetic_dataset
 from models.blip_retrieval import build_model
 from tests.dist_helpers import run_distributed
 from tests.helpers import TINY_MED, spread_weights, synthetic_config
-from utils import ConfigError
+from utils import ConfigError, load_config
 
 CPU = torch.device("cpu")
 RECALL_KEYS = ["txt_r1", "txt_r5", "txt_r10", "txt_r_mean", "img_r1", "img_r5", "img_r10", "img_r_mean", "r_mean"]
@@ -328,7 +328,7 @@ def test_fast_and_official_agree_with_split_itm_batches(model, test_ds, config):
 def test_fast_mode_with_cpu_bf16_autocast_stays_close_to_fp32(model, test_ds, config):
     """amp_cpu runs the fast mode in bf16 on the CPU: scores come back as float32 and within bf16 rounding."""
     fp32 = ev.evaluate(model, test_ds, _cfg(config, eval_mode="fast", k_test=5), CPU)
-    bf16 = ev.evaluate(model, test_ds, _cfg(config, eval_mode="fast", k_test=5, amp="bf16", amp_cpu=True), CPU)
+    bf16 = ev.evaluate(model, test_ds, _cfg(config, eval_mode="fast", k_test=5, eval_amp="bf16", amp_cpu=True), CPU)
     assert bf16.scores_i2t.dtype == np.float32
     in_top_k = fp32.scores_i2t > -50
     assert ((bf16.scores_i2t > -50) == in_top_k).mean() > 0.9  # the ITC top k barely moves
@@ -340,21 +340,34 @@ def test_fast_mode_with_cpu_bf16_autocast_stays_close_to_fp32(model, test_ds, co
 
 
 def test_official_mode_ignores_amp(model, test_ds, config):
-    """The reference path is fp32 whatever `amp` says (here bf16 on the CPU via amp_cpu)."""
+    """The reference path is fp32 whatever `eval_amp` says (here bf16 on the CPU via amp_cpu)."""
     plain = ev.evaluate(model, test_ds, _cfg(config, eval_mode="official", k_test=4), CPU)
-    asked = ev.evaluate(model, test_ds, _cfg(config, eval_mode="official", k_test=4, amp="bf16", amp_cpu=True), CPU)
+    asked_config = _cfg(config, eval_mode="official", k_test=4, eval_amp="bf16", amp_cpu=True)
+    asked = ev.evaluate(model, test_ds, asked_config, CPU)
     np.testing.assert_array_equal(plain.scores_i2t, asked.scores_i2t)
     np.testing.assert_array_equal(plain.scores_t2i, asked.scores_t2i)
 
 
+def test_paper_configs_evaluate_in_fp32_by_default():
+    """The official numerics: the paper configs evaluate in fp32 even on CUDA, where training defaults to bf16;
+    bf16 evaluation is the opt-in `eval_amp: bf16`."""
+    cuda = torch.device("cuda")
+    for name in ("retrieval_flickr", "retrieval_coco", "retrieval_flickr_large", "retrieval_coco_large"):
+        config = load_config(f"configs/{name}.yaml")
+        assert config["eval_amp"] == "none" and config["amp"] == "bf16", name
+        assert ev._autocast_args(cuda, config)[1] == "none"
+        assert ev.token_dtype(cuda, config) == torch.float32
+        assert ev.token_dtype(cuda, {**config, "eval_amp": "bf16"}) == torch.bfloat16
+
+
 def test_image_tokens_are_stored_in_the_autocast_dtype():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert ev.token_dtype(cuda, {"amp": "bf16"}) == torch.bfloat16
-    assert ev.token_dtype(cuda, {"amp": "fp16"}) == torch.float16
-    assert ev.token_dtype(cuda, {"amp": "none"}) == torch.float32
-    assert ev.token_dtype(cuda, {"amp": "bf16", "eval_mode": "official"}) == torch.float32
-    assert ev.token_dtype(cpu, {"amp": "bf16"}) == torch.float32
-    assert ev.token_dtype(cpu, {"amp": "bf16", "amp_cpu": True}) == torch.bfloat16
+    assert ev.token_dtype(cuda, {"eval_amp": "bf16"}) == torch.bfloat16
+    assert ev.token_dtype(cuda, {"eval_amp": "fp16"}) == torch.float16
+    assert ev.token_dtype(cuda, {"eval_amp": "none"}) == torch.float32
+    assert ev.token_dtype(cuda, {"eval_amp": "bf16", "eval_mode": "official"}) == torch.float32
+    assert ev.token_dtype(cpu, {"eval_amp": "bf16"}) == torch.float32
+    assert ev.token_dtype(cpu, {"eval_amp": "bf16", "amp_cpu": True}) == torch.bfloat16
 
 
 def test_image_tokens_leave_the_gpu_when_they_take_over_half_its_free_memory(monkeypatch):
@@ -371,11 +384,11 @@ def test_fast_mode_keeps_attention_off_cudnn_on_cuda_only():
     """cuDNN attention plans every new shape (seconds per evaluation on an H100, bench/RESULTS.md): the fast mode
     turns that backend off inside its region on CUDA and restores the global setting afterwards."""
     assert torch.backends.cuda.cudnn_sdp_enabled()
-    with ev._autocast(torch.device("cuda"), {"amp": "bf16"}):
+    with ev._autocast(torch.device("cuda"), {"eval_amp": "bf16"}):
         assert not torch.backends.cuda.cudnn_sdp_enabled()
         assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
     assert torch.backends.cuda.cudnn_sdp_enabled()
-    with ev._autocast(torch.device("cpu"), {"amp": "bf16"}):
+    with ev._autocast(torch.device("cpu"), {"eval_amp": "bf16"}):
         assert torch.backends.cuda.cudnn_sdp_enabled()
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import models.blip_retrieval as br
+import utils
 from models.blip_retrieval import sample_hard_negatives
 from tests.helpers import TINY_MED, tiny_model
 
@@ -156,7 +158,7 @@ def test_loss_itm_with_fixed_negatives_matches_pairwise_reference(tmp_path, monk
     neg_image = torch.tensor([1, 2, 4, 0, 3, 0])  # sampled for each text
     neg_text = torch.tensor([3, 0, 5, 4, 1, 2])  # sampled for each image
     draws = iter([neg_image, neg_text])  # forward samples t2i (images) first, then i2t (texts)
-    monkeypatch.setattr(br, "sample_hard_negatives", lambda sim, pos: (next(draws), torch.tensor(0)))
+    monkeypatch.setattr(br, "sample_hard_negatives", lambda sim, pos, hard_fraction: (next(draws), torch.tensor(0)))
     ref = _momentum_copy(model)
 
     out = model(image, caption, 0.4, idx)
@@ -170,12 +172,17 @@ def test_loss_itm_with_fixed_negatives_matches_pairwise_reference(tmp_path, monk
             hidden = ref.text_encoder(ids[t:t + 1], atts[t:t + 1], encoder_hidden_states=embeds[i:i + 1])
             return ref.itm_head(hidden[:, 0])[0].double()
 
-        terms = []
+        terms, called_match = [], {"pos": [], "neg": []}
         for b in range(len(caption)):
-            terms.append(-F.log_softmax(match_logits(b, b), 0)[1])  # the true pair is a match
-            terms.append(-F.log_softmax(match_logits(b, int(neg_image[b])), 0)[0])  # text b, negative image
-            terms.append(-F.log_softmax(match_logits(int(neg_text[b]), b), 0)[0])  # negative text, image b
+            pairs = (("pos", b, b, 1), ("neg", b, int(neg_image[b]), 0), ("neg", int(neg_text[b]), b, 0))
+            for kind, t, i, label in pairs:  # true pair; text b with its negative image; negative text, image b
+                logits = match_logits(t, i)
+                terms.append(-F.log_softmax(logits, 0)[label])
+                called_match[kind].append(float(logits[1] > logits[0]))
     assert out["loss_itm"].item() == pytest.approx(float(sum(terms) / len(terms)), abs=1e-5)
+    # The logged ITM accuracies: matches called on the positives, mismatches called on the negatives.
+    assert out["itm_acc_pos"].item() == pytest.approx(np.mean(called_match["pos"]))
+    assert out["itm_acc_neg"].item() == pytest.approx(1 - np.mean(called_match["neg"]))
 
 
 # ----------------------------------------------------------------------------- hard-negative sampling
@@ -226,6 +233,67 @@ def test_sampler_survives_all_positive_nan_and_underflow_rows_and_counts_fallbac
         assert int(fallback) == 3
         assert ((choice >= 0) & (choice < 5)).all()
         _assert_negatives(choice, positive)
+
+
+def test_hard_fraction_one_is_the_official_draw_bit_for_bit():
+    """The default (official) sampler: multinomial over the masked softmax, the same draws from the same RNG."""
+    gen_sim = torch.Generator().manual_seed(3)
+    sim = torch.randn(16, 16, generator=gen_sim) * 4
+    idx = torch.arange(16) // 2
+    positive = idx[:, None] == idx[None, :]
+    torch.manual_seed(11)
+    ours = sample_hard_negatives(sim, positive)[0]
+    torch.manual_seed(11)
+    official = torch.multinomial(F.softmax(sim, dim=1).masked_fill(positive, 0.0), 1).squeeze(1)
+    assert torch.equal(ours, official)
+
+
+@pytest.mark.parametrize("hard_fraction", [0.0, 0.5])
+def test_hard_fraction_mixes_uniform_and_hard_negatives(hard_fraction):
+    """hard_fraction h draws from h x softmax + (1 - h) x uniform over the other images' candidates."""
+    torch.manual_seed(0)
+    positive = torch.zeros(1, 5, dtype=torch.bool)
+    positive[0, 0] = True
+    sim = torch.tensor([[9.0, 4.0, 0.0, 0.0, 0.0]])  # the hard sampler picks candidate 1 ~95% of the time
+    hard = F.softmax(sim, dim=1).masked_fill(positive, 0.0)
+    hard = hard / hard.sum()
+    uniform = (~positive).float() / 4
+    expected = (hard_fraction * hard + (1 - hard_fraction) * uniform)[0]
+    draws = 20000
+    counts = torch.bincount(torch.stack([sample_hard_negatives(sim.expand(draws, -1), positive.expand(draws, -1),
+                                                               hard_fraction)[0]]).flatten(), minlength=5)
+    assert counts[0] == 0  # never the positive
+    std = (expected * (1 - expected) / draws).sqrt()
+    assert torch.all((counts / draws - expected).abs() <= 5 * std + 1e-9), (counts / draws, expected)
+
+
+def test_uniform_negatives_count_no_fallback_rows():
+    positive = torch.eye(4, dtype=torch.bool)
+    sim = torch.full((4, 4), float("nan"))  # hard weights unusable, but uniform negatives do not need them
+    choice, fallback = sample_hard_negatives(sim, positive, hard_fraction=0.0)
+    assert int(fallback) == 0
+    _assert_negatives(choice, positive)
+
+
+@pytest.mark.parametrize("schedule, steps, expected", [
+    ("hard", 0, [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
+    ("uniform", 0, [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]),
+    ("warmup", 3, [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]),  # steps 0, 1, 2 uniform; hard from step 3 on
+    ("anneal", 4, [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]),
+])
+def test_itm_negative_schedule_switches_at_the_right_step(schedule, steps, expected):
+    assert [utils.itm_hard_fraction(step, schedule, steps) for step in range(6)] == expected
+
+
+def test_official_hard_negatives_are_the_default_and_in_every_paper_config():
+    assert utils.DEFAULT_CONFIG["itm_negatives"] == "hard"
+    for name in ("retrieval_flickr", "retrieval_coco", "retrieval_flickr_large", "retrieval_coco_large"):
+        assert utils.load_config(f"configs/{name}.yaml")["itm_negatives"] == "hard", name
+
+
+def test_warmup_and_anneal_need_a_step_count():
+    with pytest.raises(utils.ConfigError, match="itm_negatives_steps.*'warmup'"):
+        utils.validate_config({**utils.DEFAULT_CONFIG, "itm_negatives": "warmup"}, "test")
 
 
 def test_negative_all_rank_in_one_process_equals_local_mode(tmp_path):

@@ -207,6 +207,18 @@ def test_format_metrics_table():
     assert "96.88" in utils.format_metrics_table(m)  # computed from the six recalls when absent
 
 
+def test_format_metrics_table_shows_itc_only_beside_re_ranked():
+    m = {"txt_r1": 40.0, "txt_r5": 80.0, "txt_r10": 90.0, "img_r1": 30.0, "img_r5": 70.0, "img_r10": 85.0,
+         "r_mean": 65.83, "itc_txt_r1": 20.0, "itc_txt_r5": 60.0, "itc_txt_r10": 90.0, "itc_img_r1": 18.0,
+         "itc_img_r5": 55.0, "itc_img_r10": 85.0, "itc_r_mean": 54.67}
+    lines = utils.format_metrics_table(m).splitlines()
+    assert lines[0].split() == ["ITC", "only", "ITM", "re-ranked"]
+    assert lines[1].split() == ["R@1", "R@5", "R@10"] * 2
+    assert lines[2].split() == ["TR", "20.0", "60.0", "90.0", "40.0", "80.0", "90.0"]
+    assert lines[3].split() == ["IR", "18.0", "55.0", "85.0", "30.0", "70.0", "85.0"]
+    assert lines[4].split() == ["r_mean", "54.67", "65.83"]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Distributed: single process
 # ---------------------------------------------------------------------------------------------------
