@@ -62,6 +62,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "device": "auto",  # auto | cuda | cpu
     "seed": 42,  # base seed (each rank adds its rank)
     "num_workers": 4,  # DataLoader workers per process
+    "autocontrast": "official",  # official (uint8 wrap: channels with min > 0 turn white) | fixed (true stretch)
     "eval_mode": "fast",  # fast (cached cross-attention K/V, batched) | official (per-query, reference path)
     "itm_batch_size": 1024,  # max image-text pairs per ITM forward in fast evaluation (padding kept within 10%)
     "itm_negatives": "hard",  # ITM negatives: hard (official) | uniform | warmup | anneal (see itm_hard_fraction)
@@ -92,6 +93,7 @@ _ENUMS: dict[str, tuple[str, ...]] = {
     "itm_negatives": ("hard", "uniform", "warmup", "anneal"),
     "device": ("auto", "cuda", "cpu"),
     "eval_mode": ("fast", "official"),
+    "autocontrast": ("official", "fixed"),
     "vit": ("base", "large"),
     "vit_ckpt_layer": ("auto",),
 }

@@ -3,6 +3,7 @@
 Config keys used here: ``dataset`` (flickr | coco | custom), ``image_root``, ``ann_root``
 (flickr/coco), ``train_file`` / ``val_file`` / ``test_file`` (custom), ``image_size``,
 ``max_words`` (default 30) and ``min_scale`` (default 0.5).
+``autocontrast`` (official | fixed, default official) picks RandomAugment's AutoContrast.
 """
 
 from __future__ import annotations
@@ -147,7 +148,8 @@ def create_dataset(config: dict[str, Any], split: str) -> Dataset:
     max_words = int(config.get("max_words", 30))
     size = int(config["image_size"])
     if split == "train":
-        transform = train_transform(size, min_scale=float(config.get("min_scale", 0.5)))
+        transform = train_transform(size, min_scale=float(config.get("min_scale", 0.5)),
+                                    autocontrast=str(config.get("autocontrast", "official")))
         return RetrievalTrainDataset(ann_file, config["image_root"], transform, max_words=max_words)
     return RetrievalEvalDataset(ann_file, config["image_root"], test_transform(size), max_words=max_words)
 

@@ -19,6 +19,7 @@ CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 MAX_LEVEL = 10
+AugmentOp = Callable[[Image.Image, float], Image.Image]  # (image, level) -> image of the same size and mode
 _GREY = 128
 
 
@@ -41,15 +42,18 @@ def test_transform(image_size: int) -> transforms.Compose:
 test_transform.__test__ = False  # type: ignore[attr-defined]
 
 
-def train_transform(image_size: int, min_scale: float = 0.5) -> transforms.Compose:
-    """Train transform: random resized crop, flip, RandomAugment(2, 5), tensor, normalise."""
+def train_transform(image_size: int, min_scale: float = 0.5, autocontrast: str = "official") -> transforms.Compose:
+    """Train transform: random resized crop, flip, RandomAugment(2, 5), tensor, normalise.
+
+    ``autocontrast`` picks RandomAugment's AutoContrast: ``official`` or ``fixed`` (see ``auto_contrast``).
+    """
     return transforms.Compose(
         [
             transforms.RandomResizedCrop(
                 image_size, scale=(min_scale, 1.0), interpolation=InterpolationMode.BICUBIC
             ),
             transforms.RandomHorizontalFlip(),
-            RandomAugment(num_ops=2, magnitude=5),
+            RandomAugment(num_ops=2, magnitude=5, autocontrast=autocontrast),
             transforms.ToTensor(),
             _normalize(),
         ]
@@ -83,8 +87,11 @@ def identity(img: Image.Image, level: float) -> Image.Image:
     return img
 
 
-def auto_contrast(img: Image.Image, level: float) -> Image.Image:
-    """Stretch each channel linearly so its minimum maps to 0 and its maximum to 255."""
+def _per_channel(img: Image.Image, lut_for: Callable[[int, int], np.ndarray]) -> Image.Image:
+    """Map each channel through the 256-entry table ``lut_for(min, max)``; a flat channel is left as is.
+
+    A lookup table keeps this one pass over the pixels whatever the image size.
+    """
     arr = np.asarray(img)
     squeeze = arr.ndim == 2
     if squeeze:
@@ -93,15 +100,51 @@ def auto_contrast(img: Image.Image, level: float) -> Image.Image:
     for c in range(arr.shape[2]):
         channel = arr[:, :, c]
         lo, hi = int(channel.min()), int(channel.max())
-        if hi > lo:
-            # A lookup table keeps this one pass over the pixels whatever the image size. Integer
-            # floor division truncates like the reference's float->uint8 cast, but maps hi to
-            # exactly 255 (the float product can land on 254.999...).
-            lut = (np.clip(np.arange(256) - lo, 0, None) * 255 // (hi - lo)).clip(0, 255).astype(np.uint8)
-            out[:, :, c] = lut[channel]
-        else:
-            out[:, :, c] = channel  # a flat channel has nothing to stretch
+        # A flat channel has nothing to stretch; the official code also returns it unchanged.
+        out[:, :, c] = lut_for(lo, hi)[channel] if hi > lo else channel
     return Image.fromarray(out[:, :, 0] if squeeze else out, mode=img.mode)
+
+
+def _official_autocontrast_lut(lo: int, hi: int) -> np.ndarray:
+    """The official AutoContrast table for a channel with minimum ``lo`` < maximum ``hi``, bug included.
+
+    The official code computes ``scale = 255 / (high - low)`` and ``offset = -low * scale`` with ``low`` an
+    np.uint8 scalar, so ``-low`` wraps modulo 256 (low=10 gives 246) before the product is taken in float64.
+    Written out with Python ints so that it does not depend on numpy's scalar promotion rules:
+
+        table[v] = uint8(clip(v * s + ((256 - lo) % 256) * s, 0, 255)),  s = 255 / (hi - lo),  v = 0..255
+
+    in float64, the cast truncating. With lo = 0 the offset is 0 and the channel is stretched (though
+    ``hi * s`` can land just below 255, e.g. 25 * (255 / 25) = 254.99999999999997, giving 254). With lo > 0
+    the offset (256 - lo) * 255 / (hi - lo) exceeds 255 (as hi - lo < 256 - lo), so the whole channel becomes
+    255.
+    """
+    scale = 255 / (hi - lo)
+    offset = ((256 - lo) % 256) * scale
+    return np.clip(np.arange(256, dtype=np.float64) * scale + offset, 0, 255).astype(np.uint8)
+
+
+def _fixed_autocontrast_lut(lo: int, hi: int) -> np.ndarray:
+    """The intended stretch: ``lo`` maps to 0 and ``hi`` to 255, linearly, rounding down."""
+    # Integer floor division truncates like the official float->uint8 cast, but maps hi to exactly 255
+    # (the float product can land on 254.999...).
+    return (np.clip(np.arange(256) - lo, 0, None) * 255 // (hi - lo)).clip(0, 255).astype(np.uint8)
+
+
+def auto_contrast(img: Image.Image, level: float) -> Image.Image:
+    """AutoContrast exactly as the official BLIP code computes it (the default).
+
+    Because of a uint8 wrap-around in the official offset (see ``_official_autocontrast_lut``), only channels
+    whose minimum is 0 are stretched; every channel whose minimum is above 0 becomes all 255. ``level`` is
+    unused, as in the official op.
+    """
+    return _per_channel(img, _official_autocontrast_lut)
+
+
+def auto_contrast_fixed(img: Image.Image, level: float) -> Image.Image:
+    """AutoContrast as intended (``autocontrast: fixed``, a fix of the official bug): stretch each channel
+    linearly so its minimum maps to 0 and its maximum to 255. ``level`` is unused."""
+    return _per_channel(img, _fixed_autocontrast_lut)
 
 
 def equalize(img: Image.Image, level: float) -> Image.Image:
@@ -175,7 +218,7 @@ def rotate(img: Image.Image, level: float) -> Image.Image:
     return img.rotate(degrees, resample=Image.Resampling.BILINEAR, fillcolor=_fill(img))
 
 
-AUGMENT_OPS: dict[str, Callable[[Image.Image, float], Image.Image]] = {
+AUGMENT_OPS: dict[str, AugmentOp] = {
     "Identity": identity,
     "AutoContrast": auto_contrast,
     "Brightness": brightness,
@@ -187,31 +230,45 @@ AUGMENT_OPS: dict[str, Callable[[Image.Image, float], Image.Image]] = {
     "TranslateY": translate_y,
     "Rotate": rotate,
 }
+# The variants of the "AutoContrast" op, by the value of the config key ``autocontrast``.
+AUTOCONTRAST_MODES: dict[str, AugmentOp] = {
+    "official": auto_contrast,
+    "fixed": auto_contrast_fixed,
+}
 
 
 class RandomAugment:
     """RandAugment as used by BLIP: ``num_ops`` ops drawn uniformly with replacement.
 
-    Each drawn op is applied with probability 0.5 at level ``magnitude`` (out of 10).
+    Each drawn op is applied with probability 0.5 at level ``magnitude`` (out of 10). ``autocontrast``
+    (official | fixed) selects the AutoContrast variant (see ``auto_contrast``).
     Takes and returns a PIL image, so ToTensor can follow it.
     """
 
-    def __init__(self, num_ops: int = 2, magnitude: float = 5, ops: list[str] | None = None) -> None:
+    def __init__(
+        self, num_ops: int = 2, magnitude: float = 5, ops: list[str] | None = None, autocontrast: str = "official"
+    ) -> None:
         names = list(AUGMENT_OPS) if ops is None else ops
         unknown = [n for n in names if n not in AUGMENT_OPS]
         if unknown:
             raise ValueError(f"Unknown RandomAugment ops {unknown}; valid: {sorted(AUGMENT_OPS)}")
         if not 0 <= magnitude <= MAX_LEVEL:
             raise ValueError(f"RandomAugment magnitude must be in [0, {MAX_LEVEL}], got {magnitude}")
+        if autocontrast not in AUTOCONTRAST_MODES:
+            raise ValueError(f"Unknown autocontrast {autocontrast!r}; valid: {list(AUTOCONTRAST_MODES)}")
         self.num_ops = num_ops
         self.magnitude = magnitude
         self.ops = names
+        self.autocontrast = autocontrast
+        # The functions this instance applies, by op name: the registry with AutoContrast resolved here once.
+        self.op_fns = {**AUGMENT_OPS, "AutoContrast": AUTOCONTRAST_MODES[autocontrast]}
 
     def __call__(self, img: Image.Image) -> Image.Image:
         for name in random.choices(self.ops, k=self.num_ops):
             if random.random() < 0.5:
-                img = AUGMENT_OPS[name](img, self.magnitude)
+                img = self.op_fns[name](img, self.magnitude)
         return img
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(num_ops={self.num_ops}, magnitude={self.magnitude})"
+        return (f"{type(self).__name__}(num_ops={self.num_ops}, magnitude={self.magnitude}, "
+                f"autocontrast={self.autocontrast!r})")

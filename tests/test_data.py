@@ -29,6 +29,7 @@ from data import transforms as T
 from data.synthetic import SPECIAL_TOKENS, make_synthetic_dataset
 from data.synthetic import main as synthetic_main
 from data.utils import pre_caption
+from utils import DEFAULT_CONFIG, ConfigError, validate_config
 
 # ----------------------------------------------------------------------------- helpers and fixtures
 
@@ -139,8 +140,8 @@ def test_augment_op_semantics() -> None:
     for op in (T.brightness, T.sharpness):
         assert np.array_equal(np.asarray(op(noisy, 5)), np.asarray(noisy))
         assert not np.array_equal(np.asarray(op(noisy, 9)), np.asarray(noisy))
-    # AutoContrast stretches each channel to the full range.
-    ac = np.asarray(T.auto_contrast(img, 5))
+    # The fixed AutoContrast stretches each channel to the full range (the official one: see below).
+    ac = np.asarray(T.auto_contrast_fixed(img, 5))
     assert (ac.reshape(-1, 3).min(0) == 0).all() and (ac.reshape(-1, 3).max(0) == 255).all()
     eq = np.asarray(T.equalize(img, 5))
     assert eq.reshape(-1, 3).max(0).min() == 255
@@ -170,6 +171,91 @@ def test_random_augment_seeded_and_validated() -> None:
         T.RandomAugment(ops=["Solarize"])
     with pytest.raises(ValueError, match="magnitude"):
         T.RandomAugment(magnitude=11)
+
+
+def _rgb(r: list[list[int]], g: list[list[int]], b: list[list[int]]) -> Image.Image:
+    return Image.fromarray(np.stack([r, g, b], axis=2).astype(np.uint8), mode="RGB")
+
+
+def _on_grey(op: T.AugmentOp, rows: list[list[int]]) -> list[list[int]]:
+    """Apply ``op`` to a greyscale 'L' image of ``rows``; check it stays 'L'; return its pixels."""
+    out = op(Image.fromarray(np.array(rows, np.uint8), mode="L"), 5)
+    assert out.mode == "L"
+    return np.asarray(out).tolist()
+
+
+# Hand-computed AutoContrast cases on one 2x3 RGB image:
+# R: min 0, max 80, scale 255/80 = 3.1875 (exact in binary), so both variants give floor(v * 3.1875).
+# G: min 16, max 96: the fix stretches (v - 16) * 255 // 80; the official offset is (256 - 16) * 3.1875 = 765,
+#    so every value clips to 255.
+# B: flat (7 everywhere): unchanged by both.
+_AC_R, _AC_R_OUT = [[0, 10, 20], [40, 60, 80]], [[0, 31, 63], [127, 191, 255]]
+_AC_G, _AC_G_FIXED = [[16, 32, 48], [64, 80, 96]], [[0, 51, 102], [153, 204, 255]]
+_AC_B = [[7, 7, 7], [7, 7, 7]]
+
+
+def test_auto_contrast_official_reproduces_the_uint8_wrap() -> None:
+    out = np.asarray(T.auto_contrast(_rgb(_AC_R, _AC_G, _AC_B), 5))
+    assert out[:, :, 0].tolist() == _AC_R_OUT
+    assert out[:, :, 1].tolist() == [[255] * 3] * 2  # min > 0: the wrapped offset turns the channel white
+    assert out[:, :, 2].tolist() == _AC_B
+    # Greyscale: min 0, max 160, scale 1.59375 -> floor(v * 1.59375); min 20 > 0 -> all 255; flat unchanged.
+    assert _on_grey(T.auto_contrast, [[0, 40], [100, 160]]) == [[0, 63], [159, 255]]
+    assert _on_grey(T.auto_contrast, [[20, 60], [100, 180]]) == [[255, 255], [255, 255]]
+    assert _on_grey(T.auto_contrast, [[9, 9]]) == [[9, 9]]
+    # Float product, then a truncating cast: 25 * (255 / 25) = 254.99999999999997 -> 254, as official.
+    assert _on_grey(T.auto_contrast, [[0, 25]]) == [[0, 254]]
+
+
+def test_auto_contrast_fixed_stretches_every_channel() -> None:
+    out = np.asarray(T.auto_contrast_fixed(_rgb(_AC_R, _AC_G, _AC_B), 5))
+    assert out[:, :, 0].tolist() == _AC_R_OUT
+    assert out[:, :, 1].tolist() == _AC_G_FIXED
+    assert out[:, :, 2].tolist() == _AC_B
+    # Greyscale, min 20, max 180: (v - 20) * 255 // 160; the maximum always reaches 255.
+    assert _on_grey(T.auto_contrast_fixed, [[20, 60], [100, 180]]) == [[0, 63], [127, 255]]
+    assert _on_grey(T.auto_contrast_fixed, [[9, 9]]) == [[9, 9]]
+    assert _on_grey(T.auto_contrast_fixed, [[0, 25]]) == [[0, 255]]
+
+
+def test_official_autocontrast_table_matches_numpy_uint8_arithmetic() -> None:
+    """Our explicit formula equals the official arithmetic done with np.uint8 scalars, for every min < max."""
+    for lo in range(255):
+        low = np.uint8(lo)
+        for hi in range(lo + 1, 256):
+            high = np.uint8(hi)
+            with np.errstate(over="ignore"):  # negating a uint8 wraps (and warns on numpy 2)
+                scale = 255 / (high - low)
+                offset = -low * scale
+            expected = np.clip(np.arange(256) * scale + offset, 0, 255).astype(np.uint8)
+            assert np.array_equal(T._official_autocontrast_lut(lo, hi), expected), (lo, hi)
+
+
+def test_autocontrast_config_reaches_random_augment(synth: dict[str, str]) -> None:
+    config = {"dataset": "custom", "image_root": synth["image_root"], "train_file": synth["train_file"],
+              "image_size": 16}
+    for value, fn in ((None, T.auto_contrast), ("official", T.auto_contrast), ("fixed", T.auto_contrast_fixed)):
+        cfg = dict(config) if value is None else {**config, "autocontrast": value}
+        (aug,) = [t for t in create_dataset(cfg, "train").transform.transforms if isinstance(t, T.RandomAugment)]
+        assert aug.autocontrast == (value or "official")
+        assert aug.op_fns["AutoContrast"] is fn
+    assert T.train_transform(16).transforms[2].autocontrast == "official"
+    assert DEFAULT_CONFIG["autocontrast"] == "official"
+    # Applied through RandomAugment (repeats are no-ops on these outputs), each variant gives its own output.
+    img = _rgb(_AC_R, _AC_G, _AC_B)
+    for mode, fn in T.AUTOCONTRAST_MODES.items():
+        random.seed(0)
+        out = T.RandomAugment(num_ops=8, ops=["AutoContrast"], autocontrast=mode)(img)
+        assert np.array_equal(np.asarray(out), np.asarray(fn(img, 5))), mode
+    with pytest.raises(ValueError, match="Unknown autocontrast 'wrap'"):
+        T.RandomAugment(autocontrast="wrap")
+
+
+def test_autocontrast_config_value_is_validated() -> None:
+    config = dict(DEFAULT_CONFIG, autocontrast="fixed")
+    assert validate_config(config)["autocontrast"] == "fixed"
+    with pytest.raises(ConfigError, match=r"'autocontrast'.*official, fixed.*'wrap'"):
+        validate_config(dict(DEFAULT_CONFIG, autocontrast="wrap"))
 
 
 # ----------------------------------------------------------------------------- datasets (happy path)
