@@ -37,7 +37,8 @@ from tqdm import tqdm
 import utils
 from data import DataError, create_dataset, create_loader
 from models.blip_retrieval import check_queue_size
-from models.checkpoint import CheckpointError, is_hf_directory, load_model, load_state_dict_checked
+from models.checkpoint import CheckpointError, load_model, load_state_dict_checked
+from models.hf_blip import is_hf_directory
 from utils import ConfigError, JsonlLogger, is_main_process, log
 
 if TYPE_CHECKING:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
+import http.client
 import json
 import math
 import os
@@ -495,6 +496,21 @@ def _atomic_write(path: str, write: Callable[[Any], Any]) -> None:
 def atomic_save(obj: Any, path: str) -> None:
     """torch.save to `path` atomically (temp file in the same directory, fsync, rename)."""
     _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def download_file(url: str, dest: str, progress: bool = True) -> None:
+    """Download `url` to `dest`, creating its folder, with a progress bar on stderr.
+
+    torch.hub.download_url_to_file writes a temporary file beside `dest` and renames it at the end, so an
+    interrupted download never leaves a partial file under `dest`. Raises OSError (urllib.error.HTTPError and
+    URLError for HTTP and connection failures, and disk errors) or ValueError (an unusable URL); callers turn them
+    into their own error type.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url, dest, progress=progress)
+    except http.client.HTTPException as err:  # a malformed response; unlike the other network errors, no OSError
+        raise OSError(f"{type(err).__name__}: {err}") from err
 
 
 def _json_default(value: Any) -> Any:

@@ -9,18 +9,15 @@ Config keys used here: ``dataset`` (flickr | coco | custom), ``image_root``, ``a
 from __future__ import annotations
 
 import os
-import tempfile
-import urllib.error
-import urllib.request
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm import tqdm
 
 from data.retrieval import DataError, RetrievalEvalDataset, RetrievalTrainDataset, load_image
 from data.transforms import CLIP_MEAN, CLIP_STD, RandomAugment, test_transform, train_transform
 from data.utils import pre_caption
+from utils import download_file
 
 __all__ = [
     "ANNOTATION_FILES",
@@ -54,33 +51,11 @@ ANNOTATION_FILES: dict[str, dict[str, str]] = {
 
 SPLITS = ("train", "val", "test")
 _CUSTOM = "custom"
-_DOWNLOAD_TIMEOUT_S = 60
 
 
 def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise DataError(f"Unknown split '{split}'; valid splits: {list(SPLITS)}.")
-
-
-def _download(url: str, dest: str) -> None:
-    """Stream ``url`` to ``dest`` through a temporary file, so an interrupted run leaves no partial file."""
-    dest_dir = os.path.dirname(os.path.abspath(dest))
-    os.makedirs(dest_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(dest) + ".", suffix=".part", dir=dest_dir)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as resp:
-            total = int(resp.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(dest)) as bar:
-                while chunk := resp.read(1 << 16):
-                    out.write(chunk)
-                    bar.update(len(chunk))
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the annotation file should be readable like any other
-        # Same-directory rename is atomic, so several processes racing here never see a torn file.
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def annotation_path(
@@ -125,10 +100,10 @@ def annotation_path(
             f"Download it from {url} into ann_root, or allow automatic download."
         )
     try:
-        _download(url, path)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        # URLError covers HTTP errors and DNS/connection failures; OSError covers timeouts and
-        # disk errors; ValueError an unusable URL.
+        download_file(url, path)
+    except (OSError, ValueError) as exc:
+        # OSError covers HTTP errors, DNS/connection failures and disk errors (urllib's URLError is
+        # one); ValueError an unusable URL.
         raise DataError(
             f"Annotation file not found: {path} (dataset: {dataset}, split: {split}), and downloading it "
             f"from {url} failed: {exc}\n"

@@ -309,7 +309,10 @@ def check_queue_size(queue_size: int, global_batch: int) -> None:
 
 
 def build_model(config: dict, tokenizer=None) -> BlipRetrieval:
-    """Build the retrieval model from a resolved config (see utils.DEFAULT_CONFIG for the keys)."""
+    """Build the retrieval model from a resolved config (see utils.DEFAULT_CONFIG for the keys).
+
+    Every key is read, so a partial dict must be merged over the defaults first: `{**DEFAULT_CONFIG, **config}`.
+    """
     if tokenizer is None:
         tokenizer = init_tokenizer(config["text_encoder"])
     med = config["med_config"]
@@ -319,11 +322,11 @@ def build_model(config: dict, tokenizer=None) -> BlipRetrieval:
         med_config = MedConfig.from_json(med)
     vit_spec = config["vit"]
     return BlipRetrieval(med_config, tokenizer, vit=vit_spec, image_size=config["image_size"],
-                         vit_grad_ckpt=config.get("vit_grad_ckpt", False),
-                         vit_ckpt_layer=config.get("vit_ckpt_layer", 0),
-                         vit_drop_path_rate=config.get("drop_path_rate"),
-                         vit_layer_norm_eps=config.get("vit_layer_norm_eps", 1e-6),
-                         embed_dim=config.get("embed_dim", 256), queue_size=config["queue_size"],
-                         momentum=config.get("momentum", 0.995),
-                         negative_all_rank=config.get("negative_all_rank", False),
-                         max_length=config.get("max_length", 35))
+                         vit_grad_ckpt=config["vit_grad_ckpt"],
+                         vit_ckpt_layer=config["vit_ckpt_layer"],
+                         vit_drop_path_rate=config["drop_path_rate"],
+                         vit_layer_norm_eps=config["vit_layer_norm_eps"],
+                         embed_dim=config["embed_dim"], queue_size=config["queue_size"],
+                         momentum=config["momentum"],
+                         negative_all_rank=config["negative_all_rank"],
+                         max_length=config["max_length"])

@@ -1,11 +1,11 @@
-"""Checkpoint loading and export for BlipRetrieval.
+"""Checkpoint loading for BlipRetrieval: the key report, official `.pth` files and URLs, and `load_model`.
 
 Sources understood by `load_model` (design.md section 3):
 - official BLIP `.pth` files (pre-trained or retrieval fine-tuned, base or large), local or http(s) URL;
 - our own training checkpoints (`{'model': ..., 'optimizer': ..., 'config': ..., 'epoch': ...}`, same keys);
 - a raw state dict (official key names, or Hugging Face names, which are converted);
 - a Hugging Face `BlipForImageTextRetrieval` directory (config.json + model.safetensors / pytorch_model.bin +
-  tokenizer files): the architecture and the tokenizer come from the directory.
+  tokenizer files): the architecture and the tokenizer come from the directory (models/hf_blip.py).
 
 Unlike the official loader, which deletes shape-mismatched keys and loads with strict=False, every load here
 classifies each key as loaded / missing / unexpected / shape-mismatched, names the ones that are expected and
@@ -17,37 +17,29 @@ training config and optimizer state, which that mode may refuse; full unpickling
 execute code) is then allowed only for local files (the user chose to put them there) and for URLs under
 `OFFICIAL_URL_PREFIX` (Salesforce's storage), and one log line says so. Any other URL is refused with a message
 explaining how to download the file by hand and pass the local path if it is trusted.
+
+models/hf_blip.py builds on this module (its directory loader reports through `load_state_dict_checked`), so
+this module imports it only inside the functions that need it, which keeps the import graph free of cycles.
 """
 
 from __future__ import annotations
 
-import http.client
-import json
 import math
 import os
 import re
-import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 import torch
-import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
 
-from models.blip_retrieval import BlipRetrieval, build_model, init_tokenizer
-from models.med import MedConfig
+from models.blip_retrieval import BlipRetrieval, build_model
 from models.vit import VIT_SIZES
-from utils import barrier, is_dist_initialized, log
+from utils import barrier, download_file, is_dist_initialized, log
 
 OFFICIAL_URL_PREFIX = "https://storage.googleapis.com/sfr-vision-language-research/"
 MOMENTUM_PREFIXES = ("visual_encoder_m.", "vision_proj_m.", "text_encoder_m.", "text_proj_m.")
-HF_CONFIG = "config.json"
-HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-# The official constants carried by med_config.json; Hugging Face BLIP configs store dropout 0 (inference only),
-# so a model built from an HF directory keeps these for fine-tuning.
-_OFFICIAL_TEXT_DROPOUT = {"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
 
 
 class CheckpointError(RuntimeError):
@@ -126,133 +118,6 @@ def _abbreviate(keys: list[str], limit: int = 6) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Position-embedding interpolation
-# ----------------------------------------------------------------------------------------------------
-
-
-def interpolate_pos_embed(pos_embed: torch.Tensor, num_patches_target: int, num_extra: int = 1) -> torch.Tensor:
-    """Resize a ViT position embedding (1, num_extra + g*g, D) to a square grid of `num_patches_target` patches.
-
-    The `num_extra` leading rows (the CLS token) are kept as they are; the patch rows are resized as a g x g image
-    with bicubic interpolation (align_corners False), as the official loader does for 224 -> 384 px. Returns the
-    input itself when the grid already has the target size.
-    """
-    grid_tokens = pos_embed.shape[1] - num_extra
-    src, dst = math.isqrt(max(grid_tokens, 0)), math.isqrt(num_patches_target)
-    if src * src != grid_tokens or src == 0:
-        raise ValueError(f"position embedding with {pos_embed.shape[1]} tokens ({num_extra} extra) is not a square "
-                         f"patch grid")
-    if dst * dst != num_patches_target:
-        raise ValueError(f"target of {num_patches_target} patches is not a square grid")
-    if src == dst:
-        return pos_embed
-    width = pos_embed.shape[-1]
-    extra, grid = pos_embed[:, :num_extra], pos_embed[:, num_extra:]
-    # Rows are in raster order (row-major over the patch grid), so this reshape recovers the 2-D layout.
-    grid = grid.reshape(1, src, src, width).permute(0, 3, 1, 2).float()  # bicubic needs float on CPU
-    grid = F.interpolate(grid, size=(dst, dst), mode="bicubic", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, dst * dst, width).to(pos_embed.dtype)
-    return torch.cat([extra, grid], dim=1)
-
-
-def _interpolate_checkpoint_pos_embeds(state: dict, model_state: dict, report: LoadReport) -> None:
-    for key in ("visual_encoder.pos_embed", "visual_encoder_m.pos_embed"):
-        if key not in state or key not in model_state:
-            continue
-        ckpt, target = state[key], model_state[key]
-        if ckpt.dim() != 3 or ckpt.shape[-1] != target.shape[-1] or ckpt.shape == target.shape:
-            continue  # a width difference is an architecture mismatch: left for the shape check to report
-        encoder = key.split(".")[0]
-        num_patches = target.shape[1] - 1
-        try:
-            state[key] = interpolate_pos_embed(ckpt, num_patches, num_extra=1)
-        except ValueError as err:
-            raise CheckpointError(f"{report.source}: cannot resize {key} {tuple(ckpt.shape)} to "
-                                  f"{tuple(target.shape)}: {err}") from None
-        src, dst = math.isqrt(ckpt.shape[1] - 1), math.isqrt(num_patches)
-        report.interpolated.append(f"{encoder}.pos_embed {src}x{src} -> {dst}x{dst} patch grid "
-                                   f"({ckpt.shape[1]} -> {target.shape[1]} tokens, bicubic, CLS row kept)")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Hugging Face key mapping
-# ----------------------------------------------------------------------------------------------------
-
-# BlipForImageTextRetrieval (transformers) name -> official BLIP name, vision tower outside the blocks.
-HF_VISION_TOP = {
-    "vision_model.embeddings.class_embedding": "visual_encoder.cls_token",  # (1, 1, D) in both
-    "vision_model.embeddings.position_embedding": "visual_encoder.pos_embed",  # (1, 1 + N, D), CLS row first in both
-    "vision_model.embeddings.patch_embedding.weight": "visual_encoder.patch_embed.proj.weight",
-    "vision_model.embeddings.patch_embedding.bias": "visual_encoder.patch_embed.proj.bias",
-    "vision_model.post_layernorm.weight": "visual_encoder.norm.weight",  # the final LayerNorm
-    "vision_model.post_layernorm.bias": "visual_encoder.norm.bias",
-}
-# Inside block N: vision_model.encoder.layers.N.<hf> <-> visual_encoder.blocks.N.<official> (+ .weight / .bias).
-# qkv has the same (3 * D, D) layout (q, k, v stacked, heads contiguous) in both.
-HF_VISION_BLOCK = {
-    "self_attn.qkv": "attn.qkv",
-    "self_attn.projection": "attn.proj",
-    "layer_norm1": "norm1",
-    "layer_norm2": "norm2",
-    "mlp.fc1": "mlp.fc1",
-    "mlp.fc2": "mlp.fc2",
-}
-# Same names on both sides: HF's BLIP text model keeps the official MED layout (embeddings.word_embeddings,
-# encoder.layer.N.attention / crossattention / intermediate / output), without token types or pooler.
-HF_IDENTITY_PREFIXES = ("text_encoder.", "vision_proj.", "text_proj.", "itm_head.")
-_HF_BLOCK_RE = re.compile(r"^vision_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
-_OFFICIAL_BLOCK_RE = re.compile(r"^visual_encoder\.blocks\.(\d+)\.(.+)\.(weight|bias)$")
-_OFFICIAL_VISION_TOP = {v: k for k, v in HF_VISION_TOP.items()}
-_OFFICIAL_VISION_BLOCK = {v: k for k, v in HF_VISION_BLOCK.items()}
-
-
-def hf_to_official_state_dict(hf_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a transformers BlipForImageTextRetrieval state dict to official BLIP keys.
-
-    Keys with no official counterpart are kept under their HF name so that the loader reports them as
-    unexpected. HF has no momentum encoders, queues or `temp`; the loader fills those (see LoadReport).
-    """
-    out: dict[str, torch.Tensor] = {}
-    for key, value in hf_state.items():
-        new = HF_VISION_TOP.get(key)
-        if new is None:
-            match = _HF_BLOCK_RE.match(key)
-            if match and match.group(2) in HF_VISION_BLOCK:
-                new = f"visual_encoder.blocks.{match.group(1)}.{HF_VISION_BLOCK[match.group(2)]}.{match.group(3)}"
-            else:
-                new = key  # text_encoder.*, vision_proj, text_proj, itm_head are identical; others stay visible
-        out[new] = value
-    return out
-
-
-def official_to_hf_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename official BLIP keys to transformers BlipForImageTextRetrieval keys.
-
-    Keeps only what the HF model has: the main encoders, projections and ITM head. Dropped on purpose (HF has no
-    slot for them): momentum copies (`*_m`), the queues and their pointer, `temp`, `text_decoder.*`, and the
-    `position_ids` buffer (non-persistent in HF).
-    """
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if key.endswith("embeddings.position_ids"):
-            continue
-        if key in _OFFICIAL_VISION_TOP:
-            out[_OFFICIAL_VISION_TOP[key]] = value
-            continue
-        match = _OFFICIAL_BLOCK_RE.match(key)
-        if match and match.group(2) in _OFFICIAL_VISION_BLOCK:
-            out[f"vision_model.encoder.layers.{match.group(1)}.{_OFFICIAL_VISION_BLOCK[match.group(2)]}."
-                f"{match.group(3)}"] = value
-        elif key.startswith(HF_IDENTITY_PREFIXES):
-            out[key] = value
-    return out
-
-
-def _looks_like_hf(state: Mapping[str, torch.Tensor]) -> bool:
-    return any(k.startswith("vision_model.") for k in state)
-
-
-# ----------------------------------------------------------------------------------------------------
 # Reading files and URLs
 # ----------------------------------------------------------------------------------------------------
 
@@ -283,34 +148,6 @@ def _manual_download_hint(url: str) -> str:
             f"instead of the URL.")
 
 
-def _download(url: str, dest: str) -> None:
-    from tqdm import tqdm
-
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    # Write to a unique temp file beside the target and rename at the end: an interrupted download never
-    # leaves a truncated file where the cache would find it.
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=os.path.basename(dest) + ".", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
-            total = response.headers.get("Content-Length")
-            total = int(total) if total and total.isdigit() else None
-            done = 0
-            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=os.path.basename(dest),
-                      disable=None) as bar:  # disable=None: no bar when stderr is not a terminal
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    done += len(chunk)
-                    bar.update(len(chunk))
-            if total is not None and done != total:
-                raise OSError(f"connection closed after {done} of {total} bytes")
-        os.replace(tmp, dest)
-    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as err:
-        raise CheckpointError(f"could not download {url}: {err}. {_manual_download_hint(url)}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def download_cached(url: str, cache_dir: str | None = None) -> str:
     """Return a local copy of `url`, downloading it once into `cache_dir` (default: `default_cache_dir()`).
 
@@ -322,9 +159,10 @@ def download_cached(url: str, cache_dir: str | None = None) -> str:
     if local_rank == 0 and not os.path.isfile(dest):
         log(f"downloading {url} -> {dest}")
         try:
-            _download(url, dest)
-        except CheckpointError as err:
-            error = err  # raised after the barrier so the waiting ranks are released first
+            download_file(url, dest)
+        except (OSError, ValueError) as err:
+            # Raised after the barrier, so the waiting ranks are released first.
+            error = CheckpointError(f"could not download {url}: {err}. {_manual_download_hint(url)}")
     barrier()
     if error is not None:
         raise error
@@ -477,25 +315,52 @@ def _architecture_hint(state: Mapping[str, torch.Tensor], model_state: Mapping[s
     return "; ".join(hints) if hints else "check that the config describes the same architecture"
 
 
-def load_state_dict_checked(model: BlipRetrieval, state: Mapping[str, torch.Tensor],
-                            source: str = "state dict") -> LoadReport:
-    """Load `state` (official, our, or HF key names) into `model`, classifying every key; see LoadReport.
+def _normalise_keys(state: Mapping[str, torch.Tensor], report: LoadReport) -> dict[str, torch.Tensor]:
+    """A copy of `state` under official key names (Hugging Face names converted, DDP prefix stripped)."""
+    from models import hf_blip  # imported here: hf_blip imports this module
 
-    Raises CheckpointError on an unexplained shape mismatch or when less than half of the model's (non-momentum)
-    parameters would be loaded.
-    """
-    report = LoadReport(source=source)
     state = dict(state)
-    if _looks_like_hf(state):
-        state = hf_to_official_state_dict(state)
+    if hf_blip.is_hf_state_dict(state):
+        state = hf_blip.hf_to_official_state_dict(state)
         report.notes.append("Hugging Face key names converted to official ones")
     if state and all(k.startswith("module.") for k in state):  # saved from a DDP wrapper
         state = {k[len("module."):]: v for k, v in state.items()}
         report.notes.append("stripped the DDP 'module.' prefix")
-    model_state = model.state_dict()
-    report.num_model_tensors = len(model_state)
-    _interpolate_checkpoint_pos_embeds(state, model_state, report)
+    return state
 
+
+def _resize_pos_embeds(state: dict[str, torch.Tensor], model_state: Mapping[str, torch.Tensor],
+                       report: LoadReport) -> None:
+    """Resize the checkpoint's ViT position embeddings, in `state`, to the model's patch grid.
+
+    The CLS row is kept and the patch rows are resized as a g x g image, e.g. 14x14 -> 24x24 for 224 -> 384 px.
+    """
+    for key in ("visual_encoder.pos_embed", "visual_encoder_m.pos_embed"):
+        if key not in state or key not in model_state:
+            continue
+        ckpt, target = state[key], model_state[key]
+        if ckpt.dim() != 3 or ckpt.shape[-1] != target.shape[-1] or ckpt.shape == target.shape:
+            continue  # a width difference is an architecture mismatch: left for the shape check to report
+        encoder = key.split(".")[0]
+        grid_tokens = ckpt.shape[1] - 1
+        src, dst = math.isqrt(max(grid_tokens, 0)), math.isqrt(target.shape[1] - 1)
+        if src == 0 or src * src != grid_tokens:
+            raise CheckpointError(f"{report.source}: cannot resize {key} {tuple(ckpt.shape)} to "
+                                  f"{tuple(target.shape)}: position embedding with {ckpt.shape[1]} tokens "
+                                  f"(1 extra) is not a square patch grid")
+        # Bicubic without antialiasing (timm's align_corners default is False): what the official loader computes.
+        state[key] = resample_abs_pos_embed(ckpt, new_size=[dst, dst], num_prefix_tokens=1,
+                                            interpolation="bicubic", antialias=False)
+        report.interpolated.append(f"{encoder}.pos_embed {src}x{src} -> {dst}x{dst} patch grid "
+                                   f"({ckpt.shape[1]} -> {target.shape[1]} tokens, bicubic, CLS row kept)")
+
+
+def _classify_keys(state: Mapping[str, torch.Tensor], model_state: Mapping[str, torch.Tensor],
+                   report: LoadReport) -> tuple[dict[str, torch.Tensor], list[tuple[str, tuple, tuple]]]:
+    """Split the checkpoint's keys into loadable, unexpected (recorded in `report`) and shape-mismatched.
+
+    Returns (tensors to load, unexplained shape mismatches as (key, checkpoint shape, model shape)).
+    """
     to_load: dict[str, torch.Tensor] = {}
     mismatched: list[tuple[str, tuple, tuple]] = []
     for key, value in state.items():
@@ -509,9 +374,17 @@ def load_state_dict_checked(model: BlipRetrieval, state: Mapping[str, torch.Tens
             mismatched.append((key, tuple(value.shape), tuple(model_state[key].shape)))
         else:
             to_load[key] = value
+    _accept_queue_resize(to_load, mismatched, report)
+    return to_load, mismatched
 
-    # A different queue_size is the one harmless shape difference: the model keeps its own fresh queues, and the
-    # pointer and image ids are reset with them so the three stay consistent.
+
+def _accept_queue_resize(to_load: dict[str, torch.Tensor], mismatched: list[tuple[str, tuple, tuple]],
+                         report: LoadReport) -> None:
+    """Move a different queue length out of `mismatched`: the one harmless shape difference.
+
+    The model keeps its own fresh queues, and the pointer and image ids are reset with them (dropped from
+    `to_load`) so that the three stay consistent.
+    """
     queue_keys = ("image_queue", "text_queue", "idx_queue")
     for key, ckpt_shape, model_shape in list(mismatched):
         if key in queue_keys and ckpt_shape[0] == model_shape[0]:
@@ -524,24 +397,28 @@ def load_state_dict_checked(model: BlipRetrieval, state: Mapping[str, torch.Tens
                 del to_load[key]
                 report.expected_mismatched.setdefault(key, "reset together with the resized queues")
 
+
+def _raise_if_unusable(model: BlipRetrieval, state: Mapping[str, torch.Tensor],
+                       model_state: Mapping[str, torch.Tensor], to_load: Mapping[str, torch.Tensor],
+                       mismatched: list[tuple[str, tuple, tuple]], source: str) -> None:
+    """Raise CheckpointError, with an architecture hint, on an unexplained shape mismatch or when less
+    than half of the model's (non-momentum) parameters would be loaded."""
     if mismatched:
         shown = "; ".join(f"{k}: checkpoint {c} vs model {m}" for k, c, m in mismatched[:5])
         more = f" (+{len(mismatched) - 5} more)" if len(mismatched) > 5 else ""
         raise CheckpointError(f"{source}: {len(mismatched)} tensors have a different shape than in the model: "
                               f"{shown}{more}. Hint: {_architecture_hint(state, model_state)}.")
-
     main_params = {k: p.numel() for k, p in model.named_parameters() if not k.startswith(MOMENTUM_PREFIXES)}
     loaded_numel = sum(n for k, n in main_params.items() if k in to_load)
     if loaded_numel < 0.5 * sum(main_params.values()):
         raise CheckpointError(f"{source}: only {loaded_numel / max(sum(main_params.values()), 1):.0%} of the model's "
                               f"parameters are in the checkpoint. Hint: {_architecture_hint(state, model_state)}.")
 
-    result = model.load_state_dict(to_load, strict=False)
-    assert not result.unexpected_keys, result.unexpected_keys  # every key was checked against model_state above
 
-    # Momentum encoders absent from the checkpoint start as copies of the main encoders, as in a fresh model.
-    param_names = {k for k, _ in model.named_parameters()}
-    momentum_params = {k for k in param_names if k.startswith(MOMENTUM_PREFIXES)}
+def _fill_missing_momentum(model: BlipRetrieval, to_load: Mapping[str, torch.Tensor], report: LoadReport) -> set[str]:
+    """Momentum parameters absent from the checkpoint start as copies of the main ones, as in a fresh
+    model. Returns their names."""
+    momentum_params = {k for k, _ in model.named_parameters() if k.startswith(MOMENTUM_PREFIXES)}
     missing_momentum = {k for k in momentum_params if k not in to_load}
     if missing_momentum == momentum_params and momentum_params:
         model.copy_params()
@@ -552,14 +429,24 @@ def load_state_dict_checked(model: BlipRetrieval, state: Mapping[str, torch.Tens
             for key in missing_momentum:
                 params[key].copy_(params[_momentum_to_main(key)])
         report.notes.append(f"{len(missing_momentum)} momentum tensors missing: copied from their main weights")
+    return missing_momentum
 
-    # Extra or fewer layers are not shape mismatches; say so explicitly instead of leaving only a key list.
+
+def _note_depth_differences(state: Mapping[str, torch.Tensor], model_state: Mapping[str, torch.Tensor],
+                            report: LoadReport) -> None:
+    """Extra or fewer layers are not shape mismatches; say so explicitly instead of leaving a key list."""
     for name, pattern in (("ViT blocks", r"^visual_encoder\.blocks\.(\d+)\."),
                           ("text encoder layers", r"^text_encoder\.encoder\.layer\.(\d+)\.")):
         ckpt_depth, model_depth = _count(state, pattern), _count(model_state, pattern)
         if ckpt_depth and ckpt_depth != model_depth:
             report.notes.append(f"the checkpoint has {ckpt_depth} {name}, the model {model_depth}: only the first "
                                 f"{min(ckpt_depth, model_depth)} were loaded")
+
+
+def _classify_missing(model_state: Mapping[str, torch.Tensor], to_load: Mapping[str, torch.Tensor],
+                      missing_momentum: set[str], report: LoadReport) -> None:
+    """Record what was loaded, and each model tensor the checkpoint did not provide, as expected (with
+    the reason) or missing."""
     report.loaded = sorted(to_load)
     for key in model_state:
         if key in to_load or key in report.expected_mismatched:
@@ -569,6 +456,29 @@ def load_state_dict_checked(model: BlipRetrieval, state: Mapping[str, torch.Tens
             report.expected_missing[key] = reason
         else:
             report.missing.append(key)
+
+
+def load_state_dict_checked(model: BlipRetrieval, state: Mapping[str, torch.Tensor],
+                            source: str = "state dict") -> LoadReport:
+    """Load `state` (official, our, or HF key names) into `model`, classifying every key; see LoadReport.
+
+    Raises CheckpointError on an unexplained shape mismatch or when less than half of the model's (non-momentum)
+    parameters would be loaded.
+    """
+    report = LoadReport(source=source)
+    model_state = model.state_dict()
+    report.num_model_tensors = len(model_state)
+    state = _normalise_keys(state, report)
+    _resize_pos_embeds(state, model_state, report)
+    to_load, mismatched = _classify_keys(state, model_state, report)
+    _raise_if_unusable(model, state, model_state, to_load, mismatched, source)
+    # strict=False because missing keys are expected and reported; every key in `to_load` was
+    # checked against the model's state dict above, so none can be unexpected.
+    result = model.load_state_dict(to_load, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    missing_momentum = _fill_missing_momentum(model, to_load, report)
+    _note_depth_differences(state, model_state, report)
+    _classify_missing(model_state, to_load, missing_momentum, report)
     return report
 
 
@@ -582,202 +492,6 @@ def load_checkpoint(model: BlipRetrieval, source: str, cache_dir: str | None = N
     report = load_state_dict_checked(model, _extract_state_dict(obj, source), source)
     log(report.summary())
     return report
-
-
-# ----------------------------------------------------------------------------------------------------
-# Hugging Face directories
-# ----------------------------------------------------------------------------------------------------
-
-
-def _hf_missing_files(path: str) -> list[str]:
-    missing = []
-    if not os.path.isfile(os.path.join(path, HF_CONFIG)):
-        missing.append(HF_CONFIG)
-    if not any(os.path.isfile(os.path.join(path, name)) for name in HF_WEIGHTS):
-        missing.append(" or ".join(HF_WEIGHTS[::2]))
-    return missing
-
-
-def is_hf_directory(path: str) -> bool:
-    """True for a directory holding config.json and HF weights (model.safetensors or pytorch_model.bin)."""
-    return os.path.isdir(path) and not _hf_missing_files(path)
-
-
-def _read_hf_weights(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    for index_name, single in (("model.safetensors.index.json", False), ("pytorch_model.bin.index.json", True)):
-        index = os.path.join(path, index_name)
-        if os.path.isfile(index):  # sharded save: load every shard the index names
-            with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-            state: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                shard_path = os.path.join(path, shard)
-                state.update(torch.load(shard_path, map_location="cpu", weights_only=True) if single
-                             else load_file(shard_path))
-            return state
-    if os.path.isfile(os.path.join(path, "model.safetensors")):
-        return load_file(os.path.join(path, "model.safetensors"))
-    return torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
-
-
-def _vit_from_hf(vision) -> str | dict:
-    spec = {"width": vision.hidden_size, "depth": vision.num_hidden_layers, "heads": vision.num_attention_heads,
-            "patch_size": vision.patch_size}
-    for name, size in VIT_SIZES.items():
-        if all(size[k] == v for k, v in spec.items()) and vision.intermediate_size == 4 * vision.hidden_size:
-            return name  # the official sizes, which also bring the official drop-path default
-    if vision.intermediate_size != 4 * vision.hidden_size:
-        spec["mlp_ratio"] = vision.intermediate_size / vision.hidden_size
-    return spec
-
-
-def load_hf_directory(path: str, config: dict | None = None) -> tuple[BlipRetrieval, LoadReport]:
-    """Build a BlipRetrieval from a transformers BlipForImageTextRetrieval directory and load its weights.
-
-    Architecture (widths, depths, heads, patch and image size, vocabulary, activation, LayerNorm eps: HF's
-    vision eps is 1e-5 where the official model uses 1e-6, so the directory's value is used) and tokenizer come
-    from the directory. From `config`, only non-architecture keys are used (queue_size, momentum,
-    negative_all_rank, vit_grad_ckpt, vit_ckpt_layer, drop_path_rate, max_length). The architecture values are
-    returned in `report.config_updates`. The momentum encoders are copies of the main ones; `temp` stays 0.07.
-    """
-    from transformers import BlipConfig
-
-    from utils import DEFAULT_CONFIG
-
-    config = {**DEFAULT_CONFIG, **(config or {})}
-    if not os.path.isdir(path):
-        raise CheckpointError(f"Hugging Face directory not found: {path!r}")
-    missing = _hf_missing_files(path)
-    if missing:
-        raise CheckpointError(f"{path} is not a Hugging Face BlipForImageTextRetrieval directory: missing "
-                              f"{' and '.join(missing)}")
-    try:
-        hf_config = BlipConfig.from_pretrained(path)
-    except Exception as err:  # a malformed config.json can fail in many ways
-        raise CheckpointError(f"{path}/{HF_CONFIG} is not a BLIP config: {err}") from None
-    archs = getattr(hf_config, "architectures", None) or []
-    if archs and "BlipForImageTextRetrieval" not in archs:
-        log(f"warning: {path} holds {archs}, not BlipForImageTextRetrieval; loading what matches")
-    vision, text = hf_config.vision_config, hf_config.text_config
-    if vision.hidden_act != "gelu":  # the text activation is checked by MedConfig when the model is built
-        raise CheckpointError(f"{path}: vision hidden_act {vision.hidden_act!r} is not supported (the BLIP ViT "
-                              f"uses exact gelu)")
-
-    tokenizer = init_tokenizer(path)  # adds [DEC] / [ENC] only when the directory's tokenizer lacks them
-    if len(tokenizer) > text.vocab_size:
-        raise CheckpointError(f"{path}: the tokenizer has {len(tokenizer)} tokens (with [DEC] and [ENC]) but the "
-                              f"text model only {text.vocab_size} embeddings")
-    med_config = MedConfig(vocab_size=text.vocab_size, hidden_size=text.hidden_size,
-                           num_hidden_layers=text.num_hidden_layers, num_attention_heads=text.num_attention_heads,
-                           intermediate_size=text.intermediate_size, hidden_act=text.hidden_act,
-                           max_position_embeddings=text.max_position_embeddings, layer_norm_eps=text.layer_norm_eps,
-                           pad_token_id=text.pad_token_id if text.pad_token_id is not None else 0,
-                           encoder_width=vision.hidden_size, **_OFFICIAL_TEXT_DROPOUT)
-    vit = _vit_from_hf(vision)
-    image_size = vision.image_size if isinstance(vision.image_size, int) else vision.image_size[0]
-    embed_dim = hf_config.image_text_hidden_size
-    model = BlipRetrieval(med_config, tokenizer, vit=vit, image_size=image_size,
-                          vit_grad_ckpt=config.get("vit_grad_ckpt", False),
-                          vit_ckpt_layer=config.get("vit_ckpt_layer", 0),
-                          vit_drop_path_rate=config.get("drop_path_rate"), vit_layer_norm_eps=vision.layer_norm_eps,
-                          embed_dim=embed_dim, queue_size=config["queue_size"],
-                          momentum=config.get("momentum", 0.995),
-                          negative_all_rank=config.get("negative_all_rank", False),
-                          max_length=config.get("max_length", 35))
-    report = load_state_dict_checked(model, hf_to_official_state_dict(_read_hf_weights(path)), path)
-    med_fields = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                  "hidden_act", "max_position_embeddings", "layer_norm_eps")
-    report.config_updates = {"vit": vit, "image_size": image_size, "embed_dim": embed_dim, "text_encoder": path,
-                             "vit_layer_norm_eps": vision.layer_norm_eps,
-                             "med_config": {k: getattr(med_config, k) for k in med_fields}}
-    changed = {k: v for k, v in report.config_updates.items() if config.get(k) != v}
-    if "image_size" in changed:
-        report.notes.append(f"image_size {image_size} from the directory (config had {config.get('image_size')}); "
-                            f"the data transforms must use {image_size}")
-    report.notes.append(f"architecture and tokenizer from {path} ([ENC] id {tokenizer.enc_token_id}, vocab "
-                        f"{text.vocab_size}, vision LayerNorm eps {vision.layer_norm_eps:g})")
-    log(report.summary())
-    return model, report
-
-
-def _hf_config_dict(model: BlipRetrieval) -> dict:
-    vit = model.visual_encoder
-    med = model.med_config
-    tok = model.tokenizer
-    width = vit.embed_dim
-    embed_dim = model.vision_proj.out_features
-    first_block = vit.blocks[0]
-    dec_id = tok.convert_tokens_to_ids("[DEC]")
-    return {
-        "architectures": ["BlipForImageTextRetrieval"],
-        "model_type": "blip",
-        "image_text_hidden_size": embed_dim,
-        "projection_dim": embed_dim,
-        "vision_config": {
-            "model_type": "blip_vision_model",
-            "hidden_size": width,
-            "intermediate_size": first_block.mlp.fc1.out_features,
-            "num_hidden_layers": len(vit.blocks),
-            "num_attention_heads": first_block.attn.num_heads,
-            "image_size": vit.image_size,
-            "patch_size": vit.patch_embed.proj.kernel_size[0],
-            "hidden_act": "gelu",
-            "layer_norm_eps": vit.norm.eps,  # 1e-6 for official models; written so HF computes the same
-            "attention_dropout": 0.0,
-        },
-        "text_config": {
-            "model_type": "blip_text_model",
-            "vocab_size": med.vocab_size,
-            "hidden_size": med.hidden_size,
-            "encoder_hidden_size": width,
-            "intermediate_size": med.intermediate_size,
-            "num_hidden_layers": med.num_hidden_layers,
-            "num_attention_heads": med.num_attention_heads,
-            "max_position_embeddings": med.max_position_embeddings,
-            "hidden_act": med.hidden_act,
-            "layer_norm_eps": med.layer_norm_eps,
-            "hidden_dropout_prob": med.hidden_dropout_prob,
-            "attention_probs_dropout_prob": med.attention_probs_dropout_prob,
-            "initializer_range": med.initializer_range,
-            "pad_token_id": tok.pad_token_id,
-            "bos_token_id": dec_id,
-            "sep_token_id": tok.sep_token_id,
-            "eos_token_id": tok.sep_token_id,
-            "is_decoder": True,  # HF builds the cross-attention layers only when this is set
-            "projection_dim": embed_dim,
-        },
-    }
-
-
-def export_hf_directory(model: BlipRetrieval, out_dir: str) -> str:
-    """Write `model` as a transformers BlipForImageTextRetrieval directory; returns out_dir.
-
-    Files: config.json, model.safetensors, the tokenizer files and preprocessor_config.json (CLIP mean/std,
-    square bicubic resize). Not exported, because HF has no slot for them: momentum encoders, queues, `temp`.
-    Note that HF's ITM forward reads whatever first token it is given; BLIP retrieval puts [ENC] there.
-    """
-    from safetensors.torch import save_file
-
-    os.makedirs(out_dir, exist_ok=True)
-    state = official_to_hf_state_dict(model.state_dict())
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(out_dir, "model.safetensors"),
-              metadata={"format": "pt"})
-    with open(os.path.join(out_dir, HF_CONFIG), "w") as f:
-        json.dump(_hf_config_dict(model), f, indent=2)
-    model.tokenizer.save_pretrained(out_dir)
-    size = model.visual_encoder.image_size
-    preprocessor = {"image_processor_type": "BlipImageProcessor", "processor_class": "BlipProcessor",
-                    "do_resize": True, "size": {"height": size, "width": size}, "resample": 3,  # bicubic
-                    "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-                    "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                    "image_std": [0.26862954, 0.26130258, 0.27577711], "do_convert_rgb": True}
-    with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
-        json.dump(preprocessor, f, indent=2)
-    log(f"exported Hugging Face BlipForImageTextRetrieval to {out_dir} ({len(state)} tensors; not exported: "
-        f"momentum encoders, queues, temp={model.temp.item():.4f})")
-    return out_dir
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -801,6 +515,8 @@ def load_model(config: dict, source: str | None = None,
         return model, load_checkpoint(model, source, cache_dir)
     path = os.path.expanduser(source)
     if os.path.isdir(path):
+        from models.hf_blip import load_hf_directory  # imported here: hf_blip imports this module
+
         model, report = load_hf_directory(path, config)
         config.update(report.config_updates)
         return model, report

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import http.server
+import math
 import os
 import threading
 from collections.abc import Iterator
@@ -13,15 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.checkpoint import (
-    CheckpointError,
+from models.blip_retrieval import build_model
+from models.checkpoint import CheckpointError, load_checkpoint, load_model, load_state_dict_checked
+from models.hf_blip import (
     export_hf_directory,
     hf_to_official_state_dict,
-    interpolate_pos_embed,
     is_hf_directory,
-    load_checkpoint,
-    load_model,
-    load_state_dict_checked,
     official_to_hf_state_dict,
 )
 from tests.helpers import TINY_WORDS, tiny_config, tiny_model, write_vocab
@@ -124,7 +122,8 @@ def _hf_reference_with_eps(hf_dir: dict, eps: float):
 
 def test_hf_directory_parity(hf_dir: dict, tmp_path) -> None:
     assert is_hf_directory(hf_dir["path"])
-    model, report = load_model(tiny_config(tmp_path, queue_size=8), hf_dir["path"])
+    config = tiny_config(tmp_path, queue_size=8)
+    model, report = load_model(config, hf_dir["path"])
     assert model.visual_encoder.norm.eps == pytest.approx(1e-5)  # taken from config.json, not our 1e-6 default
     assert model.enc_token_id == hf_dir["enc_id"] and model.queue_size == 8  # non-architecture key honoured
     _assert_parity(_our_outputs(model, hf_dir), _hf_outputs(hf_dir["hf"], hf_dir))
@@ -136,6 +135,12 @@ def test_hf_directory_parity(hf_dir: dict, tmp_path) -> None:
     for main, momentum in model.model_pairs:  # HF has no momentum encoders: they start as copies
         for p, p_m in zip(main.parameters(), momentum.parameters()):
             assert torch.equal(p, p_m)
+    # The config, updated in place, describes the loaded model (as the saved config.yaml must), including the
+    # official text dropout where HF configs store 0.
+    rebuilt = build_model(config)
+    assert rebuilt.med_config == model.med_config and model.med_config.hidden_dropout_prob == 0.1
+    assert rebuilt.visual_encoder.norm.eps == model.visual_encoder.norm.eps
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
 
 
 def test_official_pth_parity(hf_dir: dict, tmp_path) -> None:
@@ -193,42 +198,40 @@ def test_key_mapping_round_trip(tmp_path) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def test_interpolate_pos_embed_shapes_cls_and_identity() -> None:
-    torch.manual_seed(0)
-    pe = torch.randn(1, 1 + 4, 8)  # CLS + 2x2 grid (the "224" side)
-    up = interpolate_pos_embed(pe, 9)  # 3x3 grid (the "384" side)
-    assert up.shape == (1, 10, 8) and torch.equal(up[:, :1], pe[:, :1])
-    down = interpolate_pos_embed(up, 4)
-    assert down.shape == (1, 5, 8) and torch.equal(down[:, :1], pe[:, :1])
-    assert interpolate_pos_embed(pe, 4) is pe
-    const = torch.cat([torch.zeros(1, 1, 8), torch.full((1, 4, 8), 0.3)], dim=1)
-    assert torch.allclose(interpolate_pos_embed(const, 36)[:, 1:], torch.tensor(0.3))  # bicubic keeps constants
-    with pytest.raises(ValueError, match="square"):
-        interpolate_pos_embed(pe, 8)
+def _official_pos_embed_resize(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
+    """The official loader's computation, written out: CLS row kept, the patch rows resized as a square image
+    with bicubic interpolation, align_corners False, no antialiasing."""
+    cls, patches = pos_embed[:, :1], pos_embed[:, 1:]
+    side, width = math.isqrt(patches.shape[1]), pos_embed.shape[-1]
+    patches = patches.reshape(1, side, side, width).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
+    return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(1, grid * grid, width)], dim=1)
 
 
-def test_interpolate_pos_embed_matches_timm_bicubic() -> None:
-    from timm.layers import resample_abs_pos_embed
+@pytest.mark.parametrize(("src_size", "dst_size", "grids"), [(32, 48, "2x2 -> 3x3"), (48, 32, "3x3 -> 2x2"),
+                                                             (224, 384, "14x14 -> 24x24")])
+def test_load_checkpoint_into_other_image_size(tmp_path, src_size: int, dst_size: int, grids: str) -> None:
+    src = tiny_model(tmp_path, image_size=src_size)
+    with torch.no_grad():  # a smooth embedding would hide a wrong resampling: make every row differ
+        src.visual_encoder.pos_embed.normal_()
+    path = str(tmp_path / "src.pth")
+    torch.save({"model": src.state_dict(), "epoch": 3}, path)
+    dst = tiny_model(tmp_path, image_size=dst_size)
+    report = load_checkpoint(dst, path)
+    assert len(report.interpolated) == 2 and grids in report.interpolated[0] and grids in report.summary()
+    grid = dst_size // 16
+    expected = _official_pos_embed_resize(src.visual_encoder.pos_embed.detach(), grid)
+    assert torch.equal(dst.visual_encoder.pos_embed.detach(), expected)
+    assert torch.equal(dst.visual_encoder.pos_embed[:, :1], src.visual_encoder.pos_embed[:, :1])
+    assert dst.visual_encoder_m.pos_embed.shape == (1, 1 + grid * grid, 48)
+    assert report.clean and torch.equal(dst.itm_head.weight, src.itm_head.weight)
 
-    pe = torch.randn(1, 1 + 14 * 14, 16)
-    ours = interpolate_pos_embed(pe, 24 * 24)
-    ref = resample_abs_pos_embed(pe, new_size=[24, 24], num_prefix_tokens=1, interpolation="bicubic",
-                                 antialias=False, verbose=False)
-    assert torch.allclose(ours, ref, atol=1e-6)
 
-
-def test_load_checkpoint_into_larger_image_size(tmp_path) -> None:
-    small = tiny_model(tmp_path)  # 32 px: 2x2 patches
-    path = str(tmp_path / "small.pth")
-    torch.save({"model": small.state_dict(), "epoch": 3}, path)
-    big = tiny_model(tmp_path, image_size=48)  # 3x3 patches
-    report = load_checkpoint(big, path)
-    assert len(report.interpolated) == 2 and "2x2 -> 3x3" in report.interpolated[0]
-    expected = interpolate_pos_embed(small.visual_encoder.pos_embed.detach(), 9)
-    assert torch.equal(big.visual_encoder.pos_embed.detach(), expected)
-    assert big.visual_encoder_m.pos_embed.shape == (1, 10, 48)
-    assert report.clean and torch.equal(big.itm_head.weight, small.itm_head.weight)
-    assert "2x2 -> 3x3" in report.summary()
+def test_pos_embed_that_is_not_a_square_grid(tmp_path) -> None:
+    state = tiny_model(tmp_path).state_dict()
+    state["visual_encoder.pos_embed"] = torch.zeros(1, 1 + 6, 48)
+    with pytest.raises(CheckpointError, match=r"cannot resize visual_encoder.pos_embed .*not a square patch grid"):
+        load_state_dict_checked(tiny_model(tmp_path), state, "odd-grid.pth")
 
 
 # ----------------------------------------------------------------------------------------------------
