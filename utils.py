@@ -14,6 +14,7 @@ import math
 import os
 import random
 import re
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -498,6 +499,9 @@ def atomic_save(obj: Any, path: str) -> None:
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 
+DOWNLOAD_TIMEOUT_S = 60  # seconds without data before a download fails
+
+
 def download_file(url: str, dest: str, progress: bool = True) -> None:
     """Download `url` to `dest`, creating its folder, with a progress bar on stderr.
 
@@ -507,10 +511,16 @@ def download_file(url: str, dest: str, progress: bool = True) -> None:
     into their own error type.
     """
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    # torch.hub takes no timeout; its urlopen uses the socket default, so a stalled connection fails instead of
+    # hanging forever.
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
         torch.hub.download_url_to_file(url, dest, progress=progress)
     except http.client.HTTPException as err:  # a malformed response; unlike the other network errors, no OSError
         raise OSError(f"{type(err).__name__}: {err}") from err
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
 
 
 def _json_default(value: Any) -> Any:

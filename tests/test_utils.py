@@ -311,3 +311,20 @@ def _failing_body(rank: int, world_size: int) -> None:
 def test_run_distributed_propagates_child_exceptions():
     with pytest.raises(Exception, match="boom on rank 1"):
         run_distributed(_failing_body, 2)
+
+
+def test_download_file_fails_on_a_stalled_server_instead_of_hanging(tmp_path, monkeypatch):
+    """A server that accepts the connection and never answers: the download ends with an OSError after
+    DOWNLOAD_TIMEOUT_S, leaves no file behind, and restores the process-wide socket timeout."""
+    import socket
+
+    monkeypatch.setattr(utils, "DOWNLOAD_TIMEOUT_S", 0.5)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)  # the kernel accepts the connection; nobody ever reads the request
+        url = f"http://127.0.0.1:{server.getsockname()[1]}/model.pth"
+        before = socket.getdefaulttimeout()
+        with pytest.raises(OSError):
+            utils.download_file(url, str(tmp_path / "model.pth"), progress=False)
+    assert socket.getdefaulttimeout() == before
+    assert list(tmp_path.iterdir()) == []
