@@ -15,6 +15,7 @@ import os
 import random
 import re
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "embed_dim": 256,  # ITC projection dimension
     "momentum": 0.995,  # EMA coefficient of the momentum encoders
     "max_words": 30,  # pre_caption word limit
+    "min_scale": 0.5,  # training crop: RandomResizedCrop scale (min_scale, 1.0), official 0.5
     "max_length": 35,  # tokenizer max length
     "train_file": None,  # dataset custom: training annotation JSON
     "val_file": None,  # dataset custom: validation annotation JSON
@@ -80,8 +82,22 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Input a user can fix (a config, data or checkpoint problem). `run_cli` prints its message as one line; the
+    message names the file, key or value and what was expected."""
+
+
+class ConfigError(UserError, ValueError):
     """A config file, override or value that cannot be used; the message says where and why."""
+
+
+def run_cli(main: Callable[[], Any]) -> None:
+    """A script's console entry point: a UserError ends the process with `error: <message>` on stderr (exit
+    status 1) instead of a traceback; anything else is a bug and keeps its traceback."""
+    try:
+        main()
+    except UserError as err:
+        sys.exit(f"error: {err}")
 
 
 # Accepted types per key; by default the type of the default value (int is accepted for float below).
@@ -107,6 +123,7 @@ _BOUNDS: dict[str, tuple[float | None, float | None]] = {
     **{k: (0, None) for k in ("max_epoch", "num_workers", "vit_ckpt_layer", "init_lr", "min_lr", "itm_negatives_steps",
                               "weight_decay", "clip_grad_norm")},
     **{k: (0, 1) for k in ("alpha", "momentum", "drop_path_rate")},
+    "min_scale": (1e-3, 1),
 }
 _VIT_KEYS: dict[str, tuple[type, ...]] = {
     "width": (int,), "depth": (int,), "heads": (int,), "patch_size": (int,), "mlp_ratio": (int, float),
@@ -386,6 +403,26 @@ def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Contiguous [start, end) slice of n items for `rank` of `world` (sizes differ by at most one)."""
+    per, extra = divmod(n, world)
+    start = rank * per + min(rank, extra)
+    return start, start + per + (rank < extra)
+
+
+def gather_shards(x: torch.Tensor, n_total: int) -> torch.Tensor:
+    """Concatenate the ranks' contiguous row shards (from shard_range) into the full (n_total, ...) tensor."""
+    world = get_world_size()
+    if world == 1:
+        return x
+    largest = shard_range(n_total, 0, world)[1]  # rank 0 holds the largest shard
+    padded = torch.zeros((largest, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    gathered = all_gather_concat(padded).view(world, largest, *x.shape[1:])
+    sizes = [end - start for start, end in (shard_range(n_total, r, world) for r in range(world))]
+    return torch.cat([gathered[r, :size] for r, size in enumerate(sizes)])
+
+
 def cleanup_distributed() -> None:
     """Tear down the process group if one is active."""
     if is_dist_initialized():
@@ -544,34 +581,3 @@ class JsonlLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(record, default=_json_default) + "\n")
             f.flush()
-
-
-def format_metrics_table(metrics: dict) -> str:
-    """Paper-style recall table: TR (image->text) and IR (text->image) at R@1/5/10, plus r_mean.
-
-    When the metrics also hold the ITC-only recalls (`itc_*` keys, written by every evaluation), they are shown
-    first, beside the re-ranked ones, so the table says what ITM re-ranking adds.
-    """
-    columns = [("ITM re-ranked", "")]
-    if "itc_txt_r1" in metrics:
-        columns.insert(0, ("ITC only", "itc_"))
-
-    def recall(key: str, prefix: str, k: int) -> float:
-        return float(metrics[f"{key}{prefix}_r{k}"])
-
-    def r_mean(key: str) -> float:
-        value = metrics.get(f"{key}r_mean")
-        if value is None:
-            value = sum(recall(key, p, k) for p in ("txt", "img") for k in (1, 5, 10)) / 6
-        return float(value)
-
-    cell = 21  # three 7-wide numbers
-    lines = []
-    if len(columns) > 1:
-        lines.append(f"{'':6}" + "".join(f"{title:>{cell}}  " for title, _ in columns).rstrip())
-    lines.append(f"{'':6}" + "".join(f"{'R@1':>7}{'R@5':>7}{'R@10':>7}  " for _ in columns).rstrip())
-    for name, prefix in (("TR", "txt"), ("IR", "img")):
-        lines.append(f"{name:6}" + "".join("".join(f"{recall(key, prefix, k):7.1f}" for k in (1, 5, 10)) + "  "
-                                           for _, key in columns).rstrip())
-    lines.append("r_mean" + "".join(f"{r_mean(key):{cell}.2f}  " for _, key in columns).rstrip())
-    return "\n".join(lines)

@@ -2,7 +2,7 @@
 
     python -m bench.ab_cudnn_attention [--num-images 200] [--repeats 2] [--amp bf16 none]
 
-eval_retrieval keeps SDPA off the cuDNN backend in the fast mode (AVOID_CUDNN_ATTENTION): cuDNN builds an
+The fast evaluation keeps SDPA off the cuDNN backend in the fast mode (AVOID_CUDNN_ATTENTION): cuDNN builds an
 execution plan for every new input shape, and the fast mode's length-cut batches come in many shapes. This
 script evaluates the same generated data with the same random-init model, alternating the two settings,
 and prints the phase times of each run. R@1 is printed to show the scores do not depend on the setting.
@@ -19,9 +19,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
-import eval_retrieval
+import engine.features
 from bench.bench_eval import bench_config, make_data, make_model
 from data import create_dataset
+from engine.evaluation import evaluate
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -44,14 +45,14 @@ def main(argv: list[str] | None = None) -> None:
         for amp in args.amp:
             for _ in range(args.repeats):
                 for avoid in (True, False):
-                    eval_retrieval.AVOID_CUDNN_ATTENTION = avoid
+                    engine.features.AVOID_CUDNN_ATTENTION = avoid
                     run_config = dict(config, eval_mode="fast", eval_amp=amp)
-                    m = eval_retrieval.evaluate(model, dataset, run_config, device).metrics
+                    m = evaluate(model, dataset, run_config, device).metrics
                     setting = "off" if avoid else "on "
                     print(f"amp {amp:4} cuDNN attention {setting}: text {m['time_text_features']:.2f}s "
                           f"image {m['time_image_features']:.2f}s re-rank {m['time_rerank']:.2f}s total "
                           f"{m['time_total']:.2f}s; R@1 TR {m['txt_r1']:.2f} IR {m['img_r1']:.2f}", flush=True)
-    eval_retrieval.AVOID_CUDNN_ATTENTION = True
+    engine.features.AVOID_CUDNN_ATTENTION = True
 
 
 if __name__ == "__main__":

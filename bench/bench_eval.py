@@ -40,7 +40,8 @@ import torch
 
 from data import create_dataset
 from data.synthetic import make_synthetic_dataset
-from eval_retrieval import ITM_PIECE, evaluate, plan_itm_forwards
+from engine.evaluation import evaluate
+from engine.itm_rerank import ITM_PIECE, plan_itm_forwards
 from models.blip_retrieval import BlipRetrieval, build_model, init_tokenizer
 from utils import DEFAULT_CONFIG, validate_config
 
@@ -270,7 +271,7 @@ def kv_projection_flops(med, n_image_tokens: int) -> int:
 
 
 def topk_masks(result, k_test: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """Re-ranked entries of a result: they hold ITM + cosine, the rest cosine - 100 (eval_retrieval)."""
+    """Re-ranked entries of a result: they hold ITM + cosine, the rest cosine - 100 (engine/itm_rerank.py)."""
     masks = result.scores_i2t > -50.0, result.scores_t2i > -50.0
     k_i2t, k_t2i = min(k_test, masks[0].shape[1]), min(k_test, masks[1].shape[1])
     if not ((masks[0].sum(1) == k_i2t).all() and (masks[1].sum(1) == k_t2i).all()):

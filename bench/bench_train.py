@@ -12,7 +12,7 @@ weights (restored before each variant), the SAME batch of generated images and c
                elsewhere, as train_retrieval.py), captions padded to the batch's longest and the text tower's
                last layer for position 0 only (the model's default)
     fp32       no autocast, plain AdamW(foreach=False), captions padded to 35 and the full last layer
-               (model.official_text_compute = True)
+               (forward(..., text_compute="official"))
 
 each with ViT activation checkpointing off and on (vit_grad_ckpt, last --ckpt-layer blocks), and on request
 `ours+compile` (ours under torch.compile; its warm-up steps include the compilation). The model
@@ -98,8 +98,8 @@ def run_variant(model, init_state: dict, batch: tuple, variant: str, args, devic
     kind, ckpt, compiled = variant.split("+")[0], variant.endswith("+ckpt"), variant.endswith("+compile")
     model.load_state_dict(init_state)  # same starting weights, queues and queue pointer for every variant
     model.visual_encoder.ckpt_layer = args.ckpt_layer if ckpt else 0
-    model.official_text_compute = kind == "fp32"
-    model.static_caption_shape = compiled  # as train_retrieval.py does with compile: true
+    # fp32: the official text work; compiled: captions padded to max_length, as training with compile: true
+    text_compute = "official" if kind == "fp32" else "static" if compiled else "trimmed"
     step_model = torch.compile(model) if compiled else model  # compiled during the warm-up steps
     model.train()
     amp = args.amp if kind == "ours" and (device.type == "cuda" or args.amp_cpu) else "none"
@@ -118,7 +118,7 @@ def run_variant(model, init_state: dict, batch: tuple, variant: str, args, devic
             sync(device)
             t0, cpu0 = time.perf_counter(), time.process_time()
             with autocast(device, amp, amp_cpu=True):  # `amp` is already "none" where it must not apply
-                out = step_model(images, captions, args.alpha, idx)
+                out = step_model(images, captions, args.alpha, idx, text_compute=text_compute)
                 loss = out["loss_ita"] + out["loss_itm"]
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -132,10 +132,9 @@ def run_variant(model, init_state: dict, batch: tuple, variant: str, args, devic
     # One more, untimed, forward + backward under FlopCounterMode: the matrix FLOPs the step really does
     # (with checkpointing, the recomputed forward too; AdamW's elementwise work is not counted).
     with FlopCounterMode(display=False) as counter, autocast(device, amp, amp_cpu=True):
-        out = model(images, captions, args.alpha, idx)
+        out = model(images, captions, args.alpha, idx, text_compute=text_compute)
         (out["loss_ita"] + out["loss_itm"]).backward()
     model.zero_grad(set_to_none=True)
-    model.static_caption_shape = False
     del optimizer, params, step_model
     median = statistics.median(times)
     flops = counter.get_total_flops()

@@ -1,9 +1,9 @@
 """Datasets, transforms and loaders for image-text retrieval.
 
-Config keys used here: ``dataset`` (flickr | coco | custom), ``image_root``, ``ann_root``
-(flickr/coco), ``train_file`` / ``val_file`` / ``test_file`` (custom), ``image_size``,
-``max_words`` (default 30) and ``min_scale`` (default 0.5).
-``autocontrast`` (official | fixed, default official) picks RandomAugment's AutoContrast.
+Config keys used here (a resolved config: utils.DEFAULT_CONFIG holds the defaults): ``dataset`` (flickr | coco |
+custom), ``image_root``, ``ann_root`` (flickr/coco), ``train_file`` / ``val_file`` / ``test_file`` (custom),
+``image_size``, ``max_words``, and for training ``min_scale`` (RandomResizedCrop) and ``autocontrast`` (official |
+fixed, RandomAugment's AutoContrast).
 """
 
 from __future__ import annotations
@@ -120,11 +120,10 @@ def create_dataset(config: dict[str, Any], split: str) -> Dataset:
         if key not in config:
             raise DataError(f"Config key '{key}' is required to build the {split} dataset.")
     ann_file = annotation_path(config, split)
-    max_words = int(config.get("max_words", 30))
+    max_words = int(config["max_words"])
     size = int(config["image_size"])
     if split == "train":
-        transform = train_transform(size, min_scale=float(config.get("min_scale", 0.5)),
-                                    autocontrast=str(config.get("autocontrast", "official")))
+        transform = train_transform(size, min_scale=float(config["min_scale"]), autocontrast=config["autocontrast"])
         return RetrievalTrainDataset(ann_file, config["image_root"], transform, max_words=max_words)
     return RetrievalEvalDataset(ann_file, config["image_root"], test_transform(size), max_words=max_words)
 

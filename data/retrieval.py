@@ -20,13 +20,14 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from data.utils import pre_caption
+from utils import UserError
 
 # How many image paths to probe at construction. Enough to catch a wrong image_root or folder
 # name, cheap enough for a 100k-record COCO file on a network drive.
 NUM_PATHS_TO_CHECK = 8
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset, annotation file or image is missing or malformed; the message says how to fix it."""
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from models.med import BertModel, MedConfig
 from models.vit import create_vit
-from utils import all_gather_concat, all_gather_with_grad, get_world_size
+from utils import ConfigError, all_gather_concat, all_gather_with_grad, get_world_size
 
 
 def init_tokenizer(text_encoder: str = "bert-base-uncased"):
@@ -88,6 +88,9 @@ def sample_hard_negatives(sim: torch.Tensor, positive: torch.Tensor,
     return torch.multinomial(weights, 1).squeeze(1), invalid.sum()
 
 
+TEXT_COMPUTE = ("trimmed", "static", "official")  # BlipRetrieval.forward `text_compute`
+
+
 class BlipRetrieval(nn.Module):
     def __init__(self, med_config: MedConfig, tokenizer, vit: str | dict = "base", image_size: int = 384,
                  vit_grad_ckpt: bool = False, vit_ckpt_layer: int = 0, vit_drop_path_rate: float | None = None,
@@ -100,12 +103,6 @@ class BlipRetrieval(nn.Module):
             raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but med_config vocab_size is "
                              f"{med_config.vocab_size}; they must match (30524 for bert-base-uncased + [DEC], [ENC])")
         self.max_length = max_length
-        # The training step trims the text tower's work without changing its math: captions are padded to the
-        # batch's longest instead of max_length, and the last layer computes only position 0, the only one read
-        # (BertModel.forward `cls_only`). True = the official amount of work (benchmarks compare against it).
-        self.official_text_compute = False
-        # Captions padded to max_length even when trimming: one text shape for torch.compile (train sets it).
-        self.static_caption_shape = False
         self.visual_encoder, vision_width = create_vit(vit, image_size, vit_grad_ckpt, vit_ckpt_layer,
                                                        vit_drop_path_rate, vit_layer_norm_eps)
         med_config = MedConfig(**{**med_config.to_dict(), "encoder_width": vision_width})
@@ -185,20 +182,29 @@ class BlipRetrieval(nn.Module):
     # Training
     # ----------------------------------------------------------------------------------------------
     def forward(self, image: torch.Tensor, caption: list[str], alpha: float, idx: torch.Tensor,
-                hard_negative_fraction: float = 1.0) -> dict:
+                hard_negative_fraction: float = 1.0, text_compute: str = "trimmed", update_queues: bool = True) -> dict:
         """Training losses and ITM statistics, all tensors (no host sync): {'loss_ita', 'loss_itm',
         'itm_acc_pos' (share of matching pairs the ITM head calls a match), 'itm_acc_neg' (share of negative
-        pairs it calls a mismatch), 'num_neg_fallback'}. `hard_negative_fraction`: see sample_hard_negatives
-        (1 = the official hard negatives)."""
+        pairs it calls a mismatch), 'num_neg_fallback'}.
+
+        hard_negative_fraction: see sample_hard_negatives (1 = the official hard negatives).
+        text_compute: the text tower's work, the same math each way. "trimmed": captions padded to the batch's
+            longest, and the last layer computes only position 0, the only one read (BertModel.forward `cls_only`).
+            "static": the same with captions padded to max_length, one text shape for torch.compile. "official":
+            max_length padding and every position of the last layer, the official amount of work (benchmarks).
+        update_queues: False leaves the ITC queues unwritten (the memory probe of `vit_ckpt_layer: auto`).
+        """
+        if text_compute not in TEXT_COMPUTE:
+            raise ValueError(f"text_compute must be one of {TEXT_COMPUTE}, got {text_compute!r}")
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
         idx = idx.view(-1, 1)
 
         image_embeds, image_feat = self.encode_image(image)
         # Negatives gathered from all ranks need one text shape on every rank: that mode keeps max_length padding.
-        cls_only = not self.official_text_compute
-        one_shape = self.negative_all_rank or self.static_caption_shape
-        text_ids, text_atts = self.tokenize(caption, image.device, pad_to_longest=cls_only and not one_shape)
+        cls_only = text_compute != "official"
+        pad_to_longest = text_compute == "trimmed" and not self.negative_all_rank
+        text_ids, text_atts = self.tokenize(caption, image.device, pad_to_longest=pad_to_longest)
         text_feat = self.encode_text(text_ids, text_atts, cls_only=cls_only)
 
         # ITC targets: every column holding the same image id is a positive (in batch and in the queue).
@@ -226,7 +232,8 @@ class BlipRetrieval(nn.Module):
         loss_ita = (loss_i2t + loss_t2i) / 2
 
         idxs = all_gather_concat(idx)
-        self._dequeue_and_enqueue(image_feat_m, text_feat_m, idxs)
+        if update_queues:
+            self._dequeue_and_enqueue(image_feat_m, text_feat_m, idxs)
 
         # ITM: positives, then one hard negative image per text and one hard negative text per image.
         enc_ids = self.with_enc_token(text_ids)
@@ -313,20 +320,23 @@ def build_model(config: dict, tokenizer=None) -> BlipRetrieval:
 
     Every key is read, so a partial dict must be merged over the defaults first: `{**DEFAULT_CONFIG, **config}`.
     """
-    if tokenizer is None:
-        tokenizer = init_tokenizer(config["text_encoder"])
-    med = config["med_config"]
-    if isinstance(med, dict):
-        med_config = MedConfig.from_dict({"vocab_size": len(tokenizer), **med}, source="config key med_config")
-    else:
-        med_config = MedConfig.from_json(med)
-    vit_spec = config["vit"]
-    return BlipRetrieval(med_config, tokenizer, vit=vit_spec, image_size=config["image_size"],
-                         vit_grad_ckpt=config["vit_grad_ckpt"],
-                         vit_ckpt_layer=config["vit_ckpt_layer"],
-                         vit_drop_path_rate=config["drop_path_rate"],
-                         vit_layer_norm_eps=config["vit_layer_norm_eps"],
-                         embed_dim=config["embed_dim"], queue_size=config["queue_size"],
-                         momentum=config["momentum"],
-                         negative_all_rank=config["negative_all_rank"],
-                         max_length=config["max_length"])
+    # The tokenizer, the MED config and the model constructor raise OSError / ValueError on bad values; here, where
+    # those values come from config keys, they become ConfigError (one line from the CLI, no traceback).
+    try:
+        if tokenizer is None:
+            tokenizer = init_tokenizer(config["text_encoder"])
+        med = config["med_config"]
+        if isinstance(med, dict):
+            med_config = MedConfig.from_dict({"vocab_size": len(tokenizer), **med}, source="config key med_config")
+        else:
+            med_config = MedConfig.from_json(med)
+        return BlipRetrieval(med_config, tokenizer, vit=config["vit"], image_size=config["image_size"],
+                             vit_grad_ckpt=config["vit_grad_ckpt"], vit_ckpt_layer=config["vit_ckpt_layer"],
+                             vit_drop_path_rate=config["drop_path_rate"],
+                             vit_layer_norm_eps=config["vit_layer_norm_eps"], embed_dim=config["embed_dim"],
+                             queue_size=config["queue_size"], momentum=config["momentum"],
+                             negative_all_rank=config["negative_all_rank"], max_length=config["max_length"])
+    except (OSError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(str(err)) from err

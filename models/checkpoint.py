@@ -36,13 +36,13 @@ from timm.layers import resample_abs_pos_embed
 
 from models.blip_retrieval import BlipRetrieval, build_model
 from models.vit import VIT_SIZES
-from utils import barrier, download_file, is_dist_initialized, log
+from utils import UserError, barrier, download_file, is_dist_initialized, log
 
 OFFICIAL_URL_PREFIX = "https://storage.googleapis.com/sfr-vision-language-research/"
 MOMENTUM_PREFIXES = ("visual_encoder_m.", "vision_proj_m.", "text_encoder_m.", "text_proj_m.")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be loaded as asked; the message names the source and what to do."""
 
 

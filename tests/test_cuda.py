@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-import eval_retrieval as ev
 import models.blip_retrieval as br
 import train_retrieval
 from data import create_dataset
 from data.synthetic import make_synthetic_dataset
+from engine import evaluation, features, itm_rerank, memory
 from models.blip_retrieval import build_model
 from tests.helpers import spread_weights, synthetic_config
 from utils import autocast, save_config
@@ -63,7 +63,7 @@ def test_ds(config: dict):
 def _evaluate(model, dataset, config: dict, device: torch.device, **overrides):
     model.to(device)
     try:
-        return ev.evaluate(model, dataset, {**config, **overrides}, device)
+        return evaluation.evaluate(model, dataset, {**config, **overrides}, device)
     finally:
         model.to(CPU)
 
@@ -99,8 +99,8 @@ def test_streamed_image_tokens_give_the_resident_scores(model, test_ds, config, 
     """Tokens that do not fit stay in pinned host memory and are copied KV_CHUNK images at a time; forcing that
     path (and chunks that do not divide the image count) must not change a single score."""
     resident = _evaluate(model, test_ds, config, CUDA, eval_mode="fast", eval_amp=amp)
-    monkeypatch.setattr(ev, "TOKEN_MEMORY_FRACTION", 0.0)
-    monkeypatch.setattr(ev, "KV_CHUNK", 3)
+    monkeypatch.setattr(features, "TOKEN_MEMORY_FRACTION", 0.0)
+    monkeypatch.setattr(itm_rerank, "KV_CHUNK", 3)
     streamed = _evaluate(model, test_ds, config, CUDA, eval_mode="fast", eval_amp=amp)
     np.testing.assert_allclose(streamed.scores_i2t, resident.scores_i2t, atol=1e-5, rtol=0)
     np.testing.assert_allclose(streamed.scores_t2i, resident.scores_t2i, atol=1e-5, rtol=0)
@@ -155,12 +155,12 @@ def test_memory_probe_on_cuda_measures_and_restores(config):
     model = build_model({**config, "med_config": {**config["med_config"], **NO_DROPOUT}}).to(CUDA)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     depth = len(model.visual_encoder.blocks)
-    peak_1, peak_2, peak_1_all = (train_retrieval.measure_step_peak(model, b, n, config, CUDA)
+    peak_1, peak_2, peak_1_all = (memory.measure_step_peak(model, b, n, config, CUDA)
                                   for b, n in ((1, 0), (2, 0), (1, depth)))
     assert 0 < peak_1 <= peak_2
     assert peak_1_all <= 1.01 * peak_1  # tiny blocks: checkpointing saves little, but never adds to the peak
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert 0 <= train_retrieval.choose_vit_ckpt_layers(model, {**config, "batch_size_train": 8}, CUDA) <= depth
+    assert 0 <= memory.choose_vit_ckpt_layers(model, {**config, "batch_size_train": 8}, CUDA) <= depth
 
 
 def _deterministic_negatives(sim: torch.Tensor, positive: torch.Tensor,

@@ -232,8 +232,8 @@ def test_official_autocontrast_table_matches_numpy_uint8_arithmetic() -> None:
 
 
 def test_autocontrast_config_reaches_random_augment(synth: dict[str, str]) -> None:
-    config = {"dataset": "custom", "image_root": synth["image_root"], "train_file": synth["train_file"],
-              "image_size": 16}
+    config = {**DEFAULT_CONFIG, "dataset": "custom", "image_root": synth["image_root"],
+              "train_file": synth["train_file"], "image_size": 16}
     for value, fn in ((None, T.auto_contrast), ("official", T.auto_contrast), ("fixed", T.auto_contrast_fixed)):
         cfg = dict(config) if value is None else {**config, "autocontrast": value}
         (aug,) = [t for t in create_dataset(cfg, "train").transform.transforms if isinstance(t, T.RandomAugment)]
@@ -310,6 +310,7 @@ def test_eval_dataset_on_synthetic(synth: dict[str, str]) -> None:
 
 def test_create_dataset_and_loader(synth: dict[str, str]) -> None:
     config = {
+        **DEFAULT_CONFIG,
         "dataset": "custom",
         "image_root": synth["image_root"],
         "train_file": synth["train_file"],

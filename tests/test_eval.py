@@ -17,13 +17,15 @@ import pytest
 import torch
 import yaml
 
-import eval_retrieval as ev
+import eval_retrieval
 from data import DataError, create_dataset
 from data.synthetic import make_synthetic_dataset
+from engine import evaluation, features, itm_rerank
+from engine.metrics import compute_metrics, format_metrics_table
 from models.blip_retrieval import build_model
 from tests.dist_helpers import run_distributed
 from tests.helpers import TINY_MED, spread_weights, synthetic_config
-from utils import ConfigError, load_config
+from utils import DEFAULT_CONFIG, ConfigError, load_config
 
 CPU = torch.device("cpu")
 RECALL_KEYS = ["txt_r1", "txt_r5", "txt_r10", "txt_r_mean", "img_r1", "img_r5", "img_r10", "img_r_mean", "r_mean"]
@@ -159,7 +161,7 @@ T2I = np.array([
 
 
 def test_compute_metrics_hand_computed():
-    m = ev.compute_metrics(I2T, T2I, TXT2IMG, IMG2TXT)
+    m = compute_metrics(I2T, T2I, TXT2IMG, IMG2TXT)
     # txt ranks 0, 3, 7, 0 -> 1-based 1, 4, 8, 1
     assert m["txt_r1"] == pytest.approx(50.0)
     assert m["txt_r5"] == pytest.approx(75.0)
@@ -216,7 +218,7 @@ def test_compute_metrics_ties_follow_official_argsort():
     ir = _official_ranks(t2i, [[TXT2IMG[t]] for t in range(12)])
     assert 0 <= tr[0] <= 1 and 0 <= tr[3] <= 1 and 0 <= tr[1] <= 10
     assert 0 <= ir[2] <= 1 and 0 <= ir[4] <= 3 and 0 <= ir[9] <= 3 and 0 <= ir[7] <= 1
-    m = ev.compute_metrics(i2t, t2i, TXT2IMG, IMG2TXT)
+    m = compute_metrics(i2t, t2i, TXT2IMG, IMG2TXT)
     for key, value in _metrics_from_ranks(tr, ir).items():
         assert m[key] == pytest.approx(value), key
 
@@ -236,7 +238,7 @@ def test_compute_metrics_recall_boundaries():
     n = len(ranks)
     i2t = np.stack([_row_with_gt_at(n, i, r) for i, r in enumerate(ranks)])
     t2i = np.stack([_row_with_gt_at(n, i, r) for i, r in enumerate(ranks[::-1])])
-    m = ev.compute_metrics(i2t, t2i, {i: i for i in range(n)}, {i: [i] for i in range(n)})
+    m = compute_metrics(i2t, t2i, {i: i for i in range(n)}, {i: [i] for i in range(n)})
     for prefix in ("txt", "img"):
         assert m[f"{prefix}_r1"] == pytest.approx(100 * 3 / 15)
         assert m[f"{prefix}_r5"] == pytest.approx(100 * 7 / 15)
@@ -259,7 +261,7 @@ def test_compute_metrics_many_rows_matches_official_loop():
 
     tr = _official_ranks(i2t, [img2txt[i] for i in range(n_img)])
     ir = _official_ranks(t2i, [[txt2img[t]] for t in range(n_txt)])
-    m = ev.compute_metrics(i2t, t2i, txt2img, img2txt)
+    m = compute_metrics(i2t, t2i, txt2img, img2txt)
     for k in (1, 5, 10):
         assert m[f"txt_r{k}"] == pytest.approx(100.0 * np.mean(tr < k))
         assert m[f"img_r{k}"] == pytest.approx(100.0 * np.mean(ir < k))
@@ -277,7 +279,7 @@ def test_evaluate_matches_brute_force(model, test_ds, config, brute_test, mode, 
     cos, itm = brute_test
     assert cos.shape == (12, 60)
     exp_i2t, exp_t2i = _expected_scores(cos, itm, k_test)
-    result = ev.evaluate(model, test_ds, _cfg(config, eval_mode=mode, k_test=k_test, itm_batch_size=256), CPU)
+    result = evaluation.evaluate(model, test_ds, _cfg(config, eval_mode=mode, k_test=k_test, itm_batch_size=256), CPU)
     assert result.scores_i2t.dtype == np.float32 and result.scores_t2i.dtype == np.float32
     assert result.scores_i2t.shape == (12, 60) and result.scores_t2i.shape == (60, 12)
     np.testing.assert_allclose(result.scores_i2t, exp_i2t, atol=1e-4, rtol=0)
@@ -285,8 +287,8 @@ def test_evaluate_matches_brute_force(model, test_ds, config, brute_test, mode, 
     # Exactly min(k, N) entries per row were re-ranked (ITM logits are O(1); the rest are near -100).
     assert ((result.scores_i2t > -50).sum(1) == min(k_test, 60)).all()
     assert ((result.scores_t2i > -50).sum(1) == min(k_test, 12)).all()
-    expected_metrics = ev.compute_metrics(exp_i2t, exp_t2i, test_ds.txt2img, test_ds.img2txt)
-    expected_itc = ev.compute_metrics(cos, np.ascontiguousarray(cos.T), test_ds.txt2img, test_ds.img2txt)
+    expected_metrics = compute_metrics(exp_i2t, exp_t2i, test_ds.txt2img, test_ds.img2txt)
+    expected_itc = compute_metrics(cos, np.ascontiguousarray(cos.T), test_ds.txt2img, test_ds.img2txt)
     for key in RECALL_KEYS:
         assert result.metrics[key] == pytest.approx(expected_metrics[key]), key
         assert result.metrics[f"itc_{key}"] == pytest.approx(expected_itc[key]), key  # cosines alone
@@ -306,8 +308,8 @@ def test_itm_changes_the_ranking(test_ds, brute_test):
 
 def _fast_matching_official(model, dataset, cfg: dict):
     """Evaluate in both modes, check the fast mode gives the official scores and metrics; return both results."""
-    fast = ev.evaluate(model, dataset, _cfg(cfg, eval_mode="fast"), CPU)
-    official = ev.evaluate(model, dataset, _cfg(cfg, eval_mode="official"), CPU)
+    fast = evaluation.evaluate(model, dataset, _cfg(cfg, eval_mode="fast"), CPU)
+    official = evaluation.evaluate(model, dataset, _cfg(cfg, eval_mode="official"), CPU)
     np.testing.assert_allclose(fast.scores_i2t, official.scores_i2t, atol=1e-4, rtol=0)
     np.testing.assert_allclose(fast.scores_t2i, official.scores_t2i, atol=1e-4, rtol=0)
     for key in RECALL_KEYS + RANK_KEYS:
@@ -320,15 +322,16 @@ def test_fast_and_official_agree_with_split_itm_batches(model, test_ds, config):
     fast, official = _fast_matching_official(model, test_ds, cfg)
     assert fast.metrics["eval_mode"] == "fast" and official.metrics["eval_mode"] == "official"
     # itm_batch_size must not change the fast scores beyond float rounding.
-    big = ev.evaluate(model, test_ds, _cfg(cfg, eval_mode="fast", itm_batch_size=1000), CPU)
+    big = evaluation.evaluate(model, test_ds, _cfg(cfg, eval_mode="fast", itm_batch_size=1000), CPU)
     np.testing.assert_allclose(fast.scores_i2t, big.scores_i2t, atol=1e-5, rtol=0)
     np.testing.assert_allclose(fast.scores_t2i, big.scores_t2i, atol=1e-5, rtol=0)
 
 
 def test_fast_mode_with_cpu_bf16_autocast_stays_close_to_fp32(model, test_ds, config):
     """amp_cpu runs the fast mode in bf16 on the CPU: scores come back as float32 and within bf16 rounding."""
-    fp32 = ev.evaluate(model, test_ds, _cfg(config, eval_mode="fast", k_test=5), CPU)
-    bf16 = ev.evaluate(model, test_ds, _cfg(config, eval_mode="fast", k_test=5, eval_amp="bf16", amp_cpu=True), CPU)
+    fp32 = evaluation.evaluate(model, test_ds, _cfg(config, eval_mode="fast", k_test=5), CPU)
+    bf16_config = _cfg(config, eval_mode="fast", k_test=5, eval_amp="bf16", amp_cpu=True)
+    bf16 = evaluation.evaluate(model, test_ds, bf16_config, CPU)
     assert bf16.scores_i2t.dtype == np.float32
     in_top_k = fp32.scores_i2t > -50
     assert ((bf16.scores_i2t > -50) == in_top_k).mean() > 0.9  # the ITC top k barely moves
@@ -341,9 +344,9 @@ def test_fast_mode_with_cpu_bf16_autocast_stays_close_to_fp32(model, test_ds, co
 
 def test_official_mode_ignores_amp(model, test_ds, config):
     """The reference path is fp32 whatever `eval_amp` says (here bf16 on the CPU via amp_cpu)."""
-    plain = ev.evaluate(model, test_ds, _cfg(config, eval_mode="official", k_test=4), CPU)
+    plain = evaluation.evaluate(model, test_ds, _cfg(config, eval_mode="official", k_test=4), CPU)
     asked_config = _cfg(config, eval_mode="official", k_test=4, eval_amp="bf16", amp_cpu=True)
-    asked = ev.evaluate(model, test_ds, asked_config, CPU)
+    asked = evaluation.evaluate(model, test_ds, asked_config, CPU)
     np.testing.assert_array_equal(plain.scores_i2t, asked.scores_i2t)
     np.testing.assert_array_equal(plain.scores_t2i, asked.scores_t2i)
 
@@ -355,28 +358,28 @@ def test_paper_configs_evaluate_in_fp32_by_default():
     for name in ("retrieval_flickr", "retrieval_coco", "retrieval_flickr_large", "retrieval_coco_large"):
         config = load_config(f"configs/{name}.yaml")
         assert config["eval_amp"] == "none" and config["amp"] == "bf16", name
-        assert ev._autocast_args(cuda, config)[1] == "none"
-        assert ev.token_dtype(cuda, config) == torch.float32
-        assert ev.token_dtype(cuda, {**config, "eval_amp": "bf16"}) == torch.bfloat16
+        assert features.eval_autocast_args(cuda, config)[1] == "none"
+        assert features.token_dtype(cuda, config) == torch.float32
+        assert features.token_dtype(cuda, {**config, "eval_amp": "bf16"}) == torch.bfloat16
 
 
 def test_image_tokens_are_stored_in_the_autocast_dtype():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert ev.token_dtype(cuda, {"eval_amp": "bf16"}) == torch.bfloat16
-    assert ev.token_dtype(cuda, {"eval_amp": "fp16"}) == torch.float16
-    assert ev.token_dtype(cuda, {"eval_amp": "none"}) == torch.float32
-    assert ev.token_dtype(cuda, {"eval_amp": "bf16", "eval_mode": "official"}) == torch.float32
-    assert ev.token_dtype(cpu, {"eval_amp": "bf16"}) == torch.float32
-    assert ev.token_dtype(cpu, {"eval_amp": "bf16", "amp_cpu": True}) == torch.bfloat16
+    assert features.token_dtype(cuda, {**DEFAULT_CONFIG, "eval_amp": "bf16"}) == torch.bfloat16
+    assert features.token_dtype(cuda, {**DEFAULT_CONFIG, "eval_amp": "fp16"}) == torch.float16
+    assert features.token_dtype(cuda, {**DEFAULT_CONFIG, "eval_amp": "none"}) == torch.float32
+    assert features.token_dtype(cuda, {**DEFAULT_CONFIG, "eval_amp": "bf16", "eval_mode": "official"}) == torch.float32
+    assert features.token_dtype(cpu, {**DEFAULT_CONFIG, "eval_amp": "bf16"}) == torch.float32
+    assert features.token_dtype(cpu, {**DEFAULT_CONFIG, "eval_amp": "bf16", "amp_cpu": True}) == torch.bfloat16
 
 
 def test_image_tokens_leave_the_gpu_when_they_take_over_half_its_free_memory(monkeypatch):
     """The decision only (no GPU here): 1000 Flickr images of ViT-B tokens at 384 px in bf16 are 0.85 GiB."""
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * 2**30, 80 * 2**30))
     cuda, values = torch.device("cuda"), 1000 * 577 * 768
-    assert ev.token_home(cuda, values, torch.bfloat16) == cuda
-    assert ev.token_home(cuda, 5 * values, torch.bfloat16) == torch.device("cpu")  # 4.2 GiB > half of 4 GiB
-    assert ev.token_home(torch.device("cpu"), 5 * values, torch.float32) == torch.device("cpu")
+    assert features.token_home(cuda, values, torch.bfloat16) == cuda
+    assert features.token_home(cuda, 5 * values, torch.bfloat16) == torch.device("cpu")  # 4.2 GiB > half of 4 GiB
+    assert features.token_home(torch.device("cpu"), 5 * values, torch.float32) == torch.device("cpu")
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # autocast("cuda") on a machine without CUDA warns
@@ -384,22 +387,22 @@ def test_fast_mode_keeps_attention_off_cudnn_on_cuda_only():
     """cuDNN attention plans every new shape (seconds per evaluation on an H100, bench/RESULTS.md): the fast mode
     turns that backend off inside its region on CUDA and restores the global setting afterwards."""
     assert torch.backends.cuda.cudnn_sdp_enabled()
-    with ev._autocast(torch.device("cuda"), {"eval_amp": "bf16"}):
+    with features.eval_autocast(torch.device("cuda"), {**DEFAULT_CONFIG, "eval_amp": "bf16"}):
         assert not torch.backends.cuda.cudnn_sdp_enabled()
         assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
     assert torch.backends.cuda.cudnn_sdp_enabled()
-    with ev._autocast(torch.device("cpu"), {"eval_amp": "bf16"}):
+    with features.eval_autocast(torch.device("cpu"), {**DEFAULT_CONFIG, "eval_amp": "bf16"}):
         assert torch.backends.cuda.cudnn_sdp_enabled()
 
 
 def test_length_batches_bound_padding_and_batch_size():
-    assert ev.length_batches([], 4) == []
-    assert ev.length_batches([5, 5, 5, 5, 5], 2) == [(0, 2), (2, 4), (4, 5)]  # max_batch only
+    assert features.length_batches([], 4) == []
+    assert features.length_batches([5, 5, 5, 5, 5], 2) == [(0, 2), (2, 4), (4, 5)]  # max_batch only
     # 3 texts of 10 then one of 20: padding 3 x 10 tokens to 20 would double the work, so 20 goes alone.
-    assert ev.length_batches([10, 10, 10, 20], 8) == [(0, 3), (3, 4)]
-    assert ev.length_batches([10, 10, 10, 11], 8) == [(0, 4)]  # 3 padding tokens on 41: within 10%
+    assert features.length_batches([10, 10, 10, 20], 8) == [(0, 3), (3, 4)]
+    assert features.length_batches([10, 10, 10, 11], 8) == [(0, 4)]  # 3 padding tokens on 41: within 10%
     lengths = sorted(np.random.default_rng(0).integers(4, 36, 500).tolist())
-    batches = ev.length_batches(lengths, 64)
+    batches = features.length_batches(lengths, 64)
     assert batches[0][0] == 0 and batches[-1][1] == 500
     assert all(a[1] == b[0] for a, b in zip(batches, batches[1:]))  # contiguous, every text once
     for start, end in batches:
@@ -414,8 +417,8 @@ def test_plan_itm_forwards_scores_every_pair_once_against_its_own_image(monkeypa
     lengths = [n for c in counts for n in sorted(rng.integers(3, 30, c).tolist())]
     image_of = [j for j, c in enumerate(counts) for _ in range(c)]
     for piece, max_batch, chunk in ((None, 4, 3), (4, 12, 3), (4, 3, 32), (16, 1024, 32)):
-        monkeypatch.setattr(ev, "KV_CHUNK", chunk)
-        plan = list(ev.plan_itm_forwards(counts, lengths, max_batch, piece))
+        monkeypatch.setattr(itm_rerank, "KV_CHUNK", chunk)
+        plan = list(itm_rerank.plan_itm_forwards(counts, lengths, max_batch, piece))
         assert len(plan) == -(-len(counts) // chunk)
         scored = []
         for c, forwards in enumerate(plan):
@@ -435,15 +438,15 @@ def test_plan_itm_forwards_scores_every_pair_once_against_its_own_image(monkeypa
 def test_cross_image_forwards_give_the_official_scores(model, test_ds, config, monkeypatch):
     """The GPU batching (pieces of several images in one forward, with filler rows), forced on the CPU with small
     pieces and chunks, gives the official scores."""
-    monkeypatch.setitem(ev.ITM_PIECE, "cpu", 3)
-    monkeypatch.setattr(ev, "KV_CHUNK", 5)  # 12 images: chunks of 5, 5 and 2
+    monkeypatch.setitem(itm_rerank.ITM_PIECE, "cpu", 3)
+    monkeypatch.setattr(itm_rerank, "KV_CHUNK", 5)  # 12 images: chunks of 5, 5 and 2
     _fast_matching_official(model, test_ds, _cfg(config, k_test=9, itm_batch_size=10))
 
 
 def test_evaluate_restores_training_mode(model, test_ds, config):
     model.train()
     try:
-        ev.evaluate(model, test_ds, _cfg(config, k_test=2), CPU)
+        evaluation.evaluate(model, test_ds, _cfg(config, k_test=2), CPU)
         assert model.training
     finally:
         model.eval()
@@ -457,15 +460,15 @@ DIST_MODES = ("fast", "fast_pieces", "official")  # fast_pieces: the GPU batchin
 
 def _evaluate_mode(model, dataset, config: dict, mode: str):
     if mode != "fast_pieces":
-        return ev.evaluate(model, dataset, _cfg(config, eval_mode=mode), CPU)
-    saved = dict(ev.ITM_PIECE), ev.KV_CHUNK
-    ev.ITM_PIECE["cpu"], ev.KV_CHUNK = 2, 4  # pieces of 2 texts, chunks of 4 images
+        return evaluation.evaluate(model, dataset, _cfg(config, eval_mode=mode), CPU)
+    saved = dict(itm_rerank.ITM_PIECE), itm_rerank.KV_CHUNK
+    itm_rerank.ITM_PIECE["cpu"], itm_rerank.KV_CHUNK = 2, 4  # pieces of 2 texts, chunks of 4 images
     try:
-        return ev.evaluate(model, dataset, _cfg(config, eval_mode="fast"), CPU)
+        return evaluation.evaluate(model, dataset, _cfg(config, eval_mode="fast"), CPU)
     finally:
-        ev.ITM_PIECE.clear()
-        ev.ITM_PIECE.update(saved[0])
-        ev.KV_CHUNK = saved[1]
+        itm_rerank.ITM_PIECE.clear()
+        itm_rerank.ITM_PIECE.update(saved[0])
+        itm_rerank.KV_CHUNK = saved[1]
 
 
 def _dist_eval_body(rank: int, world_size: int, configs: dict, state_path: str) -> dict:
@@ -560,7 +563,7 @@ def cli_files(synth, model, tmp_path_factory) -> tuple[str, str]:
 def test_cli_end_to_end(cli_files, model, test_ds, config, tmp_path):
     cfg_path, ckpt = cli_files
     out = str(tmp_path / "out")
-    returned = ev.main(["--config", cfg_path, "--checkpoint", ckpt, "--split", "test", "--output-dir", out,
+    returned = eval_retrieval.main(["--config", cfg_path, "--checkpoint", ckpt, "--split", "test", "--output-dir", out,
                         "--save-scores"])
     with open(os.path.join(out, "metrics_test.json")) as f:
         metrics = json.load(f)
@@ -579,12 +582,12 @@ def test_cli_end_to_end(cli_files, model, test_ds, config, tmp_path):
     i2t, t2i = scores["i2t"], scores["t2i"]
     assert i2t.shape == (12, 60) and t2i.shape == (60, 12)
     assert i2t.dtype == np.float32 and t2i.dtype == np.float32
-    recomputed = ev.compute_metrics(i2t, t2i, test_ds.txt2img, test_ds.img2txt)
+    recomputed = compute_metrics(i2t, t2i, test_ds.txt2img, test_ds.img2txt)
     for key in RECALL_KEYS + RANK_KEYS:
         assert recomputed[key] == metrics[key], key  # exactly: the saved matrices ARE the metrics' input
 
     # The checkpoint really was loaded: same scores as evaluating the in-memory model directly.
-    direct = ev.evaluate(model, test_ds, _cfg(config, k_test=8), CPU)
+    direct = evaluation.evaluate(model, test_ds, _cfg(config, k_test=8), CPU)
     np.testing.assert_allclose(i2t, direct.scores_i2t, atol=1e-5, rtol=0)
     np.testing.assert_allclose(t2i, direct.scores_t2i, atol=1e-5, rtol=0)
 
@@ -596,8 +599,8 @@ def test_cli_end_to_end(cli_files, model, test_ds, config, tmp_path):
 def test_cli_options_override_k_test(cli_files, tmp_path):
     cfg_path, ckpt = cli_files
     out = str(tmp_path / "out3")
-    ev.main(["--config", cfg_path, "--checkpoint", ckpt, "--split", "val", "--output-dir", out, "--save-scores",
-             "--options", "k_test=3"])
+    eval_retrieval.main(["--config", cfg_path, "--checkpoint", ckpt, "--split", "val", "--output-dir", out,
+                         "--save-scores", "--options", "k_test=3"])
     with open(os.path.join(out, "metrics_val.json")) as f:
         metrics = json.load(f)
     assert metrics["k_test"] == 3 and metrics["num_images"] == 11 and metrics["num_texts"] == 55
@@ -612,7 +615,7 @@ def test_cli_options_override_k_test(cli_files, tmp_path):
 def test_cli_unknown_option_names_the_key(cli_files, tmp_path):
     cfg_path, ckpt = cli_files
     with pytest.raises(ConfigError) as err:
-        ev.main(["--config", cfg_path, "--checkpoint", ckpt, "--output-dir", str(tmp_path / "x"),
+        eval_retrieval.main(["--config", cfg_path, "--checkpoint", ckpt, "--output-dir", str(tmp_path / "x"),
                  "--options", "k_tset=3"])
     assert "k_tset" in str(err.value) and "k_test" in str(err.value)  # the bad key and the nearest valid one
     assert not os.path.exists(tmp_path / "x" / "metrics_test.json")
@@ -627,7 +630,7 @@ def test_empty_eval_split_names_the_file(synth, cli_files, tmp_path):
     empty.write_text("[]")
     cfg_path = _write_cli_config(synth, str(tmp_path / "empty.yaml"), test_file=str(empty))
     with pytest.raises(DataError, match="empty") as err:
-        ev.main(["--config", cfg_path, "--checkpoint", ckpt, "--output-dir", str(tmp_path / "o")])
+        eval_retrieval.main(["--config", cfg_path, "--checkpoint", ckpt, "--output-dir", str(tmp_path / "o")])
     assert str(empty) in str(err.value)
 
 
@@ -637,7 +640,7 @@ def test_eval_split_without_captions_names_the_file(synth, cli_files, tmp_path):
     no_text.write_text(json.dumps([{"image": "test/00000.png", "caption": []}]))
     cfg_path = _write_cli_config(synth, str(tmp_path / "notext.yaml"), test_file=str(no_text))
     with pytest.raises(DataError, match="empty caption list") as err:
-        ev.main(["--config", cfg_path, "--checkpoint", ckpt, "--output-dir", str(tmp_path / "o")])
+        eval_retrieval.main(["--config", cfg_path, "--checkpoint", ckpt, "--output-dir", str(tmp_path / "o")])
     assert str(no_text) in str(err.value)
 
 
@@ -646,5 +649,30 @@ def test_evaluate_rejects_a_split_with_nothing_to_score(model, config, n_img, n_
     dataset = SimpleNamespace(image=[f"{i}.png" for i in range(n_img)], text=["a"] * n_txt,
                               img2txt={i: [] for i in range(n_img)}, txt2img={})
     with pytest.raises(ValueError, match=f"{n_img} images and {n_txt} texts") as err:
-        ev.evaluate(model, dataset, config, CPU, desc="val")
+        evaluation.evaluate(model, dataset, config, CPU, desc="val")
     assert "val" in str(err.value)
+
+
+def test_format_metrics_table():
+    m = {"txt_r1": 97.24, "txt_r5": 99.9, "txt_r10": 100.0, "img_r1": 87.56, "img_r5": 97.7, "img_r10": 98.9,
+         "r_mean": 96.87}
+    table = format_metrics_table(m)
+    lines = table.splitlines()
+    assert lines[0].split() == ["R@1", "R@5", "R@10"]
+    assert lines[1].split() == ["TR", "97.2", "99.9", "100.0"]
+    assert lines[2].split() == ["IR", "87.6", "97.7", "98.9"]
+    assert "r_mean" in lines[3] and "96.87" in lines[3]
+    del m["r_mean"]
+    assert "96.88" in format_metrics_table(m)  # computed from the six recalls when absent
+
+
+def test_format_metrics_table_shows_itc_only_beside_re_ranked():
+    m = {"txt_r1": 40.0, "txt_r5": 80.0, "txt_r10": 90.0, "img_r1": 30.0, "img_r5": 70.0, "img_r10": 85.0,
+         "r_mean": 65.83, "itc_txt_r1": 20.0, "itc_txt_r5": 60.0, "itc_txt_r10": 90.0, "itc_img_r1": 18.0,
+         "itc_img_r5": 55.0, "itc_img_r10": 85.0, "itc_r_mean": 54.67}
+    lines = format_metrics_table(m).splitlines()
+    assert lines[0].split() == ["ITC", "only", "ITM", "re-ranked"]
+    assert lines[1].split() == ["R@1", "R@5", "R@10"] * 2
+    assert lines[2].split() == ["TR", "20.0", "60.0", "90.0", "40.0", "80.0", "90.0"]
+    assert lines[3].split() == ["IR", "18.0", "55.0", "85.0", "30.0", "70.0", "85.0"]
+    assert lines[4].split() == ["r_mean", "54.67", "65.83"]

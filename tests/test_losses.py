@@ -310,22 +310,25 @@ def test_negative_all_rank_in_one_process_equals_local_mode(tmp_path):
 
 
 def test_trimmed_text_compute_gives_the_official_losses_and_gradients(tmp_path):
-    """Padding to the longest caption and the [CLS]-only last layer (default) vs the official max_length padding
-    and full last layer: same losses and gradients, so the trimming is pure speed."""
+    """Padding to the longest caption and the [CLS]-only last layer (default), the same with max_length padding
+    (`static`, for torch.compile), and the official max_length padding with the full last layer: same losses and
+    gradients, so the trimming is pure speed."""
     trimmed = _model(tmp_path)
-    official = copy.deepcopy(trimmed)
-    official.official_text_compute = True
+    models = {mode: copy.deepcopy(trimmed) for mode in ("static", "official")}
+    models["trimmed"] = trimmed
     image, caption, idx = _inputs()
     grads = []
-    for model in (trimmed, official):
+    for mode in ("trimmed", "static", "official"):
+        model = models[mode]
         torch.manual_seed(5)  # the same hard negatives
-        out = model(image, caption, 0.4, idx)
+        out = model(image, caption, 0.4, idx, text_compute=mode)
         (out["loss_ita"] + out["loss_itm"]).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         grads[-1]["losses"] = torch.stack([out["loss_ita"], out["loss_itm"]]).detach()
-    assert grads[0].keys() == grads[1].keys()
-    for name in grads[0]:
-        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4), name
+    for other in grads[1:]:
+        assert grads[0].keys() == other.keys()
+        for name in grads[0]:
+            assert torch.allclose(grads[0][name], other[name], atol=1e-5, rtol=1e-4), name
 
 
 # ----------------------------------------------------------------------------- momentum and temperature
@@ -364,3 +367,21 @@ def test_temp_is_clamped_in_the_forward(tmp_path, value, clamped):
     out = model(image, caption, 0.4, idx)
     assert model.temp.item() == pytest.approx(clamped)
     assert torch.isfinite(out["loss_ita"]) and torch.isfinite(out["loss_itm"])
+
+
+def test_update_queues_false_leaves_the_queues_unwritten(tmp_path):
+    model = _model(tmp_path)
+    image, caption, idx = _inputs()
+    queues = {name: buf.clone() for name, buf in model.named_buffers()}
+    with torch.no_grad():
+        model(image, caption, 0.4, idx, update_queues=False)
+    assert all(torch.equal(queues[name], buf) for name, buf in model.named_buffers())
+    with torch.no_grad():
+        model(image, caption, 0.4, idx)
+    assert not torch.equal(queues["image_queue"], model.image_queue) and int(model.ptr_queue) == 6
+
+
+def test_unknown_text_compute_is_refused(tmp_path):
+    model = _model(tmp_path)
+    with pytest.raises(ValueError, match="text_compute must be one of"):
+        model(*_inputs()[:1], CAPTIONS, 0.4, IDX, text_compute="fast")

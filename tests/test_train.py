@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 import pytest
 import torch
 
+import eval_retrieval
 import train_retrieval
 import utils
 from data.synthetic import make_synthetic_dataset
+from engine import memory
+from engine.training import TrainState
 from models.blip_retrieval import build_model
 from models.checkpoint import CheckpointError
 from tests.dist_helpers import run_distributed
@@ -59,7 +63,11 @@ def test_training_writes_every_output(straight_run: str):
     steps = [r for r in records if "loss_ita" in r]
     epochs = [r for r in records if "train_loss_ita" in r]
     assert len(steps) == 6 and len(epochs) == 2  # 6 optimizer steps per epoch, logged every 2
-    assert set(steps[0]) == {"epoch", "step", "loss_ita", "loss_itm", "lr", "images_per_s", "num_neg_fallback"}
+    assert set(steps[0]) == {"epoch", "step", "loss_ita", "loss_itm", "itm_acc_pos", "itm_acc_neg", "lr",
+                             "images_per_s", "num_neg_fallback", "itm_hard_fraction"}
+    assert all(0 <= r[k] <= 1 for r in steps for k in ("itm_acc_pos", "itm_acc_neg"))
+    assert all(r["itm_hard_fraction"] == 1.0 for r in steps)  # the official hard negatives by default
+    assert all(0 <= r[f"train_{k}"] <= 1 for r in epochs for k in ("itm_acc_pos", "itm_acc_neg"))
     assert [r["step"] for r in steps] == [2, 4, 6, 8, 10, 12]
     assert epochs[0]["lr"] == pytest.approx(1e-4) and epochs[1]["lr"] == pytest.approx(5e-5)  # cosine per epoch
     assert all(f"val_{k}" in r for r in epochs for k in RECALL_KEYS)
@@ -80,7 +88,8 @@ def test_training_writes_every_output(straight_run: str):
     assert val["r_mean"] == pytest.approx(epochs[best]["val_r_mean"])
     assert test["r_mean"] == pytest.approx(epochs[best]["test_r_mean"])
     last = torch.load(os.path.join(straight_run, "checkpoint_last.pth"), weights_only=True)
-    assert last["epoch"] == 1 and last["global_step"] == 12 and last["best_epoch"] == best
+    state = last["train_state"]
+    assert state["epoch"] == 1 and state["global_step"] == 12 and state["best_epoch"] == best
     assert {"image_queue", "text_queue", "idx_queue", "ptr_queue", "visual_encoder_m.pos_embed"} <= set(last["model"])
     assert len(last["rng_states"]) == 1 and last["config"]["max_epoch"] == 2
     best_ckpt = torch.load(os.path.join(straight_run, "checkpoint_best.pth"), weights_only=True)
@@ -113,8 +122,11 @@ def test_resume_is_bitwise_identical_to_a_straight_run(config_path, straight_run
     for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         for name in pa:
             assert torch.equal(pa[name], pb[name]), name
-    assert (a["epoch"], a["global_step"], a["best_epoch"]) == (b["epoch"], b["global_step"], b["best_epoch"])
-    assert {k: a["best_test"][k] for k in RECALL_KEYS} == {k: b["best_test"][k] for k in RECALL_KEYS}
+    a_state, b_state = a["train_state"], b["train_state"]
+    assert a_state.keys() == b_state.keys() == set(TrainState().to_dict())  # the whole state is saved
+    for key in ("epoch", "global_step", "best_epoch", "best_metric"):
+        assert a_state[key] == b_state[key], key
+    assert {k: a_state["best_test"][k] for k in RECALL_KEYS} == {k: b_state["best_test"][k] for k in RECALL_KEYS}
     records = _read_jsonl(os.path.join(out, "log.jsonl"))
     assert any(r.get("event") == "resume" for r in records)
     straight_losses = [r["loss_ita"] for r in _read_jsonl(os.path.join(straight_run, "log.jsonl")) if "loss_ita" in r]
@@ -175,11 +187,50 @@ def test_queue_size_must_be_a_multiple_of_the_global_batch(config_path, tmp_path
         _train(config_path, tmp_path / "x", "--options", "queue_size=20")
 
 
+def test_train_state_reads_both_checkpoint_layouts():
+    state = TrainState(epoch=3, global_step=40, best_metric=55.5, best_epoch=2, best_val={"r_mean": 55.5})
+    assert TrainState.from_checkpoint({"train_state": state.to_dict()}) == state
+    assert TrainState.from_checkpoint({"format": "blip-retrieval-train-v1", **state.to_dict()}) == state  # v1: flat
+
+
+def test_itm_negative_schedule_reaches_the_training_steps(config_path, tmp_path):
+    """warmup with 5 steps: the steps logged at 2 and 4 (0-based steps 1 and 3) drew uniform negatives, every
+    later one hard negatives."""
+    out = tmp_path / "warmup"
+    _train(config_path, out, "--options", "max_epoch=1", "itm_negatives=warmup", "itm_negatives_steps=5")
+    steps = [r for r in _read_jsonl(os.path.join(out, "log.jsonl")) if "loss_ita" in r]
+    assert [(r["step"], r["itm_hard_fraction"]) for r in steps] == [(2, 0.0), (4, 0.0), (6, 1.0)]
+
+
 def test_cli_turns_errors_into_a_one_line_exit(config_path, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["train_retrieval.py", "--config", config_path, "--output-dir",
                                       str(tmp_path), "--options", "batch_size_trian=4"])
     with pytest.raises(SystemExit, match=r"error: unknown config key 'batch_size_trian'.*'batch_size_train'"):
-        train_retrieval.cli()
+        utils.run_cli(train_retrieval.main)
+
+
+@pytest.mark.parametrize("script", ["train", "eval"])
+@pytest.mark.parametrize("option, message", [
+    ("text_encoder=/nonexistent/vocab.txt", r"tokenizer path '/nonexistent/vocab\.txt' \(config key text_encoder\) "
+                                            r"does not exist"),
+    ("med_config=/nonexistent/med.json", r"med_config file not found: /nonexistent/med\.json"),
+    ("med_config=BAD_JSON", r"med_config file .*bad\.json is not valid JSON"),
+    ("med_config.hidden_sise=64", r"unknown MED config field\(s\) \['hidden_sise'\]"),
+])
+def test_model_config_errors_end_in_one_line(config_path, tmp_path, monkeypatch, capsys, script, option, message):
+    """A wrong tokenizer path or MED config is a user error: one line on stderr, exit status 1, no traceback."""
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{not json")
+    option = option.replace("BAD_JSON", str(bad_json))
+    argv = {"train": ["--config", config_path, "--output-dir", str(tmp_path / "out")],
+            "eval": ["--config", config_path, "--checkpoint", "", "--output-dir", str(tmp_path / "out")]}[script]
+    main = {"train": train_retrieval.main, "eval": eval_retrieval.main}[script]
+    monkeypatch.setattr(sys, "argv", [f"{script}_retrieval.py", *argv, "--options", option])
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_cli(main)
+    assert str(exit_info.value).startswith("error: ") and "\n" not in str(exit_info.value).strip()
+    assert re.search(message, str(exit_info.value)), exit_info.value
+    assert "Traceback" not in capsys.readouterr().err
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(config_path, tmp_path):
@@ -231,7 +282,7 @@ def test_fit_ckpt_layers_follows_the_linear_memory_model():
     gib = 2**30
     # fixed 4 GiB, 1 GiB per image without checkpointing, 12 blocks saving 0.05 GiB per image each.
     peak_1, peak_2, peak_1_all = 5 * gib, 6 * gib, int(5 * gib - 12 * 0.05 * gib)
-    fit = train_retrieval.fit_ckpt_layers
+    fit = memory.fit_ckpt_layers
     assert fit(peak_1, peak_2, peak_1_all, 12, 32, 0, 40 * gib) == (0, 36 * gib)  # fits as it is
     # 32 images: 4 + 32 * (1 - 0.05 n) <= 33 needs n >= 1.875, so 2 blocks (estimate 32.8 GiB).
     blocks, estimate = fit(peak_1, peak_2, peak_1_all, 12, 32, 0, 33 * gib)
@@ -251,13 +302,12 @@ def test_measure_step_peak_leaves_the_model_as_found(config_path):
     model.eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = utils.capture_rng_state()
-    assert train_retrieval.measure_step_peak(model, 2, 1, config, torch.device("cpu")) == 0  # no GPU: no peak
+    assert memory.measure_step_peak(model, 2, 1, config, torch.device("cpu")) == 0  # no GPU: no peak
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights, momentum encoders, queues, pointer
     assert all(p.grad is None for p in model.parameters())
     assert torch.equal(torch.get_rng_state(), rng["torch"])
-    assert not model.training and model.visual_encoder.ckpt_layer == 0 and not model.official_text_compute
-    assert "_dequeue_and_enqueue" not in vars(model)  # the class method is back
+    assert not model.training and model.visual_encoder.ckpt_layer == 0
 
 
 def test_choose_vit_ckpt_layers_on_a_gpu_fits_the_measured_model(config_path, monkeypatch):
@@ -274,7 +324,7 @@ def test_choose_vit_ckpt_layers_on_a_gpu_fits_the_measured_model(config_path, mo
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * gib, 80 * gib))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
     # batch 8: 4 GiB + AdamW state + 8 * (1 - 0.5 n) GiB must fit in 0.85 * 10 GiB: n = 1 (8.0 GiB + state).
-    blocks = train_retrieval.choose_vit_ckpt_layers(model, config, torch.device("cuda"), measure=fake_measure)
+    blocks = memory.choose_vit_ckpt_layers(model, config, torch.device("cuda"), measure=fake_measure)
     assert sorted(calls) == [(1, 0), (1, depth), (2, 0)] and blocks == 1
 
 

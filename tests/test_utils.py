@@ -194,31 +194,6 @@ def test_jsonl_logger(tmp_path):
     assert [json.loads(x) for x in lines] == [{"epoch": 0, "loss": 1.5, "lr": 0.5}, {"epoch": 1, "r_mean": 80.25}]
 
 
-def test_format_metrics_table():
-    m = {"txt_r1": 97.24, "txt_r5": 99.9, "txt_r10": 100.0, "img_r1": 87.56, "img_r5": 97.7, "img_r10": 98.9,
-         "r_mean": 96.87}
-    table = utils.format_metrics_table(m)
-    lines = table.splitlines()
-    assert lines[0].split() == ["R@1", "R@5", "R@10"]
-    assert lines[1].split() == ["TR", "97.2", "99.9", "100.0"]
-    assert lines[2].split() == ["IR", "87.6", "97.7", "98.9"]
-    assert "r_mean" in lines[3] and "96.87" in lines[3]
-    del m["r_mean"]
-    assert "96.88" in utils.format_metrics_table(m)  # computed from the six recalls when absent
-
-
-def test_format_metrics_table_shows_itc_only_beside_re_ranked():
-    m = {"txt_r1": 40.0, "txt_r5": 80.0, "txt_r10": 90.0, "img_r1": 30.0, "img_r5": 70.0, "img_r10": 85.0,
-         "r_mean": 65.83, "itc_txt_r1": 20.0, "itc_txt_r5": 60.0, "itc_txt_r10": 90.0, "itc_img_r1": 18.0,
-         "itc_img_r5": 55.0, "itc_img_r10": 85.0, "itc_r_mean": 54.67}
-    lines = utils.format_metrics_table(m).splitlines()
-    assert lines[0].split() == ["ITC", "only", "ITM", "re-ranked"]
-    assert lines[1].split() == ["R@1", "R@5", "R@10"] * 2
-    assert lines[2].split() == ["TR", "20.0", "60.0", "90.0", "40.0", "80.0", "90.0"]
-    assert lines[3].split() == ["IR", "18.0", "55.0", "85.0", "30.0", "70.0", "85.0"]
-    assert lines[4].split() == ["r_mean", "54.67", "65.83"]
-
-
 # ---------------------------------------------------------------------------------------------------
 # Distributed: single process
 # ---------------------------------------------------------------------------------------------------

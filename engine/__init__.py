@@ -1,0 +1,11 @@
+"""What the entry-point scripts share, between them and models/ + data/.
+
+- evaluation.py: evaluate one split (ITC ranking, ITM re-ranking, metrics) and write metrics/scores files
+- features.py: ITC text and image features, image tokens, evaluation precision
+- itm_rerank.py: official and fast ITM re-ranking of the ITC top k
+- metrics.py: recall, ranks, the paper-style table
+- training.py: the ITC+ITM training loop, its state and its checkpoint
+- memory.py: `vit_ckpt_layer: auto`, the fewest checkpointed ViT blocks that fit the GPU
+
+Imports go one way: scripts -> engine -> models, data -> utils.
+"""

@@ -1,0 +1,113 @@
+"""Evaluate a retrieval model on one split: ITC similarity for every pair, ITM re-ranking of the top k_test,
+R@1/5/10 and ranks, the same metrics on ITC alone, and the files that hold them.
+
+`eval_mode` picks the re-ranking: `fast` (default) or `official` (engine/itm_rerank.py). Both give the same
+scores up to float rounding (tests/test_eval.py). Every rank calls `evaluate` and gets the full result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from engine.features import image_features, text_features, token_dtype, token_home
+from engine.itm_rerank import rerank_fast, rerank_official
+from engine.metrics import compute_metrics
+from models.blip_retrieval import BlipRetrieval
+from utils import gather_shards, get_rank, get_world_size, is_main_process, shard_range
+
+
+@dataclass
+class EvalResult:
+    scores_i2t: np.ndarray  # (N_img, N_txt) float32
+    scores_t2i: np.ndarray  # (N_txt, N_img) float32
+    metrics: dict = field(default_factory=dict)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def evaluate(model: BlipRetrieval, dataset, config: dict, device: torch.device, desc: str = "val") -> EvalResult:
+    """Full evaluation of one split; every rank calls it and every rank gets the full result."""
+    was_training = model.training
+    model.eval()
+    show = is_main_process()
+    mode, k_test = config["eval_mode"], config["k_test"]
+    rank, world = get_rank(), get_world_size()
+    n_img, n_txt = len(dataset.image), len(dataset.text)
+    if n_img == 0 or n_txt == 0:
+        raise ValueError(f"the {desc} split has {n_img} images and {n_txt} texts; nothing to evaluate")
+    timings = {}
+
+    _sync(device)
+    t0 = time.perf_counter()
+    if mode == "fast":  # texts and images are sharded across ranks, ITC features gathered
+        t_start, t_end = shard_range(n_txt, rank, world)
+        ids, atts, text_feat = text_features(model, dataset.text[t_start:t_end], device, config, show)
+        text_ids, text_atts = gather_shards(ids, n_txt), gather_shards(atts, n_txt)
+        text_feat = gather_shards(text_feat, n_txt)
+    else:
+        text_ids, text_atts, text_feat = text_features(model, dataset.text, device, config, show)
+    _sync(device)
+    timings["time_text_features"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if mode == "fast":
+        i_start, i_end = shard_range(n_img, rank, world)
+        vit = model.visual_encoder
+        keep_on = token_home(device, (i_end - i_start) * (vit.num_patches + 1) * vit.embed_dim,
+                             token_dtype(device, config))
+        image_tokens, image_feat = image_features(model, dataset, device, config, range(i_start, i_end),
+                                                  keep_on=keep_on, show_progress=show)
+        image_feat = gather_shards(image_feat, n_img)
+    else:  # official: every rank embeds every image and keeps the tokens on the CPU
+        image_tokens, image_feat = image_features(model, dataset, device, config, range(n_img),
+                                                  keep_on=torch.device("cpu"), show_progress=show)
+    _sync(device)
+    timings["time_image_features"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    sims = image_feat @ text_feat.t()  # plain cosines, no temperature
+    _sync(device)
+    timings["time_itc"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if mode == "fast":
+        scores_i2t, scores_t2i = rerank_fast(model, sims, image_tokens, i_start, text_ids, text_atts, k_test,
+                                             config["itm_batch_size"], device, config, show)
+    else:
+        scores_i2t, scores_t2i = rerank_official(model, sims, image_tokens, text_ids, text_atts, k_test, device,
+                                                 show)
+    _sync(device)
+    timings["time_rerank"] = time.perf_counter() - t0
+    timings["time_total"] = sum(timings.values())
+
+    result = EvalResult(scores_i2t.float().cpu().numpy(), scores_t2i.float().cpu().numpy())
+    result.metrics = compute_metrics(result.scores_i2t, result.scores_t2i, dataset.txt2img, dataset.img2txt)
+    # The same metrics on the ITC cosines alone (keys itc_*): what re-ranking adds, and what an ITC-only index gives.
+    cosines = sims.float().cpu().numpy()
+    itc = compute_metrics(cosines, np.ascontiguousarray(cosines.T), dataset.txt2img, dataset.img2txt)
+    result.metrics.update({f"itc_{key}": value for key, value in itc.items()})
+    result.metrics.update(num_images=n_img, num_texts=n_txt, k_test=k_test, eval_mode=mode, **timings)
+    model.train(was_training)
+    return result
+
+
+def write_eval_outputs(result: EvalResult, output_dir: str, split: str, save_scores: bool = False,
+                       extra: dict | None = None) -> None:
+    """metrics_<split>.json and, with save_scores, scores_<split>.npz (the exact matrices behind the metrics)."""
+    if not is_main_process():
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, f"metrics_{split}.json"), "w") as f:
+        json.dump({**result.metrics, **(extra or {})}, f, indent=2)
+    if save_scores:
+        np.savez(os.path.join(output_dir, f"scores_{split}.npz"), i2t=result.scores_i2t, t2i=result.scores_t2i)
