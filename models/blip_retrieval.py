@@ -1,6 +1,6 @@
 """BLIP retrieval model: ITC (contrastive, momentum distillation, feature queues) + ITM (hard negatives).
 
-Behaviour follows blip_facts.md section 2. Attribute names are the official state-dict prefixes
+Behaviour follows the official BLIP_Retrieval. Attribute names are the official state-dict prefixes
 (`visual_encoder`, `text_encoder`, `vision_proj`, `text_proj`, `itm_head`, `temp`, the `*_m` momentum copies,
 `image_queue`, `text_queue`, `idx_queue`, `ptr_queue`), so official checkpoints load without renaming.
 

@@ -1,6 +1,6 @@
 """Checkpoint loading for BlipRetrieval: the key report, official `.pth` files and URLs, and `load_model`.
 
-Sources understood by `load_model` (design.md section 3):
+Sources understood by `load_model`:
 - official BLIP `.pth` files (pre-trained or retrieval fine-tuned, base or large), local or http(s) URL;
 - our own training checkpoints (`{'model': ..., 'optimizer': ..., 'config': ..., 'epoch': ...}`, same keys);
 - a raw state dict (official key names, or Hugging Face names, which are converted);

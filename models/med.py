@@ -1,6 +1,6 @@
 """MED: the BERT text tower of BLIP, with cross-attention to image tokens in every layer.
 
-Written from the behaviour in blip_facts.md section 5; the state-dict names are the official ones
+Written from the official model's behaviour; the state-dict names are the official ones
 (`embeddings.word_embeddings`, `encoder.layer.N.crossattention.self.key`, ...), so official checkpoints load
 without renaming. Differences from a stock BERT, all deliberate:
 - no token-type embeddings;

@@ -1,6 +1,6 @@
 """The BLIP image encoder: a timm VisionTransformer that returns every token.
 
-Parameter names and shapes are those of the official `visual_encoder.*` keys (blip_facts.md section 4):
+Parameter names and shapes are those of the official `visual_encoder.*` keys:
 patch 16, class token, qkv bias, LayerNorm eps 1e-6, no head. We subclass timm's model for its layers
 and initialisation, and own `forward` so that it returns the whole normalised sequence and checkpoints
 only the last `ckpt_layer` blocks, as the official code does (with torch.utils.checkpoint, no fairscale).

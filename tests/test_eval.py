@@ -1,7 +1,7 @@
-"""Tests for eval_retrieval.py: recall metrics, ITM re-ranking (fast and official) against brute force,
+"""Tests for eval_retrieval.py and engine/: recall metrics, ITM re-ranking (fast and official) against brute force,
 distributed evaluation with real gloo processes, the command line and bad eval splits.
 
-Reference semantics (reference/blip_facts.md 6.4-6.5, design.md 3-4): the score of a pair in a query's
+Reference semantics (the official evaluation): the score of a pair in a query's
 top k_test by ITC cosine is ITM match logit + cosine, every other pair gets cosine - 100; recall uses
 `np.argsort(row)[::-1]` ordering and, image->text, the best rank over the image's captions.
 """

@@ -1,6 +1,7 @@
 """The training losses of BlipRetrieval.forward against direct, loop-based recomputations.
 
-Spec: reference/blip_facts.md 2.2-2.3. Each reference below is written from the spec with explicit loops
+Spec: the official BLIP_Retrieval.forward (ITC with idx-aware targets, queues and momentum distillation; ITM
+with hard negatives). Each reference below is written from the spec with explicit loops
 over rows and columns (float64), sharing nothing with the model's vectorised code except the encoders.
 """
 
