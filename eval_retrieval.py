@@ -24,22 +24,29 @@ from utils import init_distributed, is_main_process, load_config, log, run_cli, 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", required=True, help="YAML config (e.g. configs/retrieval_flickr.yaml)")
-    parser.add_argument("--checkpoint", default=None,
-                        help="official .pth, http(s) URL, Hugging Face directory or our checkpoint; "
-                             "default: the config's `pretrained`")
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="official .pth, http(s) URL, Hugging Face directory or our checkpoint; default: the config's `pretrained`",
+    )
     parser.add_argument("--split", default="test", choices=["val", "test"])
     parser.add_argument("--output-dir", default=None, help="default: output/eval_<config name>")
     parser.add_argument("--save-scores", action="store_true", help="also write scores_<split>.npz")
-    parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="override config keys, e.g. k_test=64 eval_mode=official")
+    parser.add_argument(
+        "--options",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config keys, e.g. k_test=64 eval_mode=official",
+    )
     args = parser.parse_args(argv)
 
     config = load_config(args.config, args.options)
-    output_dir = args.output_dir or os.path.join(
-        "output", "eval_" + os.path.splitext(os.path.basename(args.config))[0])
+    output_dir = args.output_dir or os.path.join("output", "eval_" + os.path.splitext(os.path.basename(args.config))[0])
     dist_info = init_distributed(config["device"])
     source = args.checkpoint if args.checkpoint is not None else config["pretrained"]
     if not source:
@@ -47,8 +54,10 @@ def main(argv: list[str] | None = None) -> dict:
     model, _ = load_model(config, source)
     model.to(dist_info.device)
     dataset = create_dataset(config, args.split)
-    log(f"evaluating {args.split}: {len(dataset.image)} images, {len(dataset.text)} texts, k_test {config['k_test']}, "
-        f"eval_mode {config['eval_mode']}, {dist_info.world_size} process(es) on {dist_info.device}")
+    log(
+        f"evaluating {args.split}: {len(dataset.image)} images, {len(dataset.text)} texts, k_test {config['k_test']}, "
+        f"eval_mode {config['eval_mode']}, {dist_info.world_size} process(es) on {dist_info.device}"
+    )
     result = evaluate(model, dataset, config, dist_info.device, desc=args.split)
     if is_main_process():
         os.makedirs(output_dir, exist_ok=True)
@@ -56,11 +65,15 @@ def main(argv: list[str] | None = None) -> dict:
         write_eval_outputs(result, output_dir, args.split, args.save_scores, extra={"checkpoint": source})
         m = result.metrics
         print(format_metrics_table(m))
-        print(f"median rank  TR {m['txt_medr']:.1f}  IR {m['img_medr']:.1f}   mean rank  TR {m['txt_meanr']:.1f}  "
-              f"IR {m['img_meanr']:.1f}")
-        print(f"time: text features {m['time_text_features']:.1f}s, image features {m['time_image_features']:.1f}s, "
-              f"ITC {m['time_itc']:.2f}s, ITM re-rank {m['time_rerank']:.1f}s; metrics in "
-              f"{os.path.join(output_dir, f'metrics_{args.split}.json')}")
+        print(
+            f"median rank  TR {m['txt_medr']:.1f}  IR {m['img_medr']:.1f}   mean rank  TR {m['txt_meanr']:.1f}  "
+            f"IR {m['img_meanr']:.1f}"
+        )
+        print(
+            f"time: text features {m['time_text_features']:.1f}s, image features {m['time_image_features']:.1f}s, "
+            f"ITC {m['time_itc']:.2f}s, ITM re-rank {m['time_rerank']:.1f}s; metrics in "
+            f"{os.path.join(output_dir, f'metrics_{args.split}.json')}"
+        )
     return result.metrics
 
 

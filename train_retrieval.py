@@ -52,11 +52,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="YAML config (keys: utils.DEFAULT_CONFIG)")
     parser.add_argument("--output-dir", required=True, help="where checkpoints, logs and metrics go")
-    parser.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
-                        help="continue from CKPT (default: OUTPUT_DIR/checkpoint_last.pth)")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="CKPT",
+        help="continue from CKPT (default: OUTPUT_DIR/checkpoint_last.pth)",
+    )
     parser.add_argument("--evaluate", action="store_true", help="evaluate val and test with `pretrained`, no training")
-    parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="config overrides, YAML values, dotted keys (init_lr=5e-6 vit.depth=2)")
+    parser.add_argument(
+        "--options",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides, YAML values, dotted keys (init_lr=5e-6 vit.depth=2)",
+    )
     return parser.parse_args(argv)
 
 
@@ -78,20 +89,25 @@ def open_tensorboard(output_dir: str) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter  # lazy: an optional dependency
     except ImportError as err:
-        raise ConfigError("config tensorboard: true needs the tensorboard package (pip install tensorboard), "
-                          f"or set tensorboard: false ({err})") from None
+        raise ConfigError(
+            "config tensorboard: true needs the tensorboard package (pip install tensorboard), "
+            f"or set tensorboard: false ({err})"
+        ) from None
     return SummaryWriter(os.path.join(output_dir, "tensorboard"))
 
 
-def evaluate_split(model: torch.nn.Module, datasets: dict, config: dict, device: torch.device,
-                   split: str) -> EvalResult | None:
+def evaluate_split(
+    model: torch.nn.Module, datasets: dict, config: dict, device: torch.device, split: str
+) -> EvalResult | None:
     """Evaluate one split on every rank (evaluate() shards the queries); None when the split is absent."""
     if datasets.get(split) is None:
         return None
     result = evaluate(model, datasets[split], config, device, desc=split)
     m = result.metrics
-    log(f"[{split}] r_mean {m['r_mean']:.2f} (ITC only {m['itc_r_mean']:.2f})  txt_r1 {m['txt_r1']:.2f}  "
-        f"img_r1 {m['img_r1']:.2f}")
+    log(
+        f"[{split}] r_mean {m['r_mean']:.2f} (ITC only {m['itc_r_mean']:.2f})  txt_r1 {m['txt_r1']:.2f}  "
+        f"img_r1 {m['img_r1']:.2f}"
+    )
     return result
 
 
@@ -128,31 +144,40 @@ def check_run(args: argparse.Namespace, config: dict, info: utils.DistInfo) -> s
     """Refuse contradictory or unsafe runs before anything is built. Returns the checkpoint to resume from."""
     last_path = os.path.join(args.output_dir, "checkpoint_last.pth")
     if args.resume is not None and args.evaluate:
-        raise ConfigError("--evaluate scores the `pretrained` weights; to evaluate a checkpoint pass "
-                          "--options pretrained=PATH instead of --resume")
+        raise ConfigError(
+            "--evaluate scores the `pretrained` weights; to evaluate a checkpoint pass "
+            "--options pretrained=PATH instead of --resume"
+        )
     resume_path = None
     if args.resume is not None:
         resume_path = args.resume or last_path
         if not os.path.isfile(resume_path):
-            raise ConfigError(f"--resume: no checkpoint at {resume_path}. Train without --resume first, or pass "
-                              "the path of a checkpoint_last.pth written by train_retrieval.py.")
+            raise ConfigError(
+                f"--resume: no checkpoint at {resume_path}. Train without --resume first, or pass "
+                "the path of a checkpoint_last.pth written by train_retrieval.py."
+            )
     elif not args.evaluate and os.path.isfile(last_path):
-        raise ConfigError(f"{args.output_dir} already holds a training run (checkpoint_last.pth). Pass --resume to "
-                          "continue it, or choose another --output-dir.")
+        raise ConfigError(
+            f"{args.output_dir} already holds a training run (checkpoint_last.pth). Pass --resume to "
+            "continue it, or choose another --output-dir."
+        )
     if not args.evaluate:
         try:
             check_queue_size(config["queue_size"], config["batch_size_train"] * info.world_size)
         except ValueError as err:
             raise ConfigError(f"config key 'queue_size': {err}") from None
         if is_retrieval_finetuned(config["pretrained"]) and resume_path is None:
-            log("=" * 100 + f"\nWARNING: pretrained={config['pretrained']} is already fine-tuned for retrieval "
+            log(
+                "=" * 100 + f"\nWARNING: pretrained={config['pretrained']} is already fine-tuned for retrieval "
                 "(the official configs point there for EVALUATION).\nFine-tuning it again does not reproduce the "
-                "paper; start from a pre-trained checkpoint such as model_base.pth.\n" + "=" * 100)
+                "paper; start from a pre-trained checkpoint such as model_base.pth.\n" + "=" * 100
+            )
     return resume_path
 
 
-def build_run(args: argparse.Namespace, config: dict, info: utils.DistInfo, ckpt: dict | None,
-                resume_path: str | None) -> TrainingRun:
+def build_run(
+    args: argparse.Namespace, config: dict, info: utils.DistInfo, ckpt: dict | None, resume_path: str | None
+) -> TrainingRun:
     """The model with its starting weights (pretrained, or the resumed run's), the resolved config written to
     OUTPUT_DIR/config.yaml, and the val/test datasets."""
     out_dir = args.output_dir
@@ -169,8 +194,9 @@ def build_run(args: argparse.Namespace, config: dict, info: utils.DistInfo, ckpt
         # The checked loader raises on any shape mismatch (architecture changed) and names the differing keys.
         report = load_state_dict_checked(model, ckpt["model"], resume_path)
         if report.missing or report.unexpected or report.expected_missing or report.expected_mismatched:
-            raise CheckpointError(f"--resume: {resume_path} does not match the model built from the config:\n"
-                                  f"{report.summary()}")
+            raise CheckpointError(
+                f"--resume: {resume_path} does not match the model built from the config:\n{report.summary()}"
+            )
     model.to(info.device)
     if is_main_process():
         os.makedirs(out_dir, exist_ok=True)
@@ -190,22 +216,25 @@ def build_training(run: TrainingRun) -> None:
     train_set = create_dataset(config, "train")
     # DistributedSampler with explicit replicas/rank needs no process group, and its order is a pure function
     # of (seed, epoch): the same code serves one process and N, and a resumed epoch sees the same batches.
-    run.sampler = DistributedSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True,
-                                     seed=config["seed"])
+    run.sampler = DistributedSampler(
+        train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=config["seed"]
+    )
     run.loader = create_loader(train_set, config["batch_size_train"], config["num_workers"], True, run.sampler)
     if config["vit_grad_ckpt"] and config["vit_ckpt_layer"] == "auto":
         model.visual_encoder.ckpt_layer = choose_vit_ckpt_layers(model, config, info.device)
         run.jsonl.log({"event": "vit_ckpt_layer_auto", "blocks": model.visual_encoder.ckpt_layer})
     params = [p for p in model.parameters() if p.requires_grad]  # momentum encoders have requires_grad False
-    run.optimizer = torch.optim.AdamW(params, lr=config["init_lr"], weight_decay=config["weight_decay"],
-                                      fused=info.device.type == "cuda" or None)
+    run.optimizer = torch.optim.AdamW(
+        params, lr=config["init_lr"], weight_decay=config["weight_decay"], fused=info.device.type == "cuda" or None
+    )
     run.scaler = torch.amp.GradScaler("cuda", enabled=info.device.type == "cuda" and config["amp"] == "fp16")
     run.train_model = model
     if info.distributed:
         # broadcast_buffers=False: the only buffers are the queues and their pointer, which every rank fills
         # with the same all-gathered features, so they stay identical without a per-step broadcast.
-        run.ddp = DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
-                                          broadcast_buffers=False)
+        run.ddp = DistributedDataParallel(
+            model, device_ids=[info.local_rank] if info.device.type == "cuda" else None, broadcast_buffers=False
+        )
         run.train_model = run.ddp
     if config["compile"]:
         run.train_model = torch.compile(run.train_model)
@@ -220,15 +249,18 @@ def restore(run: TrainingRun, ckpt: dict, resume_path: str) -> TrainState:
     if len(ckpt["rng_states"]) == run.info.world_size:
         utils.restore_rng_state(ckpt["rng_states"][run.info.rank])
     else:
-        log(f"WARNING: the checkpoint was written by {len(ckpt['rng_states'])} processes, this run has "
-            f"{run.info.world_size}: RNG streams are re-seeded, so the continuation is not bit-exact")
+        log(
+            f"WARNING: the checkpoint was written by {len(ckpt['rng_states'])} processes, this run has "
+            f"{run.info.world_size}: RNG streams are re-seeded, so the continuation is not bit-exact"
+        )
         utils.set_seed(run.config["seed"] + run.info.rank + 1000 * (state.epoch + 1))
     old_config = ckpt["config"]
     changed = [f"{k}: {old_config.get(k)!r} -> {v!r}" for k, v in run.config.items() if old_config.get(k) != v]
     if changed:  # e.g. a longer max_epoch, which also changes the rest of the cosine schedule
         log("resuming with config changes: " + ", ".join(changed))
-    log(f"resumed from {resume_path}: epoch {state.epoch} done, step {state.global_step}, "
-        f"best epoch {state.best_epoch}")
+    log(
+        f"resumed from {resume_path}: epoch {state.epoch} done, step {state.global_step}, best epoch {state.best_epoch}"
+    )
     run.jsonl.log({"event": "resume", "from": resume_path, "start_epoch": state.epoch + 1, "step": state.global_step})
     return state
 
@@ -249,9 +281,16 @@ def select_epoch(run: TrainingRun, state: TrainState, epoch: int, record: dict) 
     if val is not None:
         state.best_metric, state.best_val = val.metrics["r_mean"], val.metrics
     if is_main_process():
-        utils.atomic_save({"format": CKPT_FORMAT + "-best", "model": model.state_dict(), "config": config,
-                           "epoch": epoch, "val_metrics": state.best_val},
-                          os.path.join(run.out_dir, "checkpoint_best.pth"))
+        utils.atomic_save(
+            {
+                "format": CKPT_FORMAT + "-best",
+                "model": model.state_dict(),
+                "config": config,
+                "epoch": epoch,
+                "val_metrics": state.best_val,
+            },
+            os.path.join(run.out_dir, "checkpoint_best.pth"),
+        )
     test = evaluate_split(model, run.datasets, config, device, "test")
     state.best_test = test.metrics if test is not None else None
     write_outputs(val, run.out_dir, "val", epoch)
@@ -270,12 +309,26 @@ def train(run: TrainingRun, state: TrainState) -> None:
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         epoch_start = time.perf_counter()
-        train_stats, state.global_step = train_one_epoch(run.train_model, run.ddp, run.loader, run.optimizer,
-                                                         run.scaler, config, epoch, state.global_step,
-                                                         run.info.device, run.jsonl, run.tb)
-        record = {"epoch": epoch, "step": state.global_step, "lr": lr,
-                  "train_time_s": time.perf_counter() - epoch_start,
-                  **{f"train_{k}": v for k, v in train_stats.items()}}
+        train_stats, state.global_step = train_one_epoch(
+            run.train_model,
+            run.ddp,
+            run.loader,
+            run.optimizer,
+            run.scaler,
+            config,
+            epoch,
+            state.global_step,
+            run.info.device,
+            run.jsonl,
+            run.tb,
+        )
+        record = {
+            "epoch": epoch,
+            "step": state.global_step,
+            "lr": lr,
+            "train_time_s": time.perf_counter() - epoch_start,
+            **{f"train_{k}": v for k, v in train_stats.items()},
+        }
         if (epoch + 1) % config["eval_every"] == 0 or epoch == max_epoch - 1:
             select_epoch(run, state, epoch, record)
         state.epoch = epoch
@@ -286,23 +339,37 @@ def train(run: TrainingRun, state: TrainState) -> None:
         # Every rank takes part in the gather; rank 0 writes one file with all of them.
         rng_states = gather_rng_states(run.info.distributed)
         if is_main_process():
-            save_last_checkpoint({
-                "format": CKPT_FORMAT, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-                "scaler": run.scaler.state_dict(), "train_state": state.to_dict(), "config": config,
-                "world_size": run.info.world_size, "rng_states": rng_states}, run.last_path)
+            save_last_checkpoint(
+                {
+                    "format": CKPT_FORMAT,
+                    "model": run.model.state_dict(),
+                    "optimizer": run.optimizer.state_dict(),
+                    "scaler": run.scaler.state_dict(),
+                    "train_state": state.to_dict(),
+                    "config": config,
+                    "world_size": run.info.world_size,
+                    "rng_states": rng_states,
+                },
+                run.last_path,
+            )
 
 
 def evaluate_only(run: TrainingRun) -> dict:
     """--evaluate: val and test with the loaded weights, no training."""
-    results = {split: evaluate_split(run.model, run.datasets, run.config, run.info.device, split)
-               for split in ("val", "test")}
+    results = {
+        split: evaluate_split(run.model, run.datasets, run.config, run.info.device, split) for split in ("val", "test")
+    }
     for split, result in results.items():
         write_outputs(result, run.out_dir, split, None)
     if results["test"] is not None:
         log("test (loaded weights):\n" + format_metrics_table(results["test"].metrics))
     utils.barrier()
-    return {"model": run.model, "best_epoch": None, "best_val": results["val"] and results["val"].metrics,
-            "best_test": results["test"] and results["test"].metrics}
+    return {
+        "model": run.model,
+        "best_epoch": None,
+        "best_val": results["val"] and results["val"].metrics,
+        "best_test": results["test"] and results["test"].metrics,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -327,12 +394,21 @@ def main(argv: list[str] | None = None) -> dict:
             run.tb.close()
         if state.best_test is not None:
             log(f"test, epoch {state.best_epoch} (selected by val r_mean):\n" + format_metrics_table(state.best_test))
-        run.jsonl.log({"event": "done", "best_epoch": state.best_epoch,
-                       "best_val_r_mean": state.best_val and state.best_val["r_mean"],
-                       "best_test_r_mean": state.best_test and state.best_test["r_mean"]})
+        run.jsonl.log(
+            {
+                "event": "done",
+                "best_epoch": state.best_epoch,
+                "best_val_r_mean": state.best_val and state.best_val["r_mean"],
+                "best_test_r_mean": state.best_test and state.best_test["r_mean"],
+            }
+        )
         utils.barrier()
-        return {"model": run.model, "best_epoch": state.best_epoch, "best_val": state.best_val,
-                "best_test": state.best_test}
+        return {
+            "model": run.model,
+            "best_epoch": state.best_epoch,
+            "best_val": state.best_val,
+            "best_test": state.best_test,
+        }
     finally:
         if owns_group:
             utils.cleanup_distributed()

@@ -102,8 +102,13 @@ def run_cli(main: Callable[[], Any]) -> None:
 
 # Accepted types per key; by default the type of the default value (int is accepted for float below).
 _TYPES: dict[str, tuple[type, ...]] = {k: (type(v),) for k, v in DEFAULT_CONFIG.items() if v is not None}
-_TYPES.update(vit=(str, dict), med_config=(str, dict), drop_path_rate=(float, type(None)), vit_ckpt_layer=(int, str),
-              **dict.fromkeys(("train_file", "val_file", "test_file"), (str, type(None))))
+_TYPES.update(
+    vit=(str, dict),
+    med_config=(str, dict),
+    drop_path_rate=(float, type(None)),
+    vit_ckpt_layer=(int, str),
+    **dict.fromkeys(("train_file", "val_file", "test_file"), (str, type(None))),
+)
 _ENUMS: dict[str, tuple[str, ...]] = {
     "dataset": ("flickr", "coco", "custom"),
     "amp": ("bf16", "fp16", "none"),
@@ -117,16 +122,45 @@ _ENUMS: dict[str, tuple[str, ...]] = {
 }
 # Inclusive (low, high) bounds; None = unbounded.
 _BOUNDS: dict[str, tuple[float | None, float | None]] = {
-    **{k: (1, None) for k in ("batch_size_train", "batch_size_test", "image_size", "queue_size", "k_test",
-                              "embed_dim", "max_words", "max_length", "itm_batch_size", "eval_every",
-                              "grad_accum_steps", "log_every")},
-    **{k: (0, None) for k in ("max_epoch", "num_workers", "vit_ckpt_layer", "init_lr", "min_lr", "itm_negatives_steps",
-                              "weight_decay", "clip_grad_norm")},
+    **{
+        k: (1, None)
+        for k in (
+            "batch_size_train",
+            "batch_size_test",
+            "image_size",
+            "queue_size",
+            "k_test",
+            "embed_dim",
+            "max_words",
+            "max_length",
+            "itm_batch_size",
+            "eval_every",
+            "grad_accum_steps",
+            "log_every",
+        )
+    },
+    **{
+        k: (0, None)
+        for k in (
+            "max_epoch",
+            "num_workers",
+            "vit_ckpt_layer",
+            "init_lr",
+            "min_lr",
+            "itm_negatives_steps",
+            "weight_decay",
+            "clip_grad_norm",
+        )
+    },
     **{k: (0, 1) for k in ("alpha", "momentum", "drop_path_rate")},
     "min_scale": (1e-3, 1),
 }
 _VIT_KEYS: dict[str, tuple[type, ...]] = {
-    "width": (int,), "depth": (int,), "heads": (int,), "patch_size": (int,), "mlp_ratio": (int, float),
+    "width": (int,),
+    "depth": (int,),
+    "heads": (int,),
+    "patch_size": (int,),
+    "mlp_ratio": (int, float),
 }
 _VIT_REQUIRED = ("width", "depth", "heads")
 # PyYAML follows YAML 1.1, where '1e-5' (no dot, unsigned exponent) is a string, not a float.
@@ -146,8 +180,14 @@ def _fix_numeric(value: Any, types: tuple[type, ...]) -> Any:
 
 
 def _type_name(types: tuple[type, ...]) -> str:
-    names = {str: "a string", int: "an int", float: "a number", bool: "true/false", dict: "a mapping",
-             type(None): "null"}
+    names = {
+        str: "a string",
+        int: "an int",
+        float: "a number",
+        bool: "true/false",
+        dict: "a mapping",
+        type(None): "null",
+    }
     return " or ".join(names[t] for t in types)
 
 
@@ -162,15 +202,17 @@ def _check_vit(vit: dict, where: str) -> None:
         if sub not in _VIT_KEYS:
             raise ConfigError(f"unknown config key 'vit.{sub}' {where}{_suggest(str(sub), _VIT_KEYS)}")
         if not _check_type(value, _VIT_KEYS[sub]) or value <= 0:
-            raise ConfigError(f"config key 'vit.{sub}' {where}: expected a positive "
-                              f"{'number' if float in _VIT_KEYS[sub] else 'int'}, got {value!r}")
+            raise ConfigError(
+                f"config key 'vit.{sub}' {where}: expected a positive "
+                f"{'number' if float in _VIT_KEYS[sub] else 'int'}, got {value!r}"
+            )
     missing = [k for k in _VIT_REQUIRED if k not in vit]
     if missing:
-        raise ConfigError(f"config key 'vit' {where}: a vit mapping needs {', '.join(_VIT_REQUIRED)}; "
-                          f"missing {', '.join(missing)}")
+        raise ConfigError(
+            f"config key 'vit' {where}: a vit mapping needs {', '.join(_VIT_REQUIRED)}; missing {', '.join(missing)}"
+        )
     if vit["width"] % vit["heads"]:
-        raise ConfigError(f"config key 'vit' {where}: width {vit['width']} is not divisible by "
-                          f"heads {vit['heads']}")
+        raise ConfigError(f"config key 'vit' {where}: width {vit['width']} is not divisible by heads {vit['heads']}")
 
 
 def validate_config(config: dict, origins: dict[str, str] | str | None = None) -> dict:
@@ -178,6 +220,7 @@ def validate_config(config: dict, origins: dict[str, str] | str | None = None) -
 
     `origins` names where each key came from (a file or an override) for the error messages.
     """
+
     def where(key: str) -> str:
         src = origins.get(key) if isinstance(origins, dict) else origins
         return f"in {src}" if src else "in config"
@@ -190,13 +233,16 @@ def validate_config(config: dict, origins: dict[str, str] | str | None = None) -
         if not _check_type(value, types):
             # YAML 1.1 reads yes/no/on/off as booleans, a common surprise for enum values like amp.
             hint = "; quote the value" if isinstance(value, bool) and str in types else ""
-            raise ConfigError(f"config key {key!r} {where(key)}: expected {_type_name(types)}, "
-                              f"got {type(value).__name__} {value!r}{hint}")
+            raise ConfigError(
+                f"config key {key!r} {where(key)}: expected {_type_name(types)}, "
+                f"got {type(value).__name__} {value!r}{hint}"
+            )
         if float in types and isinstance(value, int):
             config[key] = value = float(value)
         if key in _ENUMS and isinstance(value, str) and value not in _ENUMS[key]:
-            raise ConfigError(f"config key {key!r} {where(key)}: expected one of "
-                              f"{', '.join(_ENUMS[key])}, got {value!r}")
+            raise ConfigError(
+                f"config key {key!r} {where(key)}: expected one of {', '.join(_ENUMS[key])}, got {value!r}"
+            )
         lo, hi = _BOUNDS.get(key, (None, None))
         if isinstance(value, (int, float)) and ((lo is not None and value < lo) or (hi is not None and value > hi)):
             expected = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
@@ -205,16 +251,22 @@ def validate_config(config: dict, origins: dict[str, str] | str | None = None) -
         _check_vit(config["vit"], where("vit"))
     patch = config["vit"].get("patch_size", 16) if isinstance(config["vit"], dict) else 16
     if config["image_size"] % patch:
-        raise ConfigError(f"config key 'image_size' {where('image_size')}: {config['image_size']} is not "
-                          f"divisible by the ViT patch size {patch}")
+        raise ConfigError(
+            f"config key 'image_size' {where('image_size')}: {config['image_size']} is not "
+            f"divisible by the ViT patch size {patch}"
+        )
     for amp_key in ("amp", "eval_amp"):  # amp none simply turns autocast off everywhere
         if config["amp_cpu"] and config[amp_key] == "fp16":
-            raise ConfigError(f"config key 'amp_cpu' {where('amp_cpu')}: CPU autocast is bf16 only, but {amp_key} "
-                              f"is {config[amp_key]!r}; set {amp_key}: bf16 or amp_cpu: false")
+            raise ConfigError(
+                f"config key 'amp_cpu' {where('amp_cpu')}: CPU autocast is bf16 only, but {amp_key} "
+                f"is {config[amp_key]!r}; set {amp_key}: bf16 or amp_cpu: false"
+            )
     if config["itm_negatives"] in ("warmup", "anneal") and config["itm_negatives_steps"] <= 0:
-        raise ConfigError(f"config key 'itm_negatives_steps' {where('itm_negatives_steps')}: itm_negatives "
-                          f"{config['itm_negatives']!r} needs a number of optimizer steps > 0, got "
-                          f"{config['itm_negatives_steps']!r}")
+        raise ConfigError(
+            f"config key 'itm_negatives_steps' {where('itm_negatives_steps')}: itm_negatives "
+            f"{config['itm_negatives']!r} needs a number of optimizer steps > 0, got "
+            f"{config['itm_negatives_steps']!r}"
+        )
     return config
 
 
@@ -240,8 +292,10 @@ def _apply_override(config: dict, key: str, value: Any) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             prefix = ".".join(parts[: depth + 1])
-            raise ConfigError(f"override {key!r}: config key {prefix!r} is {node!r}, not a mapping, so it "
-                              f"has no sub-key {parts[depth + 1]!r}; set {prefix} to a mapping first")
+            raise ConfigError(
+                f"override {key!r}: config key {prefix!r} is {node!r}, not a mapping, so it "
+                f"has no sub-key {parts[depth + 1]!r}; set {prefix} to a mapping first"
+            )
     # Nested values are always numbers or mappings here (vit.*), so any numeric string is meant as one.
     types = _TYPES.get(key, (float,)) if len(parts) == 1 else (float,)
     node[parts[-1]] = _fix_numeric(value, types)
@@ -297,8 +351,9 @@ def _resolve_device(device: str) -> str:
     if device not in ("auto", "cuda", "cpu"):
         raise ConfigError(f"device {device!r} is not one of auto, cuda, cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but torch.cuda.is_available() is False; "
-                          "set device: cpu or device: auto")
+        raise ConfigError(
+            "device 'cuda' requested but torch.cuda.is_available() is False; set device: cpu or device: auto"
+        )
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device

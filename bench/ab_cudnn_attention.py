@@ -38,8 +38,9 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda")
     with tempfile.TemporaryDirectory(prefix="ab_cudnn_") as tmp:
         paths = make_data(tmp, args.num_images, 5, args.image_size, seed=0)
-        config = bench_config(paths, "base", "base", args.image_size, k_test=args.k_test, num_workers=4,
-                              device="cuda", seed=0)
+        config = bench_config(
+            paths, "base", "base", args.image_size, k_test=args.k_test, num_workers=4, device="cuda", seed=0
+        )
         dataset = create_dataset(config, "test")
         model = make_model(config, 0, device)
         for amp in args.amp:
@@ -49,9 +50,12 @@ def main(argv: list[str] | None = None) -> None:
                     run_config = dict(config, eval_mode="fast", eval_amp=amp)
                     m = evaluate(model, dataset, run_config, device).metrics
                     setting = "off" if avoid else "on "
-                    print(f"amp {amp:4} cuDNN attention {setting}: text {m['time_text_features']:.2f}s "
-                          f"image {m['time_image_features']:.2f}s re-rank {m['time_rerank']:.2f}s total "
-                          f"{m['time_total']:.2f}s; R@1 TR {m['txt_r1']:.2f} IR {m['img_r1']:.2f}", flush=True)
+                    print(
+                        f"amp {amp:4} cuDNN attention {setting}: text {m['time_text_features']:.2f}s "
+                        f"image {m['time_image_features']:.2f}s re-rank {m['time_rerank']:.2f}s total "
+                        f"{m['time_total']:.2f}s; R@1 TR {m['txt_r1']:.2f} IR {m['img_r1']:.2f}",
+                        flush=True,
+                    )
     engine.features.AVOID_CUDNN_ATTENTION = True
 
 

@@ -83,19 +83,34 @@ def common_parser(doc: str, ours: str, mfu: bool = False) -> argparse.ArgumentPa
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--vit", default="base", choices=sorted(VIT_PRESETS))
     p.add_argument("--text", default="base", choices=["base", "tiny"])
-    p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"],
-                   help=f"autocast of {ours} on CUDA (on CPU see --amp-cpu); the official side is fp32")
-    p.add_argument("--amp-cpu", action="store_true",
-                   help=f"on CPU, run {ours} under bf16 autocast (config amp_cpu; needs --amp bf16)")
+    p.add_argument(
+        "--amp",
+        default="bf16",
+        choices=["bf16", "fp16", "none"],
+        help=f"autocast of {ours} on CUDA (on CPU see --amp-cpu); the official side is fp32",
+    )
+    p.add_argument(
+        "--amp-cpu",
+        action="store_true",
+        help=f"on CPU, run {ours} under bf16 autocast (config amp_cpu; needs --amp bf16)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice); 1 makes process CPU time a clean measure "
-                        "of work on a shared machine")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice); 1 makes process CPU time a clean measure "
+        "of work on a shared machine",
+    )
     p.add_argument("--out", default=None, help="write the results as JSON here")
     if mfu:
-        p.add_argument("--peak-tflops", type=float, default=None,
-                       help=f"peak dense TFLOP/s for model FLOP utilisation; default {H100_BF16_PEAK_TFLOPS:g} "
-                            "(H100 bf16) on CUDA")
+        p.add_argument(
+            "--peak-tflops",
+            type=float,
+            default=None,
+            help=f"peak dense TFLOP/s for model FLOP utilisation; default {H100_BF16_PEAK_TFLOPS:g} "
+            "(H100 bf16) on CUDA",
+        )
     return p
 
 
@@ -152,8 +167,13 @@ def device_description(device: torch.device) -> str:
 
 
 def environment() -> dict:
-    info = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "python": sys.version.split()[0],
-            "cpu": f"{cpu_model_name()} x {os.cpu_count()} cores", "argv": " ".join(sys.argv)}
+    info = {
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "cpu": f"{cpu_model_name()} x {os.cpu_count()} cores",
+        "argv": " ".join(sys.argv),
+    }
     with contextlib.suppress(OSError):
         info["load_average_1_5_15min"] = list(os.getloadavg())
     if torch.cuda.is_available():
@@ -194,8 +214,11 @@ class PeakMemory:
         self.host_peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
     def as_dict(self) -> dict:
-        return {"device_peak_bytes": self.device_peak_bytes, "host_peak_rss_bytes": self.host_peak_bytes,
-                "host_peak_is_per_block": self.host_reset}
+        return {
+            "device_peak_bytes": self.device_peak_bytes,
+            "host_peak_rss_bytes": self.host_peak_bytes,
+            "host_peak_is_per_block": self.host_reset,
+        }
 
     def summary(self) -> str:
         host = f"host peak RSS {self.host_peak_bytes / 2**30:.2f} GiB" + ("" if self.host_reset else " (process)")
@@ -204,21 +227,31 @@ class PeakMemory:
         return f"CUDA max allocated {self.device_peak_bytes / 2**30:.2f} GiB, {host}"
 
 
-def make_data(out_dir: str, num_images: int, captions_per_image: int, image_size: int, split: str = "test",
-              seed: int = 0) -> dict:
+def make_data(
+    out_dir: str, num_images: int, captions_per_image: int, image_size: int, split: str = "test", seed: int = 0
+) -> dict:
     """Generate `num_images` synthetic images (+ captions) in `split`, rendered at `image_size`."""
     counts = {"num_train_images": 0, "num_val_images": 0, "num_test_images": 0}
     counts[f"num_{split}_images"] = num_images
-    return make_synthetic_dataset(out_dir, captions_per_image=captions_per_image, image_size=image_size,
-                                  seed=seed, **counts)
+    return make_synthetic_dataset(
+        out_dir, captions_per_image=captions_per_image, image_size=image_size, seed=seed, **counts
+    )
 
 
 def bench_config(paths: dict, vit: str, text: str, image_size: int, **overrides) -> dict:
     """A validated config for the generated data and the chosen tower sizes."""
     config = copy.deepcopy(DEFAULT_CONFIG)
-    config.update(dataset="custom", image_root=paths["image_root"], train_file=paths["train_file"],
-                  val_file=paths["val_file"], test_file=paths["test_file"], text_encoder=paths["vocab_file"],
-                  med_config=med_config_for(text), vit=copy.deepcopy(VIT_PRESETS[vit]), image_size=image_size)
+    config.update(
+        dataset="custom",
+        image_root=paths["image_root"],
+        train_file=paths["train_file"],
+        val_file=paths["val_file"],
+        test_file=paths["test_file"],
+        text_encoder=paths["vocab_file"],
+        med_config=med_config_for(text),
+        vit=copy.deepcopy(VIT_PRESETS[vit]),
+        image_size=image_size,
+    )
     config.update(overrides)
     return validate_config(config, "benchmark")
 
@@ -279,8 +312,9 @@ def topk_masks(result, k_test: int) -> tuple[np.ndarray, np.ndarray] | None:
     return masks
 
 
-def rerank_flops(model: BlipRetrieval, dataset, results: dict, k_test: int, itm_batch_size: int,
-                 device: torch.device) -> dict | None:
+def rerank_flops(
+    model: BlipRetrieval, dataset, results: dict, k_test: int, itm_batch_size: int, device: torch.device
+) -> dict | None:
     """Analytic FLOPs of the ITM re-rank phase of each mode, reconstructing the pairs each one scored."""
     med = model.med_config
     n_tok = model.visual_encoder.num_patches + 1
@@ -293,8 +327,11 @@ def rerank_flops(model: BlipRetrieval, dataset, results: dict, k_test: int, itm_
     if masks is None:
         return None
     pairs_official = int(masks[0].sum() + masks[1].sum())
-    out["official"] = {"pairs": pairs_official, "kv_projections": pairs_official,
-                       "flops": pairs_official * (itm_text_flops(med, padded, n_tok) + kv_projection_flops(med, n_tok))}
+    out["official"] = {
+        "pairs": pairs_official,
+        "kv_projections": pairs_official,
+        "flops": pairs_official * (itm_text_flops(med, padded, n_tok) + kv_projection_flops(med, n_tok)),
+    }
     masks = topk_masks(results["fast"], k_test)
     if masks is None:
         return None
@@ -346,14 +383,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--itm-batch-size", type=int, default=DEFAULT_CONFIG["itm_batch_size"])
     p.add_argument("--batch-size-test", type=int, default=DEFAULT_CONFIG["batch_size_test"])
     p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers; default 4 on CUDA, 0 on CPU")
-    p.add_argument("--no-fp32-check", action="store_true",
-                   help="when the fast mode autocasts, skip its extra fp32 run")
-    p.add_argument("--warmup-images", type=int, default=4,
-                   help="evaluate each mode once on this many images before timing (0: no warm-up)")
+    p.add_argument("--no-fp32-check", action="store_true", help="when the fast mode autocasts, skip its extra fp32 run")
+    p.add_argument(
+        "--warmup-images",
+        type=int,
+        default=4,
+        help="evaluate each mode once on this many images before timing (0: no warm-up)",
+    )
     p.add_argument("--data-dir", default=None, help="where to write the generated data (default: a temp dir)")
     args, cuda = parse_common(p, argv)
-    for name, gpu, cpu in (("image_size", 384, 128), ("num_images", 1000, 32), ("k_test", 128, 16),
-                           ("num_workers", 4, 0)):
+    for name, gpu, cpu in (
+        ("image_size", 384, 128),
+        ("num_images", 1000, 32),
+        ("k_test", 128, 16),
+        ("num_workers", 4, 0),
+    ):
         if getattr(args, name) is None:
             setattr(args, name, gpu if cuda else cpu)
     return args
@@ -377,27 +421,41 @@ def main(argv: list[str] | None = None) -> dict:
         data_dir = args.data_dir or tmp
         t0 = time.perf_counter()
         paths = make_data(data_dir, args.num_images, args.captions_per_image, args.image_size, seed=args.seed)
-        base = bench_config(paths, args.vit, args.text, args.image_size, k_test=args.k_test,
-                            itm_batch_size=args.itm_batch_size, batch_size_test=args.batch_size_test,
-                            num_workers=args.num_workers, device=device.type, seed=args.seed)
+        base = bench_config(
+            paths,
+            args.vit,
+            args.text,
+            args.image_size,
+            k_test=args.k_test,
+            itm_batch_size=args.itm_batch_size,
+            batch_size_test=args.batch_size_test,
+            num_workers=args.num_workers,
+            device=device.type,
+            seed=args.seed,
+        )
         dataset = create_dataset(base, "test")
-        print(f"data: {len(dataset.image)} images, {len(dataset.text)} captions at {args.image_size} px "
-              f"(generated in {time.perf_counter() - t0:.1f}s); k_test {args.k_test}, vit {args.vit}, "
-              f"text {args.text}, itm_batch_size {args.itm_batch_size}")
+        print(
+            f"data: {len(dataset.image)} images, {len(dataset.text)} captions at {args.image_size} px "
+            f"(generated in {time.perf_counter() - t0:.1f}s); k_test {args.k_test}, vit {args.vit}, "
+            f"text {args.text}, itm_batch_size {args.itm_batch_size}"
+        )
         model = make_model(base, args.seed, device)
         warmup = head_dataset(dataset, min(args.warmup_images, len(dataset.image))) if args.warmup_images else None
 
-        runs = {"official": dict(base, eval_mode="official", eval_amp="none", amp_cpu=False),
-                "fast": validate_config(dict(base, eval_mode="fast", eval_amp=args.amp, amp_cpu=args.amp_cpu),
-                                        "--amp")}
+        runs = {
+            "official": dict(base, eval_mode="official", eval_amp="none", amp_cpu=False),
+            "fast": validate_config(dict(base, eval_mode="fast", eval_amp=args.amp, amp_cpu=args.amp_cpu), "--amp"),
+        }
         autocasts = args.amp != "none" and (device.type == "cuda" or args.amp_cpu)
         if autocasts and not args.no_fp32_check:
             runs["fast_fp32"] = dict(base, eval_mode="fast", eval_amp="none", amp_cpu=False)
         results, memory = {}, {}
         for name, config in runs.items():
             on = device.type == "cuda" or config["amp_cpu"]
-            print(f"running {name}: eval_mode {config['eval_mode']}, autocast {config['eval_amp'] if on else 'none'}",
-                  flush=True)
+            print(
+                f"running {name}: eval_mode {config['eval_mode']}, autocast {config['eval_amp'] if on else 'none'}",
+                flush=True,
+            )
             results[name], memory[name] = run_mode(model, dataset, config, device, warmup)
         flops = rerank_flops(model, dataset, results, args.k_test, args.itm_batch_size, device)
     env["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
@@ -415,16 +473,20 @@ def report(args, env: dict, device: torch.device, results: dict, memory: dict, f
     speedup_total = off["time_total"] / fast["time_total"]
     speedup_rerank = off["time_rerank"] / fast["time_rerank"]
     speedup_cpu_time = off["process_cpu_time"] / fast["process_cpu_time"]
-    print(f"\nspeed-up official/fast: total {speedup_total:.2f}x, ITM re-rank {speedup_rerank:.2f}x; process CPU "
-          f"time {off['process_cpu_time']:.1f}s / {fast['process_cpu_time']:.1f}s = {speedup_cpu_time:.2f}x")
+    print(
+        f"\nspeed-up official/fast: total {speedup_total:.2f}x, ITM re-rank {speedup_rerank:.2f}x; process CPU "
+        f"time {off['process_cpu_time']:.1f}s / {fast['process_cpu_time']:.1f}s = {speedup_cpu_time:.2f}x"
+    )
 
     print("\nrecall   " + "".join(f"{k:>9}" for k in RECALL_KEYS))
     for n in names:
         print(f"{n:9}" + "".join(f"{results[n].metrics[k]:9.2f}" for k in RECALL_KEYS))
     comparisons = {}
     for n in names[1:]:
-        diff = max(float(np.abs(results[n].scores_i2t - results["official"].scores_i2t).max()),
-                   float(np.abs(results[n].scores_t2i - results["official"].scores_t2i).max()))
+        diff = max(
+            float(np.abs(results[n].scores_i2t - results["official"].scores_i2t).max()),
+            float(np.abs(results[n].scores_t2i - results["official"].scores_t2i).max()),
+        )
         equal = all(results[n].metrics[k] == off[k] for k in RECALL_KEYS)
         comparisons[n] = {"max_abs_score_diff_vs_official": diff, "recalls_equal_to_official": equal}
         print(f"{n} vs official: max |score diff| {diff:.3e}; R@1/5/10 equal: {'yes' if equal else 'NO'}")
@@ -435,15 +497,21 @@ def report(args, env: dict, device: torch.device, results: dict, memory: dict, f
 
     flop_report = None
     if flops is not None:
-        flop_report = {"pairs": {n: flops[n]["pairs"] for n in ("official", "fast")},
-                       "kv_projections": {n: flops[n]["kv_projections"] for n in ("official", "fast")},
-                       "rerank_tflop": {n: flops[n]["flops"] / 1e12 for n in ("official", "fast")},
-                       "image_tokens": flops["image_tokens"], "text_tokens_mean": flops["text_tokens_mean"],
-                       "fast_forwards": flops["fast"]["forwards"], "fast_rows": flops["fast"]["rows"]}
-        print(f"\nITM re-rank work: official {flops['official']['pairs']} pair forwards (35-token texts, K/V per "
-              f"pair), fast {flops['fast']['pairs']} distinct pairs (mean text {flops['text_tokens_mean']:.1f} "
-              f"tokens, shortest first, K/V once per image, last layer [ENC] only) in {flops['fast']['forwards']} "
-              f"forwards of {flops['fast']['rows']} rows; {flops['image_tokens']} image tokens")
+        flop_report = {
+            "pairs": {n: flops[n]["pairs"] for n in ("official", "fast")},
+            "kv_projections": {n: flops[n]["kv_projections"] for n in ("official", "fast")},
+            "rerank_tflop": {n: flops[n]["flops"] / 1e12 for n in ("official", "fast")},
+            "image_tokens": flops["image_tokens"],
+            "text_tokens_mean": flops["text_tokens_mean"],
+            "fast_forwards": flops["fast"]["forwards"],
+            "fast_rows": flops["fast"]["rows"],
+        }
+        print(
+            f"\nITM re-rank work: official {flops['official']['pairs']} pair forwards (35-token texts, K/V per "
+            f"pair), fast {flops['fast']['pairs']} distinct pairs (mean text {flops['text_tokens_mean']:.1f} "
+            f"tokens, shortest first, K/V once per image, last layer [ENC] only) in {flops['fast']['forwards']} "
+            f"forwards of {flops['fast']['rows']} rows; {flops['image_tokens']} image tokens"
+        )
         for n in ("official", "fast") + (("fast_fp32",) if "fast_fp32" in results else ()):
             key = "fast" if n == "fast_fp32" else n
             achieved = flops[key]["flops"] / results[n].metrics["time_rerank"] / 1e12
@@ -461,13 +529,20 @@ def report(args, env: dict, device: torch.device, results: dict, memory: dict, f
         print("\n(FLOP count skipped: re-ranked entries could not be identified from the score matrices)")
 
     payload = {
-        "benchmark": "eval", "env": env, "device": device_description(device), "args": vars(args),
+        "benchmark": "eval",
+        "env": env,
+        "device": device_description(device),
+        "args": vars(args),
         "weights": "random init (seeded)",
-        "num_images": off["num_images"], "num_texts": off["num_texts"],
+        "num_images": off["num_images"],
+        "num_texts": off["num_texts"],
         "metrics": {n: {k: v for k, v in results[n].metrics.items()} for n in names},
         "peak_memory": {n: memory[n].as_dict() for n in names},
-        "speedup_total": speedup_total, "speedup_rerank": speedup_rerank, "speedup_process_cpu_time": speedup_cpu_time,
-        "comparisons": comparisons, "flops": flop_report,
+        "speedup_total": speedup_total,
+        "speedup_rerank": speedup_rerank,
+        "speedup_process_cpu_time": speedup_cpu_time,
+        "comparisons": comparisons,
+        "flops": flop_report,
     }
     write_json(args.out, payload)
     return payload

@@ -62,12 +62,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-queries", type=int, default=None, help="timed queries; default 200 on CUDA, 20 on CPU")
     p.add_argument("--warmup-queries", type=int, default=None, help="default 10 on CUDA, 2 on CPU")
     p.add_argument("--k", type=int, default=None, help="candidates re-ranked per query; default 128 CUDA, 16 CPU")
-    p.add_argument("--kv-cache", default="auto", choices=["auto", "all", "per-query"],
-                   help="ours: cache K/V of every indexed image (all), or project the k candidates per query")
+    p.add_argument(
+        "--kv-cache",
+        default="auto",
+        choices=["auto", "all", "per-query"],
+        help="ours: cache K/V of every indexed image (all), or project the k candidates per query",
+    )
     p.add_argument("--index-batch-size", type=int, default=64, help="images per ViT forward when indexing")
     args, cuda = parse_common(p, argv)
-    for name, gpu, cpu in (("image_size", 384, 128), ("num_images", 1000, 64), ("num_queries", 200, 20),
-                           ("warmup_queries", 10, 2), ("k", 128, 16)):
+    for name, gpu, cpu in (
+        ("image_size", 384, 128),
+        ("num_images", 1000, 64),
+        ("num_queries", 200, 20),
+        ("warmup_queries", 10, 2),
+        ("k", 128, 16),
+    ):
         if getattr(args, name) is None:
             setattr(args, name, gpu if cuda else cpu)
     args.k = min(args.k, args.num_images)
@@ -123,16 +132,25 @@ class OfficialPath:
 class CachedPath:
     """Ours: tokens/features on the device, own-length text, autocast, cached or per-query K/V."""
 
-    def __init__(self, model, tokens: torch.Tensor, feats: torch.Tensor, k: int, device: torch.device, amp: str,
-                 kv_all: list[tuple[torch.Tensor, torch.Tensor]] | None):
+    def __init__(
+        self,
+        model,
+        tokens: torch.Tensor,
+        feats: torch.Tensor,
+        k: int,
+        device: torch.device,
+        amp: str,
+        kv_all: list[tuple[torch.Tensor, torch.Tensor]] | None,
+    ):
         self.model, self.tokens, self.feats, self.k, self.device = model, tokens, feats, k, device
         self.amp, self.kv_all = amp, kv_all
 
     @torch.no_grad()
     def __call__(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.model
-        tok = model.tokenizer([caption], padding="longest", truncation=True, max_length=model.max_length,
-                              return_tensors="pt")
+        tok = model.tokenizer(
+            [caption], padding="longest", truncation=True, max_length=model.max_length, return_tensors="pt"
+        )
         ids, atts = tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
         with autocast(self.device, self.amp, amp_cpu=True):
             text_feat = model.encode_text(ids, atts)
@@ -169,8 +187,9 @@ def main(argv: list[str] | None = None) -> dict:
     amp = args.amp if device.type == "cuda" or args.amp_cpu else "none"
     with tempfile.TemporaryDirectory(prefix="bench_query_") as tmp:
         paths = make_data(tmp, args.num_images, 5, args.image_size, seed=args.seed)
-        config = bench_config(paths, args.vit, args.text, args.image_size, device=device.type, seed=args.seed,
-                              num_workers=0)
+        config = bench_config(
+            paths, args.vit, args.text, args.image_size, device=device.type, seed=args.seed, num_workers=0
+        )
         dataset = create_dataset(config, "test")
         model = make_model(config, args.seed, device).eval()
         # Queries: captions spread over the index (every 5th caption = one per image, in order, cycled).
@@ -178,8 +197,9 @@ def main(argv: list[str] | None = None) -> dict:
 
         sync(device)
         t0 = time.perf_counter()
-        tokens_cpu, feats_official = build_index(model, dataset, device, "none", args.index_batch_size,
-                                                 torch.device("cpu"))
+        tokens_cpu, feats_official = build_index(
+            model, dataset, device, "none", args.index_batch_size, torch.device("cpu")
+        )
         sync(device)
         index_official_s = time.perf_counter() - t0
 
@@ -191,35 +211,48 @@ def main(argv: list[str] | None = None) -> dict:
         use_cache = args.kv_cache == "all" or (args.kv_cache == "auto" and kv_bytes < 0.5 * free_memory_bytes(device))
         kv_all = None
         if use_cache:  # filled in place, chunk by chunk, so building it never holds two copies
-            shape = (tokens.shape[0], med.num_attention_heads, tokens.shape[1],
-                     med.hidden_size // med.num_attention_heads)
-            kv_all = [(torch.empty(shape, dtype=kv_dtype, device=device),
-                       torch.empty(shape, dtype=kv_dtype, device=device)) for _ in layers]
+            shape = (
+                tokens.shape[0],
+                med.num_attention_heads,
+                tokens.shape[1],
+                med.hidden_size // med.num_attention_heads,
+            )
+            kv_all = [
+                (torch.empty(shape, dtype=kv_dtype, device=device), torch.empty(shape, dtype=kv_dtype, device=device))
+                for _ in layers
+            ]
             with torch.no_grad(), autocast(device, amp, amp_cpu=True):
                 for start in range(0, len(tokens), 16):
-                    for (keys, values), (k, v) in zip(kv_all, model.text_encoder.cross_attention_kv(
-                            tokens[start:start + 16])):
-                        keys[start:start + 16], values[start:start + 16] = k, v
+                    for (keys, values), (k, v) in zip(
+                        kv_all, model.text_encoder.cross_attention_kv(tokens[start : start + 16])
+                    ):
+                        keys[start : start + 16], values[start : start + 16] = k, v
         sync(device)
         index_ours_s = time.perf_counter() - t0
-    print(f"index: {tokens.shape[0]} images x {tokens.shape[1]} tokens at {args.image_size} px; built in "
-          f"{index_official_s:.2f}s (official, fp32) / {index_ours_s:.2f}s (ours"
-          f"{', incl. K/V cache' if use_cache else ''}); K/V cache "
-          f"{'on, ' + f'{kv_bytes / 2**30:.2f} GiB' if use_cache else f'off (would need {kv_bytes / 2**30:.2f} GiB)'}")
-    print(f"queries: {args.num_queries} timed (+{args.warmup_queries} warm-up), k {args.k}, vit {args.vit}, "
-          f"text {args.text}, ours autocast {amp}")
+    print(
+        f"index: {tokens.shape[0]} images x {tokens.shape[1]} tokens at {args.image_size} px; built in "
+        f"{index_official_s:.2f}s (official, fp32) / {index_ours_s:.2f}s (ours"
+        f"{', incl. K/V cache' if use_cache else ''}); K/V cache "
+        f"{'on, ' + f'{kv_bytes / 2**30:.2f} GiB' if use_cache else f'off (would need {kv_bytes / 2**30:.2f} GiB)'}"
+    )
+    print(
+        f"queries: {args.num_queries} timed (+{args.warmup_queries} warm-up), k {args.k}, vit {args.vit}, "
+        f"text {args.text}, ours autocast {amp}"
+    )
 
-    paths_ = {"official": OfficialPath(model, tokens_cpu, feats_official, args.k, device),
-              "ours": CachedPath(model, tokens, feats, args.k, device, amp, kv_all)}
+    paths_ = {
+        "official": OfficialPath(model, tokens_cpu, feats_official, args.k, device),
+        "ours": CachedPath(model, tokens, feats, args.k, device, amp, kv_all),
+    }
     memory = {}
     for name, fn in paths_.items():  # warm-up, one path at a time, measuring its peak memory
         with PeakMemory(device) as memory[name]:
-            for caption in captions[:args.warmup_queries]:
+            for caption in captions[: args.warmup_queries]:
                 fn(caption)
     latencies = {name: [] for name in paths_}
     cpu_times = {name: [] for name in paths_}  # process CPU time: less sensitive to other load on a shared box
     same_top1, same_set, max_diff = 0, 0, 0.0
-    for q, caption in enumerate(captions[args.warmup_queries:]):
+    for q, caption in enumerate(captions[args.warmup_queries :]):
         order = ("official", "ours") if q % 2 == 0 else ("ours", "official")  # alternate to share background load
         outputs = {}
         for name in order:
@@ -235,33 +268,49 @@ def main(argv: list[str] | None = None) -> dict:
 
     stats = {}
     for name, values in latencies.items():
-        stats[name] = {"median_ms": 1e3 * statistics.median(values), "p90_ms": 1e3 * percentile(values, 0.9),
-                       "mean_ms": 1e3 * statistics.fmean(values), "latencies_s": values,
-                       "median_process_cpu_ms": 1e3 * statistics.median(cpu_times[name])}
+        stats[name] = {
+            "median_ms": 1e3 * statistics.median(values),
+            "p90_ms": 1e3 * percentile(values, 0.9),
+            "mean_ms": 1e3 * statistics.fmean(values),
+            "latencies_s": values,
+            "median_process_cpu_ms": 1e3 * statistics.median(cpu_times[name]),
+        }
     ratio_median = stats["official"]["median_ms"] / stats["ours"]["median_ms"]
     ratio_p90 = stats["official"]["p90_ms"] / stats["ours"]["p90_ms"]
     print(f"\n{'latency per query':20}{'median':>12}{'p90':>12}{'mean':>12}   peak memory (warm-up queries)")
     for name in paths_:
         s = stats[name]
-        print(f"{name:20}{s['median_ms']:10.1f}ms{s['p90_ms']:10.1f}ms{s['mean_ms']:10.1f}ms   "
-              f"{memory[name].summary()}")
+        print(
+            f"{name:20}{s['median_ms']:10.1f}ms{s['p90_ms']:10.1f}ms{s['mean_ms']:10.1f}ms   {memory[name].summary()}"
+        )
     ratio_cpu = stats["official"]["median_process_cpu_ms"] / stats["ours"]["median_process_cpu_ms"]
-    print(f"speed-up official/ours: median {ratio_median:.2f}x, p90 {ratio_p90:.2f}x; median process CPU time "
-          f"{stats['official']['median_process_cpu_ms']:.1f} / {stats['ours']['median_process_cpu_ms']:.1f} ms = "
-          f"{ratio_cpu:.2f}x")
+    print(
+        f"speed-up official/ours: median {ratio_median:.2f}x, p90 {ratio_p90:.2f}x; median process CPU time "
+        f"{stats['official']['median_process_cpu_ms']:.1f} / {stats['ours']['median_process_cpu_ms']:.1f} ms = "
+        f"{ratio_cpu:.2f}x"
+    )
     n = args.num_queries
-    print(f"agreement: same top-1 in {same_top1}/{n} queries, same top-k set in {same_set}/{n}; max |score diff| "
-          f"{max_diff:.3e} (ours {'bf16' if amp == 'bf16' else amp} vs official fp32)")
+    print(
+        f"agreement: same top-1 in {same_top1}/{n} queries, same top-k set in {same_set}/{n}; max |score diff| "
+        f"{max_diff:.3e} (ours {'bf16' if amp == 'bf16' else amp} vs official fp32)"
+    )
     env["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    payload = {"benchmark": "query_latency", "env": env, "device": device_description(device), "args": vars(args),
-               "weights": "random init (seeded)", "image_tokens": int(tokens.shape[1]),
-               "kv_cache": {"used": use_cache, "bytes": kv_bytes},
-               "index_build_s": {"official": index_official_s, "ours": index_ours_s},
-               "latency": stats, "speedup_median": ratio_median, "speedup_p90": ratio_p90,
-               "speedup_median_process_cpu_time": ratio_cpu,
-               "peak_memory": {name: memory[name].as_dict() for name in paths_},
-               "agreement": {"same_top1": same_top1, "same_topk_set": same_set, "queries": n,
-                             "max_abs_score_diff": max_diff}}
+    payload = {
+        "benchmark": "query_latency",
+        "env": env,
+        "device": device_description(device),
+        "args": vars(args),
+        "weights": "random init (seeded)",
+        "image_tokens": int(tokens.shape[1]),
+        "kv_cache": {"used": use_cache, "bytes": kv_bytes},
+        "index_build_s": {"official": index_official_s, "ours": index_ours_s},
+        "latency": stats,
+        "speedup_median": ratio_median,
+        "speedup_p90": ratio_p90,
+        "speedup_median_process_cpu_time": ratio_cpu,
+        "peak_memory": {name: memory[name].as_dict() for name in paths_},
+        "agreement": {"same_top1": same_top1, "same_topk_set": same_set, "queries": n, "max_abs_score_diff": max_diff},
+    }
     write_json(args.out, payload)
     return payload
 

@@ -63,15 +63,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = common_parser(__doc__, "'ours'", mfu=True)
     p.add_argument("--batch-size", type=int, default=None, help="default 32 on CUDA, 8 on CPU")
     p.add_argument("--image-size", type=int, default=None, help="default 384 on CUDA, 128 on CPU")
-    p.add_argument("--queue-size", type=int, default=None,
-                   help=f"default: the largest multiple of the batch <= {OFFICIAL_QUEUE}")
+    p.add_argument(
+        "--queue-size", type=int, default=None, help=f"default: the largest multiple of the batch <= {OFFICIAL_QUEUE}"
+    )
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per variant; default 3 CUDA, 1 CPU")
     p.add_argument("--steps", type=int, default=None, help="timed steps per variant; default 10 CUDA, 3 CPU")
     p.add_argument("--ckpt-layer", type=int, default=4, help="ViT blocks checkpointed in the 'ckpt' variants")
-    p.add_argument("--variants", nargs="+", default=["ours", "fp32", "ours+ckpt", "fp32+ckpt"],
-                   choices=["ours", "fp32", "ours+ckpt", "fp32+ckpt", "ours+compile"],
-                   help="ours+compile: ours under torch.compile (captions padded to max_length, as "
-                        "train_retrieval.py with compile: true); not in the default set")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=["ours", "fp32", "ours+ckpt", "fp32+ckpt"],
+        choices=["ours", "fp32", "ours+ckpt", "fp32+ckpt", "ours+compile"],
+        help="ours+compile: ours under torch.compile (captions padded to max_length, as "
+        "train_retrieval.py with compile: true); not in the default set",
+    )
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--alpha", type=float, default=0.4)
@@ -138,13 +143,22 @@ def run_variant(model, init_state: dict, batch: tuple, variant: str, args, devic
     del optimizer, params, step_model
     median = statistics.median(times)
     flops = counter.get_total_flops()
-    return {"variant": variant, "autocast": amp, "optimizer": opt_name,
-            "vit_ckpt_layer": args.ckpt_layer if ckpt else 0, "step_times_s": times, "median_step_s": median,
-            "images_per_s": args.batch_size / median, "median_process_cpu_s": statistics.median(cpu_times),
-            "losses": [float(x) for x in losses], "step_tflop": flops / 1e12,
-            "achieved_tflops": flops / median / 1e12,
-            "mfu": flops / median / 1e12 / args.peak_tflops if args.peak_tflops else None,
-            "peak_memory": mem.as_dict(), "memory_summary": mem.summary()}
+    return {
+        "variant": variant,
+        "autocast": amp,
+        "optimizer": opt_name,
+        "vit_ckpt_layer": args.ckpt_layer if ckpt else 0,
+        "step_times_s": times,
+        "median_step_s": median,
+        "images_per_s": args.batch_size / median,
+        "median_process_cpu_s": statistics.median(cpu_times),
+        "losses": [float(x) for x in losses],
+        "step_tflop": flops / 1e12,
+        "achieved_tflops": flops / median / 1e12,
+        "mfu": flops / median / 1e12 / args.peak_tflops if args.peak_tflops else None,
+        "peak_memory": mem.as_dict(),
+        "memory_summary": mem.summary(),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -152,9 +166,19 @@ def main(argv: list[str] | None = None) -> dict:
     device, env = start_run(args)
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         paths = make_data(tmp, args.batch_size, 1, args.image_size, split="train", seed=args.seed)
-        config = bench_config(paths, args.vit, args.text, args.image_size, queue_size=args.queue_size,
-                              batch_size_train=args.batch_size, vit_grad_ckpt=True, vit_ckpt_layer=args.ckpt_layer,
-                              device=device.type, num_workers=0, seed=args.seed)
+        config = bench_config(
+            paths,
+            args.vit,
+            args.text,
+            args.image_size,
+            queue_size=args.queue_size,
+            batch_size_train=args.batch_size,
+            vit_grad_ckpt=True,
+            vit_ckpt_layer=args.ckpt_layer,
+            device=device.type,
+            num_workers=0,
+            seed=args.seed,
+        )
         dataset = create_dataset(config, "train")
         set_seed(args.seed)  # the augmentations draw from python, numpy and torch RNGs: same batch in every run
         items = [dataset[i] for i in range(args.batch_size)]  # one fixed augmented batch: B distinct images
@@ -164,21 +188,29 @@ def main(argv: list[str] | None = None) -> dict:
     idx = torch.tensor([it[2] for it in items], device=device)
     init_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"model: vit {args.vit}, text {args.text}, {n_params / 1e6:.1f}M trainable parameters; batch "
-          f"{args.batch_size} at {args.image_size} px, queue {args.queue_size}; {args.warmup} warm-up + "
-          f"{args.steps} timed steps per variant")
+    print(
+        f"model: vit {args.vit}, text {args.text}, {n_params / 1e6:.1f}M trainable parameters; batch "
+        f"{args.batch_size} at {args.image_size} px, queue {args.queue_size}; {args.warmup} warm-up + "
+        f"{args.steps} timed steps per variant"
+    )
 
     results = {}
     for variant in args.variants:
         print(f"running {variant} ...", flush=True)
         results[variant] = r = run_variant(model, init_state, (images, captions, idx), variant, args, device)
-        print(f"  {variant:10} {r['median_step_s']:8.3f} s/step ({r['median_process_cpu_s']:.3f} s CPU)  "
-              f"{r['images_per_s']:8.2f} img/s  "
-              f"autocast {r['autocast']}, {r['optimizer']}, ViT ckpt layers {r['vit_ckpt_layer']}; "
-              f"{r['memory_summary']}; first loss {r['losses'][0]:.6f}", flush=True)
+        print(
+            f"  {variant:10} {r['median_step_s']:8.3f} s/step ({r['median_process_cpu_s']:.3f} s CPU)  "
+            f"{r['images_per_s']:8.2f} img/s  "
+            f"autocast {r['autocast']}, {r['optimizer']}, ViT ckpt layers {r['vit_ckpt_layer']}; "
+            f"{r['memory_summary']}; first loss {r['losses'][0]:.6f}",
+            flush=True,
+        )
         mfu = f", MFU {100 * r['mfu']:.1f}% of {args.peak_tflops:g}" if r["mfu"] is not None else ""
-        print(f"  {'':10} {r['step_tflop']:8.4g} TFLOP per step (FlopCounterMode), {r['achieved_tflops']:.1f} "
-              f"TFLOP/s{mfu}", flush=True)
+        print(
+            f"  {'':10} {r['step_tflop']:8.4g} TFLOP per step (FlopCounterMode), {r['achieved_tflops']:.1f} "
+            f"TFLOP/s{mfu}",
+            flush=True,
+        )
 
     ratios = {}
     print("\nspeed-up fp32 / ours (step time):")
@@ -190,8 +222,10 @@ def main(argv: list[str] | None = None) -> dict:
             loss_diff = abs(ours["losses"][0] - fp32["losses"][0])
             cpu_ratio = fp32["median_process_cpu_s"] / ours["median_process_cpu_s"]
             ratios[key + "_process_cpu_time"] = cpu_ratio
-            print(f"  ViT checkpointing {'on ' if suffix else 'off'}: {ratios[key]:.2f}x (process CPU time "
-                  f"{cpu_ratio:.2f}x; first-step |loss diff| {loss_diff:.2e})")
+            print(
+                f"  ViT checkpointing {'on ' if suffix else 'off'}: {ratios[key]:.2f}x (process CPU time "
+                f"{cpu_ratio:.2f}x; first-step |loss diff| {loss_diff:.2e})"
+            )
     if results.get("ours") and results.get("ours+compile"):
         ratios["compile"] = results["ours"]["median_step_s"] / results["ours+compile"]["median_step_s"]
         print(f"  torch.compile, ours / ours+compile: {ratios['compile']:.2f}x")
@@ -201,13 +235,22 @@ def main(argv: list[str] | None = None) -> dict:
         off, on = results.get(kind), results.get(kind + "+ckpt")
         if off and on:
             key = "device_peak_bytes" if device.type == "cuda" else "host_peak_rss_bytes"
-            print(f"  {kind}: ViT checkpointing changes peak memory {off['peak_memory'][key] / 2**30:.2f} -> "
-                  f"{on['peak_memory'][key] / 2**30:.2f} GiB and step time {off['median_step_s']:.3f} -> "
-                  f"{on['median_step_s']:.3f} s")
+            print(
+                f"  {kind}: ViT checkpointing changes peak memory {off['peak_memory'][key] / 2**30:.2f} -> "
+                f"{on['peak_memory'][key] / 2**30:.2f} GiB and step time {off['median_step_s']:.3f} -> "
+                f"{on['median_step_s']:.3f} s"
+            )
     env["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    payload = {"benchmark": "train_step", "env": env, "device": device_description(device), "args": vars(args),
-               "weights": "random init (seeded)", "trainable_params": n_params, "variants": results,
-               "speedup_fp32_over_ours": ratios}
+    payload = {
+        "benchmark": "train_step",
+        "env": env,
+        "device": device_description(device),
+        "args": vars(args),
+        "weights": "random init (seeded)",
+        "trainable_params": n_params,
+        "variants": results,
+        "speedup_fp32_over_ours": ratios,
+    }
     write_json(args.out, payload)
     return payload
 

@@ -45,19 +45,36 @@ def run_name(dataset: str, schedule: str, seed: int) -> str:
     return f"{dataset}_{schedule.replace(':', '')}_seed{seed}"
 
 
-def launch(out: str, dataset: str, paths: dict, schedule: str, seed: int,
-           args: argparse.Namespace) -> subprocess.Popen:
+def launch(out: str, dataset: str, paths: dict, schedule: str, seed: int, args: argparse.Namespace) -> subprocess.Popen:
     name, steps = parse_schedule(schedule)
-    options = [f"image_root={paths['image_root']}", f"train_file={paths['train_file']}",
-               f"val_file={paths['val_file']}", f"test_file={paths['test_file']}",
-               f"text_encoder={paths['vocab_file']}", f"itm_negatives={name}", f"itm_negatives_steps={steps}",
-               f"max_epoch={args.epochs}", f"eval_every={args.eval_every}", f"device={args.device}", f"seed={seed}",
-               "num_workers=1", *args.options]
+    options = [
+        f"image_root={paths['image_root']}",
+        f"train_file={paths['train_file']}",
+        f"val_file={paths['val_file']}",
+        f"test_file={paths['test_file']}",
+        f"text_encoder={paths['vocab_file']}",
+        f"itm_negatives={name}",
+        f"itm_negatives_steps={steps}",
+        f"max_epoch={args.epochs}",
+        f"eval_every={args.eval_every}",
+        f"device={args.device}",
+        f"seed={seed}",
+        "num_workers=1",
+        *args.options,
+    ]
     run_dir = os.path.join(out, run_name(dataset, schedule, seed))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     log = open(run_dir + ".log", "w")  # noqa: SIM115 (closed by the caller)
-    cmd = [sys.executable, "train_retrieval.py", "--config", args.config, "--output-dir", run_dir,
-           "--options", *options]
+    cmd = [
+        sys.executable,
+        "train_retrieval.py",
+        "--config",
+        args.config,
+        "--output-dir",
+        run_dir,
+        "--options",
+        *options,
+    ]
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
@@ -66,8 +83,10 @@ def read_run(run_dir: str) -> dict:
     with open(os.path.join(run_dir, "log.jsonl")) as f:
         records = [json.loads(line) for line in f]
     epochs = [r for r in records if "train_loss_itm" in r]
-    curves = {key: [r.get(key) for r in epochs] for key in
-              ("epoch", "train_loss_itm", "train_itm_acc_pos", "train_itm_acc_neg", "val_r_mean", "val_itc_r_mean")}
+    curves = {
+        key: [r.get(key) for r in epochs]
+        for key in ("epoch", "train_loss_itm", "train_itm_acc_pos", "train_itm_acc_neg", "val_r_mean", "val_itc_r_mean")
+    }
     with open(os.path.join(run_dir, "metrics_test.json")) as f:
         test = json.load(f)
     keep = ("r_mean", "itc_r_mean", "txt_r1", "img_r1", "itc_txt_r1", "itc_img_r1", "epoch")
@@ -86,33 +105,52 @@ def summarise(results: dict) -> dict:
         groups.setdefault((run["dataset"], run["schedule"]), []).append(run)
     summary = {}
     for (dataset, schedule), runs in groups.items():
-        final = {key: _mean([r["curves"][key][-1] for r in runs])
-                 for key in ("train_loss_itm", "train_itm_acc_pos", "train_itm_acc_neg")}
+        final = {
+            key: _mean([r["curves"][key][-1] for r in runs])
+            for key in ("train_loss_itm", "train_itm_acc_pos", "train_itm_acc_neg")
+        }
         test = {key: _mean([r["test"][key] for r in runs]) for key in runs[0]["test"] if key != "epoch"}
         gains = [r["test"]["r_mean"] - r["test"]["itc_r_mean"] for r in runs]
-        summary[f"{dataset} {schedule}"] = {"dataset": dataset, "schedule": schedule, "seeds": len(runs),
-                                            **final, **test, "rerank_gains": gains}
+        summary[f"{dataset} {schedule}"] = {
+            "dataset": dataset,
+            "schedule": schedule,
+            "seeds": len(runs),
+            **final,
+            **test,
+            "rerank_gains": gains,
+        }
     return summary
 
 
 def write_table(summary: dict, results: dict, path: str) -> None:
-    lines = ["| data | itm_negatives | seeds | final ITM loss | ITM acc pos / neg | test r_mean ITC only | "
-             "test r_mean re-ranked | re-rank gain mean (min, max) | R@1 TR / IR ITC only | "
-             "R@1 TR / IR re-ranked |", "|---" * 10 + "|"]
+    lines = [
+        "| data | itm_negatives | seeds | final ITM loss | ITM acc pos / neg | test r_mean ITC only | "
+        "test r_mean re-ranked | re-rank gain mean (min, max) | R@1 TR / IR ITC only | "
+        "R@1 TR / IR re-ranked |",
+        "|---" * 10 + "|",
+    ]
     for row in summary.values():
         gains = row["rerank_gains"]
-        lines.append(f"| {row['dataset']} | {row['schedule']} | {row['seeds']} | {row['train_loss_itm']:.3f} | "
-                     f"{row['train_itm_acc_pos']:.2f} / {row['train_itm_acc_neg']:.2f} | {row['itc_r_mean']:.1f} | "
-                     f"{row['r_mean']:.1f} | {_mean(gains):+.1f} ({min(gains):+.1f}, {max(gains):+.1f}) | "
-                     f"{row['itc_txt_r1']:.1f} / {row['itc_img_r1']:.1f} | {row['txt_r1']:.1f} / {row['img_r1']:.1f} |")
-    lines += ["", "Run by run (test metrics of the epoch selected by val r_mean):", "",
-              "| run | final ITM loss | test r_mean ITC only | re-ranked | R@1 TR / IR ITC only | re-ranked |",
-              "|---" * 6 + "|"]
+        lines.append(
+            f"| {row['dataset']} | {row['schedule']} | {row['seeds']} | {row['train_loss_itm']:.3f} | "
+            f"{row['train_itm_acc_pos']:.2f} / {row['train_itm_acc_neg']:.2f} | {row['itc_r_mean']:.1f} | "
+            f"{row['r_mean']:.1f} | {_mean(gains):+.1f} ({min(gains):+.1f}, {max(gains):+.1f}) | "
+            f"{row['itc_txt_r1']:.1f} / {row['itc_img_r1']:.1f} | {row['txt_r1']:.1f} / {row['img_r1']:.1f} |"
+        )
+    lines += [
+        "",
+        "Run by run (test metrics of the epoch selected by val r_mean):",
+        "",
+        "| run | final ITM loss | test r_mean ITC only | re-ranked | R@1 TR / IR ITC only | re-ranked |",
+        "|---" * 6 + "|",
+    ]
     for name, run in results.items():
         t = run["test"]
-        lines.append(f"| {name} | {run['curves']['train_loss_itm'][-1]:.3f} | {t['itc_r_mean']:.1f} | "
-                     f"{t['r_mean']:.1f} | {t['itc_txt_r1']:.1f} / {t['itc_img_r1']:.1f} | "
-                     f"{t['txt_r1']:.1f} / {t['img_r1']:.1f} |")
+        lines.append(
+            f"| {name} | {run['curves']['train_loss_itm'][-1]:.3f} | {t['itc_r_mean']:.1f} | "
+            f"{t['r_mean']:.1f} | {t['itc_txt_r1']:.1f} / {t['itc_img_r1']:.1f} | "
+            f"{t['txt_r1']:.1f} / {t['img_r1']:.1f} |"
+        )
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -141,8 +179,9 @@ def plot(results: dict, datasets: list[str], path: str) -> bool:
             gain = [_mean([c["val_r_mean"][i] - c["val_itc_r_mean"][i] for c in curves]) for i in evaluated]
             gain_ax.plot([epochs[i] for i in evaluated], gain, marker="o", label=schedule)
         loss_ax.axhline(PRIOR_LOSS, color="grey", linestyle="--", linewidth=1)
-        loss_ax.set(title=f"{dataset}: train ITM loss (dashed: the prior, {PRIOR_LOSS:.4f})", xlabel="epoch",
-                    ylabel="loss_itm")
+        loss_ax.set(
+            title=f"{dataset}: train ITM loss (dashed: the prior, {PRIOR_LOSS:.4f})", xlabel="epoch", ylabel="loss_itm"
+        )
         gain_ax.axhline(0, color="grey", linewidth=1)
         gain_ax.set(title=f"{dataset}: val r_mean, re-ranked minus ITC only", xlabel="epoch", ylabel="points")
         loss_ax.legend(fontsize=8)
@@ -157,8 +196,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", required=True)
     p.add_argument("--config", default="configs/demo.yaml")
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
-    p.add_argument("--schedules", nargs="+", default=["hard", "uniform", "warmup:150", "anneal:300"],
-                   help="itm_negatives values, with :STEPS for warmup and anneal")
+    p.add_argument(
+        "--schedules",
+        nargs="+",
+        default=["hard", "uniform", "warmup:150", "anneal:300"],
+        help="itm_negatives values, with :STEPS for warmup and anneal",
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[42])
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--eval-every", type=int, default=2)
@@ -192,8 +235,12 @@ def main(argv: list[str] | None = None) -> dict:
         for schedule in args.schedules:
             for seed in args.seeds:
                 name = run_name(dataset, schedule, seed)
-                results[name] = {"dataset": dataset, "schedule": schedule, "seed": seed,
-                                 **read_run(os.path.join(args.out, name))}
+                results[name] = {
+                    "dataset": dataset,
+                    "schedule": schedule,
+                    "seed": seed,
+                    **read_run(os.path.join(args.out, name)),
+                }
     summary = summarise(results)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"args": vars(args), "prior_loss": PRIOR_LOSS, "summary": summary, "runs": results}, f, indent=1)

@@ -58,9 +58,7 @@ def _check_split(split: str) -> None:
         raise DataError(f"Unknown split '{split}'; valid splits: {list(SPLITS)}.")
 
 
-def annotation_path(
-    config: dict[str, Any], split: str, download: bool = True, url_prefix: str | None = None
-) -> str:
+def annotation_path(config: dict[str, Any], split: str, download: bool = True, url_prefix: str | None = None) -> str:
     """Return the path of an existing annotation file for ``split``, downloading it if needed.
 
     flickr/coco: ``<ann_root>/<official file name>``, fetched from ``url_prefix`` (default
@@ -84,9 +82,7 @@ def annotation_path(
         valid = sorted([*ANNOTATION_FILES, _CUSTOM])
         raise DataError(f"Unknown dataset '{dataset}' in config key 'dataset'; valid values: {valid}.")
     if not config.get("ann_root"):
-        raise DataError(
-            f"dataset: {dataset} needs the config key 'ann_root' (folder for the annotation JSONs)."
-        )
+        raise DataError(f"dataset: {dataset} needs the config key 'ann_root' (folder for the annotation JSONs).")
 
     filename = ANNOTATION_FILES[dataset][split]
     path = os.path.join(str(config["ann_root"]), filename)

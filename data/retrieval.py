@@ -75,9 +75,7 @@ def load_annotation(ann_file: str) -> list[dict[str, Any]]:
         raise DataError(f"Annotation file {ann_file} is an empty list: the split has no records.")
     for i, rec in enumerate(records):
         if not isinstance(rec, dict):
-            raise DataError(
-                f"Record {i} in {ann_file} must be a JSON object, got {type(rec).__name__}: {rec!r:.100}"
-            )
+            raise DataError(f"Record {i} in {ann_file} must be a JSON object, got {type(rec).__name__}: {rec!r:.100}")
     return records
 
 
@@ -133,9 +131,7 @@ def _missing_image_hint(image_root: str, rel_path: str) -> str:
     return ""
 
 
-def check_image_paths(
-    image_root: str, rel_paths: list[str], ann_file: str, n: int = NUM_PATHS_TO_CHECK
-) -> None:
+def check_image_paths(image_root: str, rel_paths: list[str], ann_file: str, n: int = NUM_PATHS_TO_CHECK) -> None:
     """Check that the first ``n`` images exist under ``image_root``; raise DataError with a fix if not."""
     for rel in rel_paths[:n]:
         full = os.path.join(image_root, rel)
@@ -181,8 +177,7 @@ class RetrievalTrainDataset(Dataset):
                     else ""
                 )
                 raise DataError(
-                    f"Record {i} in {ann_file}: 'caption' must be a string, "
-                    f"got {type(rec['caption']).__name__}{hint}."
+                    f"Record {i} in {ann_file}: 'caption' must be a string, got {type(rec['caption']).__name__}{hint}."
                 )
             image_id = rec["image_id"]
             if not isinstance(image_id, (str, int)) or isinstance(image_id, bool):
@@ -252,8 +247,7 @@ class RetrievalEvalDataset(Dataset):
             for j, cap in enumerate(captions):
                 if not isinstance(cap, str):
                     raise DataError(
-                        f"Record {img_id} in {ann_file}: caption {j} must be a string, "
-                        f"got {type(cap).__name__}."
+                        f"Record {img_id} in {ann_file}: caption {j} must be a string, got {type(cap).__name__}."
                     )
                 txt_id = len(self.text)
                 self.text.append(pre_caption(cap, max_words))

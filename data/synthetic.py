@@ -189,9 +189,7 @@ def _t_list_positions(scene: list[Shape], groups: list[Group], rng: random.Rando
 def _t_there_is(scene: list[Shape], groups: list[Group], rng: random.Random) -> str:
     if len(scene) == 1:
         return "there is " + _group_phrase(groups[0], rng, size=True, loc=True)
-    return f"there are {_count_shapes(scene)}, " + _join(
-        [_group_phrase(g, rng, False, False) for g in groups]
-    )
+    return f"there are {_count_shapes(scene)}, " + _join([_group_phrase(g, rng, False, False) for g in groups])
 
 
 def _t_picture_of(scene: list[Shape], groups: list[Group], rng: random.Random) -> str:
@@ -330,9 +328,7 @@ def make_synthetic_dataset(
             for cap in captions:
                 vocab.update(_tokens(pre_caption(cap)))
             if split == "train":
-                records.extend(
-                    {"image": rel, "caption": cap, "image_id": f"synth_{split}_{i}"} for cap in captions
-                )
+                records.extend({"image": rel, "caption": cap, "image_id": f"synth_{split}_{i}"} for cap in captions)
             else:
                 records.append({"image": rel, "caption": captions})
         ann_file = os.path.join(ann_root, f"synthetic_{split}.json")
@@ -356,8 +352,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--captions-per-image", type=int, default=5)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-shapes", type=int, default=None, choices=[1, 2, 3],
-                        help="shapes per image (default: 1-3, varying)")
+    parser.add_argument(
+        "--num-shapes", type=int, default=None, choices=[1, 2, 3], help="shapes per image (default: 1-3, varying)"
+    )
     args = parser.parse_args(argv)
     paths = make_synthetic_dataset(
         args.out,

@@ -49,9 +49,7 @@ def train_transform(image_size: int, min_scale: float = 0.5, autocontrast: str =
     """
     return transforms.Compose(
         [
-            transforms.RandomResizedCrop(
-                image_size, scale=(min_scale, 1.0), interpolation=InterpolationMode.BICUBIC
-            ),
+            transforms.RandomResizedCrop(image_size, scale=(min_scale, 1.0), interpolation=InterpolationMode.BICUBIC),
             transforms.RandomHorizontalFlip(),
             RandomAugment(num_ops=2, magnitude=5, autocontrast=autocontrast),
             transforms.ToTensor(),
@@ -270,5 +268,7 @@ class RandomAugment:
         return img
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(num_ops={self.num_ops}, magnitude={self.magnitude}, "
-                f"autocontrast={self.autocontrast!r})")
+        return (
+            f"{type(self).__name__}(num_ops={self.num_ops}, magnitude={self.magnitude}, "
+            f"autocontrast={self.autocontrast!r})"
+        )

@@ -63,14 +63,17 @@ def evaluate(model: BlipRetrieval, dataset, config: dict, device: torch.device, 
     if mode == "fast":
         i_start, i_end = shard_range(n_img, rank, world)
         vit = model.visual_encoder
-        keep_on = token_home(device, (i_end - i_start) * (vit.num_patches + 1) * vit.embed_dim,
-                             token_dtype(device, config))
-        image_tokens, image_feat = image_features(model, dataset, device, config, range(i_start, i_end),
-                                                  keep_on=keep_on, show_progress=show)
+        keep_on = token_home(
+            device, (i_end - i_start) * (vit.num_patches + 1) * vit.embed_dim, token_dtype(device, config)
+        )
+        image_tokens, image_feat = image_features(
+            model, dataset, device, config, range(i_start, i_end), keep_on=keep_on, show_progress=show
+        )
         image_feat = gather_shards(image_feat, n_img)
     else:  # official: every rank embeds every image and keeps the tokens on the CPU
-        image_tokens, image_feat = image_features(model, dataset, device, config, range(n_img),
-                                                  keep_on=torch.device("cpu"), show_progress=show)
+        image_tokens, image_feat = image_features(
+            model, dataset, device, config, range(n_img), keep_on=torch.device("cpu"), show_progress=show
+        )
     _sync(device)
     timings["time_image_features"] = time.perf_counter() - t0
 
@@ -81,11 +84,21 @@ def evaluate(model: BlipRetrieval, dataset, config: dict, device: torch.device, 
 
     t0 = time.perf_counter()
     if mode == "fast":
-        scores_i2t, scores_t2i = rerank_fast(model, sims, image_tokens, i_start, text_ids, text_atts, k_test,
-                                             config["itm_batch_size"], device, config, show)
+        scores_i2t, scores_t2i = rerank_fast(
+            model,
+            sims,
+            image_tokens,
+            i_start,
+            text_ids,
+            text_atts,
+            k_test,
+            config["itm_batch_size"],
+            device,
+            config,
+            show,
+        )
     else:
-        scores_i2t, scores_t2i = rerank_official(model, sims, image_tokens, text_ids, text_atts, k_test, device,
-                                                 show)
+        scores_i2t, scores_t2i = rerank_official(model, sims, image_tokens, text_ids, text_atts, k_test, device, show)
     _sync(device)
     timings["time_rerank"] = time.perf_counter() - t0
     timings["time_total"] = sum(timings.values())
@@ -101,8 +114,9 @@ def evaluate(model: BlipRetrieval, dataset, config: dict, device: torch.device, 
     return result
 
 
-def write_eval_outputs(result: EvalResult, output_dir: str, split: str, save_scores: bool = False,
-                       extra: dict | None = None) -> None:
+def write_eval_outputs(
+    result: EvalResult, output_dir: str, split: str, save_scores: bool = False, extra: dict | None = None
+) -> None:
     """metrics_<split>.json and, with save_scores, scores_<split>.npz (the exact matrices behind the metrics)."""
     if not is_main_process():
         return

@@ -42,8 +42,10 @@ def eval_autocast(device: torch.device, config: dict):
         stack.enter_context(autocast(*eval_autocast_args(device, config)))
         if device.type == "cuda" and AVOID_CUDNN_ATTENTION and hasattr(torch.nn, "attention"):
             from torch.nn.attention import SDPBackend, sdpa_kernel
-            stack.enter_context(sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                                             SDPBackend.MATH]))
+
+            stack.enter_context(
+                sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+            )
         yield
 
 
@@ -63,8 +65,10 @@ def token_home(device: torch.device, num_values: int, dtype: torch.dtype) -> tor
     free, _ = torch.cuda.mem_get_info(device)
     if need <= TOKEN_MEMORY_FRACTION * free:
         return device
-    log(f"image tokens need {need / 2**30:.1f} GiB, more than {TOKEN_MEMORY_FRACTION:.0%} of the "
-        f"{free / 2**30:.1f} GiB free on {device}: keeping them in host memory and streaming them")
+    log(
+        f"image tokens need {need / 2**30:.1f} GiB, more than {TOKEN_MEMORY_FRACTION:.0%} of the "
+        f"{free / 2**30:.1f} GiB free on {device}: keeping them in host memory and streaming them"
+    )
     return torch.device("cpu")
 
 
@@ -88,8 +92,9 @@ def length_batches(lengths: list[int], max_batch: int, max_padding: float = MAX_
 
 
 @torch.no_grad()
-def text_features(model: BlipRetrieval, texts: list[str], device: torch.device, config: dict,
-                  show_progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def text_features(
+    model: BlipRetrieval, texts: list[str], device: torch.device, config: dict, show_progress: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tokenise every text (max_length padding) and embed with [CLS]; returns (ids with [ENC], mask, feats).
 
     Texts are encoded shortest first, each batch cut to its longest text instead of max_length (the masked
@@ -98,8 +103,9 @@ def text_features(model: BlipRetrieval, texts: list[str], device: torch.device, 
     if not texts:  # a rank whose shard is empty (fewer texts than processes)
         empty_ids = torch.zeros(0, model.max_length, dtype=torch.long, device=device)
         return empty_ids, empty_ids.clone(), torch.zeros(0, model.text_proj.out_features, device=device)
-    ids, atts = zip(*(model.tokenize(texts[start:start + TEXT_BATCH], device)
-                      for start in range(0, len(texts), TEXT_BATCH)))
+    ids, atts = zip(
+        *(model.tokenize(texts[start : start + TEXT_BATCH], device) for start in range(0, len(texts), TEXT_BATCH))
+    )
     ids, atts = torch.cat(ids), torch.cat(atts)
     lengths = atts.sum(dim=1).cpu()
     official = is_official(config)
@@ -119,8 +125,15 @@ def text_features(model: BlipRetrieval, texts: list[str], device: torch.device, 
 
 
 @torch.no_grad()
-def image_features(model: BlipRetrieval, dataset, device: torch.device, config: dict, indices: range,
-                   keep_on: torch.device, show_progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def image_features(
+    model: BlipRetrieval,
+    dataset,
+    device: torch.device,
+    config: dict,
+    indices: range,
+    keep_on: torch.device,
+    show_progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Image tokens (for ITM, stored as `token_dtype`) and unit ITC vectors for the images `indices`."""
     subset = torch.utils.data.Subset(dataset, list(indices))
     loader = create_loader(subset, config["batch_size_test"], config["num_workers"], is_train=False)
@@ -133,8 +146,9 @@ def image_features(model: BlipRetrieval, dataset, device: torch.device, config: 
         feats.append(image_feat)
     width = model.visual_encoder.embed_dim
     if not tokens:  # a rank whose shard is empty
-        return torch.zeros(0, model.visual_encoder.num_patches + 1, width, dtype=dtype, device=keep_on), \
-            torch.zeros(0, model.vision_proj.out_features, device=device)
+        return torch.zeros(0, model.visual_encoder.num_patches + 1, width, dtype=dtype, device=keep_on), torch.zeros(
+            0, model.vision_proj.out_features, device=device
+        )
     tokens = torch.cat(tokens)
     if device.type == "cuda" and keep_on.type == "cpu":
         tokens = tokens.pin_memory()  # asynchronous chunk copies while re-ranking

@@ -41,14 +41,16 @@ class ItmForward:
     `rows` the pair positions, `len(rows) // len(images)` per piece, pieces contiguous; `real` the indices into
     `rows` of the rows that are scored (the others are filler repeating a real row); `max_len` the text length
     every row is padded to."""
+
     images: list[int]
     rows: list[int]
     real: list[int]
     max_len: int
 
 
-def plan_itm_forwards(counts: list[int], lengths: list[int], max_batch: int, piece: int | None = None,
-                      max_padding: float = MAX_PADDING) -> Iterator[list[ItmForward]]:
+def plan_itm_forwards(
+    counts: list[int], lengths: list[int], max_batch: int, piece: int | None = None, max_padding: float = MAX_PADDING
+) -> Iterator[list[ItmForward]]:
     """The ITM forwards of the fast re-ranking, chunk by chunk of KV_CHUNK images (a generator: the host plans
     the next chunk while the GPU runs the current one, and COCO's millions of pairs are never listed at once).
 
@@ -63,14 +65,14 @@ def plan_itm_forwards(counts: list[int], lengths: list[int], max_batch: int, pie
     for chunk_start in range(0, len(counts), KV_CHUNK):
         forwards = []
         if piece is None:
-            for local, count in enumerate(counts[chunk_start:chunk_start + KV_CHUNK]):
-                for start, end in length_batches(lengths[first:first + count], max_batch, max_padding):
+            for local, count in enumerate(counts[chunk_start : chunk_start + KV_CHUNK]):
+                for start, end in length_batches(lengths[first : first + count], max_batch, max_padding):
                     rows = list(range(first + start, first + end))
                     forwards.append(ItmForward([local], rows, list(range(len(rows))), lengths[rows[-1]]))
                 first += count
         else:
             pieces = []  # (longest text, image, rows)
-            for local, count in enumerate(counts[chunk_start:chunk_start + KV_CHUNK]):
+            for local, count in enumerate(counts[chunk_start : chunk_start + KV_CHUNK]):
                 for start in range(first, first + count, piece):
                     rows = list(range(start, min(start + piece, first + count)))
                     pieces.append((lengths[rows[-1]], local, rows + rows[-1:] * (piece - len(rows))))
@@ -97,9 +99,16 @@ def _fill_outside(sims: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def rerank_official(model: BlipRetrieval, sims: torch.Tensor, image_tokens: torch.Tensor, text_ids: torch.Tensor,
-                    text_atts: torch.Tensor, k_test: int, device: torch.device,
-                    show_progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def rerank_official(
+    model: BlipRetrieval,
+    sims: torch.Tensor,
+    image_tokens: torch.Tensor,
+    text_ids: torch.Tensor,
+    text_atts: torch.Tensor,
+    k_test: int,
+    device: torch.device,
+    show_progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference algorithm: one ITM batch of k_test pairs per query, queries split across ranks."""
     rank, world = get_rank(), get_world_size()
     n_img, n_txt = sims.shape
@@ -118,17 +127,28 @@ def rerank_official(model: BlipRetrieval, sims: torch.Tensor, image_tokens: torc
     for t in tqdm(range(start, end), desc="ITM t2i", disable=not show_progress):
         topk_sim, topk_idx = sims_t[t].topk(k_t2i)
         encoder_states = image_tokens[topk_idx.cpu()].to(device)
-        itm = model.itm_logits(text_ids[t].repeat(k_t2i, 1), text_atts[t].repeat(k_t2i, 1), encoder_states,
-                               cls_only=False)[:, 1]
+        itm = model.itm_logits(
+            text_ids[t].repeat(k_t2i, 1), text_atts[t].repeat(k_t2i, 1), encoder_states, cls_only=False
+        )[:, 1]
         scores_t2i[t] = _fill_outside(sims_t[t])
         scores_t2i[t, topk_idx] = itm + topk_sim
     return all_reduce_sum_(scores_i2t), all_reduce_sum_(scores_t2i)
 
 
 @torch.no_grad()
-def rerank_fast(model: BlipRetrieval, sims: torch.Tensor, image_tokens: torch.Tensor, image_offset: int,
-                text_ids: torch.Tensor, text_atts: torch.Tensor, k_test: int, itm_batch_size: int,
-                device: torch.device, config: dict, show_progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def rerank_fast(
+    model: BlipRetrieval,
+    sims: torch.Tensor,
+    image_tokens: torch.Tensor,
+    image_offset: int,
+    text_ids: torch.Tensor,
+    text_atts: torch.Tensor,
+    k_test: int,
+    itm_batch_size: int,
+    device: torch.device,
+    config: dict,
+    show_progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Score the union of both directions' top-k pairs once, grouped by image, with cached image K/V.
 
     `image_tokens` holds this rank's images [image_offset, image_offset + len), on the device or in host memory
@@ -159,28 +179,36 @@ def rerank_fast(model: BlipRetrieval, sims: torch.Tensor, image_tokens: torch.Te
     first = int(torch.searchsorted(pair_img, torch.tensor(image_offset, device=device)))
     last = int(torch.searchsorted(pair_img, torch.tensor(image_offset + len(image_tokens), device=device)))
     counts = torch.bincount(pair_img[first:last] - image_offset, minlength=len(image_tokens)).tolist()
-    plan = plan_itm_forwards(counts, lengths[pair_txt_host[first:last]].tolist(), itm_batch_size,
-                             ITM_PIECE.get(device.type))
+    plan = plan_itm_forwards(
+        counts, lengths[pair_txt_host[first:last]].tolist(), itm_batch_size, ITM_PIECE.get(device.type)
+    )
     progress = tqdm(total=last - first, desc="ITM pairs", disable=not show_progress)
     with eval_autocast(device, config):  # one autocast region: weights are cast to bf16 once, not per forward
         for chunk, forwards in enumerate(plan):
-            chunk_tokens = image_tokens[chunk * KV_CHUNK:(chunk + 1) * KV_CHUNK].to(device, non_blocking=True)
+            chunk_tokens = image_tokens[chunk * KV_CHUNK : (chunk + 1) * KV_CHUNK].to(device, non_blocking=True)
             chunk_kv = model.text_encoder.cross_attention_kv(chunk_tokens)
             # Every index of the chunk goes to the device in one asynchronous copy; the loop never waits for it.
-            rows, images, real = _to_device([[first + r for f in forwards for r in f.rows],
-                                             [i for f in forwards for i in f.images],
-                                             [r for f in forwards for r in f.real]], device)
+            rows, images, real = _to_device(
+                [
+                    [first + r for f in forwards for r in f.rows],
+                    [i for f in forwards for i in f.images],
+                    [r for f in forwards for r in f.real],
+                ],
+                device,
+            )
             at_row = at_image = at_real = 0
             for f in forwards:
-                f_rows = rows[at_row:at_row + len(f.rows)]
-                f_real = real[at_real:at_real + len(f.real)]
+                f_rows = rows[at_row : at_row + len(f.rows)]
+                f_real = real[at_real : at_real + len(f.real)]
                 if len(f.images) == 1:  # one image: its keys/values as a view, no gather
-                    image_kv = [(k[f.images[0]:f.images[0] + 1], v[f.images[0]:f.images[0] + 1]) for k, v in chunk_kv]
+                    image_kv = [
+                        (k[f.images[0] : f.images[0] + 1], v[f.images[0] : f.images[0] + 1]) for k, v in chunk_kv
+                    ]
                 else:
-                    f_images = images[at_image:at_image + len(f.images)]
+                    f_images = images[at_image : at_image + len(f.images)]
                     image_kv = [(k[f_images], v[f_images]) for k, v in chunk_kv]
                 texts = pair_txt_sorted[f_rows]
-                ids, atts = text_ids[texts, :f.max_len], text_atts[texts, :f.max_len]  # pad to the longest, not 35
+                ids, atts = text_ids[texts, : f.max_len], text_atts[texts, : f.max_len]  # pad to the longest, not 35
                 sorted_scores[f_rows[f_real]] = model.itm_logits(ids, atts, image_kv=image_kv)[f_real, 1]
                 at_row, at_image, at_real = at_row + len(f.rows), at_image + len(f.images), at_real + len(f.real)
                 progress.update(len(f.real))

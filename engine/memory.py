@@ -16,8 +16,9 @@ from utils import log
 CKPT_MEMORY_FRACTION = 0.85  # vit_ckpt_layer auto: a step's estimated peak stays within this share of the GPU
 
 
-def measure_step_peak(model: torch.nn.Module, batch_size: int, ckpt_layers: int, config: dict,
-                      device: torch.device) -> int:
+def measure_step_peak(
+    model: torch.nn.Module, batch_size: int, ckpt_layers: int, config: dict, device: torch.device
+) -> int:
     """Peak device bytes (0 on the CPU) of one training forward + backward at `batch_size` with the last
     `ckpt_layers` ViT blocks checkpointed, on random images and captions padded to max_length (the most text
     memory a batch can take). The model is left as found: weights, momentum encoders, queues, gradients and
@@ -34,8 +35,14 @@ def measure_step_peak(model: torch.nn.Module, batch_size: int, ckpt_layers: int,
         size = model.visual_encoder.image_size
         images = torch.randn(batch_size, 3, size, size, device=device)
         with utils.autocast(device, config["amp"], config["amp_cpu"]):
-            out = model(images, ["a photo"] * batch_size, config["alpha"], torch.arange(batch_size, device=device),
-                        text_compute="official", update_queues=False)
+            out = model(
+                images,
+                ["a photo"] * batch_size,
+                config["alpha"],
+                torch.arange(batch_size, device=device),
+                text_compute="official",
+                update_queues=False,
+            )
             loss = out["loss_ita"] + out["loss_itm"]
         loss.backward()
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
@@ -48,8 +55,9 @@ def measure_step_peak(model: torch.nn.Module, batch_size: int, ckpt_layers: int,
     return peak
 
 
-def fit_ckpt_layers(peak_1: int, peak_2: int, peak_1_all: int, depth: int, batch_size: int, extra_bytes: int,
-                    budget_bytes: int) -> tuple[int, int]:
+def fit_ckpt_layers(
+    peak_1: int, peak_2: int, peak_1_all: int, depth: int, batch_size: int, extra_bytes: int, budget_bytes: int
+) -> tuple[int, int]:
     """Fewest checkpointed ViT blocks whose estimated peak at `batch_size` fits `budget_bytes`.
 
     Memory grows linearly with the batch: peak(B, n) = fixed + B * (per_image - n * saved_per_block), with
@@ -68,8 +76,9 @@ def fit_ckpt_layers(peak_1: int, peak_2: int, peak_1_all: int, depth: int, batch
     return depth, estimate
 
 
-def choose_vit_ckpt_layers(model: torch.nn.Module, config: dict, device: torch.device,
-                           measure=measure_step_peak) -> int:
+def choose_vit_ckpt_layers(
+    model: torch.nn.Module, config: dict, device: torch.device, measure=measure_step_peak
+) -> int:
     """`vit_ckpt_layer: auto`: checkpoint as few ViT blocks as let a step fit in CKPT_MEMORY_FRACTION of the
     GPU memory available to this process. Three small probe steps (batch 1 and 2 without checkpointing, batch
     1 with every block checkpointed) give the model of fit_ckpt_layers. Every rank takes the largest choice."""
@@ -81,13 +90,16 @@ def choose_vit_ckpt_layers(model: torch.nn.Module, config: dict, device: torch.d
     free, _ = torch.cuda.mem_get_info(device)
     budget = int(CKPT_MEMORY_FRACTION * (free + torch.cuda.memory_reserved(device)))
     adamw_state = 2 * sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)  # fp32 exp_avg, exp_avg_sq
-    blocks, estimate = fit_ckpt_layers(peak_1, peak_2, peak_1_all, depth, config["batch_size_train"], adamw_state,
-                                       budget)
+    blocks, estimate = fit_ckpt_layers(
+        peak_1, peak_2, peak_1_all, depth, config["batch_size_train"], adamw_state, budget
+    )
     if utils.is_dist_initialized():
         choice = torch.tensor([blocks], device=device)
         dist.all_reduce(choice, op=dist.ReduceOp.MAX)
         blocks = int(choice)
-    log(f"vit_ckpt_layer auto: checkpointing the last {blocks} of {depth} ViT blocks (estimated peak "
+    log(
+        f"vit_ckpt_layer auto: checkpointing the last {blocks} of {depth} ViT blocks (estimated peak "
         f"{estimate / 2**30:.1f} GiB at batch {config['batch_size_train']}, budget {budget / 2**30:.1f} GiB = "
-        f"{CKPT_MEMORY_FRACTION:.0%} of the memory available)" + ("; it may not fit" if estimate > budget else ""))
+        f"{CKPT_MEMORY_FRACTION:.0%} of the memory available)" + ("; it may not fit" if estimate > budget else "")
+    )
     return blocks

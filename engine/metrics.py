@@ -11,10 +11,11 @@ def compute_metrics(scores_i2t: np.ndarray, scores_t2i: np.ndarray, txt2img: dic
     Image->text: the rank of an image is the best rank among its ground-truth captions. Rows are ordered with
     `argsort(...)[::-1]`, the official tie order.
     """
+
     def gt_ranks(scores: np.ndarray, gts: list[list[int]]) -> np.ndarray:
         ranks = np.empty(len(scores), dtype=np.int64)
         for start in range(0, len(scores), 1024):  # row chunks bound the memory of the argsort
-            order = np.argsort(scores[start:start + 1024], axis=1)[:, ::-1]
+            order = np.argsort(scores[start : start + 1024], axis=1)[:, ::-1]
             position = np.empty_like(order)
             np.put_along_axis(position, order, np.arange(order.shape[1])[None].repeat(len(order), 0), axis=1)
             for row in range(len(order)):
@@ -59,7 +60,11 @@ def format_metrics_table(metrics: dict) -> str:
         lines.append(f"{'':6}" + "".join(f"{title:>{cell}}  " for title, _ in columns).rstrip())
     lines.append(f"{'':6}" + "".join(f"{'R@1':>7}{'R@5':>7}{'R@10':>7}  " for _ in columns).rstrip())
     for name, prefix in (("TR", "txt"), ("IR", "img")):
-        lines.append(f"{name:6}" + "".join("".join(f"{recall(key, prefix, k):7.1f}" for k in (1, 5, 10)) + "  "
-                                           for _, key in columns).rstrip())
+        lines.append(
+            f"{name:6}"
+            + "".join(
+                "".join(f"{recall(key, prefix, k):7.1f}" for k in (1, 5, 10)) + "  " for _, key in columns
+            ).rstrip()
+        )
     lines.append("r_mean" + "".join(f"{r_mean(key):{cell}.2f}  " for _, key in columns).rstrip())
     return "\n".join(lines)

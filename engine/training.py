@@ -67,11 +67,15 @@ def load_train_checkpoint(path: str) -> dict:
         # weights_only: our checkpoints hold only tensors and plain containers, and this refuses pickled code.
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise ConfigError(f"--resume: no checkpoint at {path}. Train without --resume first, or pass the "
-                          "path of a checkpoint_last.pth written by train_retrieval.py.") from None
+        raise ConfigError(
+            f"--resume: no checkpoint at {path}. Train without --resume first, or pass the "
+            "path of a checkpoint_last.pth written by train_retrieval.py."
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") not in CKPT_FORMATS_READ:
-        raise ConfigError(f"--resume: {path} is not a checkpoint_last.pth written by train_retrieval.py "
-                          f"(no format={CKPT_FORMAT!r}); to start from other weights set pretrained instead")
+        raise ConfigError(
+            f"--resume: {path} is not a checkpoint_last.pth written by train_retrieval.py "
+            f"(no format={CKPT_FORMAT!r}); to start from other weights set pretrained instead"
+        )
     return ckpt
 
 
@@ -92,9 +96,19 @@ def _stat_means(sums: list[float], count: int) -> dict:
     return means
 
 
-def train_one_epoch(model: torch.nn.Module, ddp: DistributedDataParallel | None, loader: DataLoader,
-                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, config: dict, epoch: int,
-                    global_step: int, device: torch.device, jsonl: JsonlLogger, tb: Any) -> tuple[dict, int]:
+def train_one_epoch(
+    model: torch.nn.Module,
+    ddp: DistributedDataParallel | None,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    config: dict,
+    epoch: int,
+    global_step: int,
+    device: torch.device,
+    jsonl: JsonlLogger,
+    tb: Any,
+) -> tuple[dict, int]:
     """One pass over the loader. Returns (train averages over all ranks, updated global step)."""
     model.train()
     lr = optimizer.param_groups[0]["lr"]
@@ -139,11 +153,20 @@ def train_one_epoch(model: torch.nn.Module, ddp: DistributedDataParallel | None,
         if global_step % log_every == 0 or i == n - 1:
             window = _stat_means(window_sum.tolist(), window_micro)  # the one host sync, every log_every steps
             elapsed = time.perf_counter() - window_start
-            record = {"epoch": epoch, "step": global_step, **window, "lr": lr, "itm_hard_fraction": hard_fraction,
-                      "images_per_s": window_micro * images_per_micro / max(elapsed, 1e-9)}
+            record = {
+                "epoch": epoch,
+                "step": global_step,
+                **window,
+                "lr": lr,
+                "itm_hard_fraction": hard_fraction,
+                "images_per_s": window_micro * images_per_micro / max(elapsed, 1e-9),
+            }
             jsonl.log(record)
-            bar.set_postfix(loss=f"{window['loss_ita'] + window['loss_itm']:.3f}", lr=f"{lr:.2e}",
-                            img_s=f"{record['images_per_s']:.1f}")
+            bar.set_postfix(
+                loss=f"{window['loss_ita'] + window['loss_itm']:.3f}",
+                lr=f"{lr:.2e}",
+                img_s=f"{record['images_per_s']:.1f}",
+            )
             if tb is not None:
                 for key in (*STAT_KEYS, "lr", "images_per_s", "itm_hard_fraction"):
                     tb.add_scalar(f"train/{key}", record[key], global_step)

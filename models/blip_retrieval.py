@@ -32,14 +32,19 @@ def init_tokenizer(text_encoder: str = "bert-base-uncased"):
     """
     from transformers import BertTokenizerFast
 
-    offline_hint = ("Without network access, download it once elsewhere (e.g. `huggingface-cli download "
-                    "bert-base-uncased vocab.txt tokenizer_config.json --local-dir DIR`) and set text_encoder to "
-                    "that local directory or to its vocab.txt.")
+    offline_hint = (
+        "Without network access, download it once elsewhere (e.g. `huggingface-cli download "
+        "bert-base-uncased vocab.txt tokenizer_config.json --local-dir DIR`) and set text_encoder to "
+        "that local directory or to its vocab.txt."
+    )
     # Hub ids look like "name" or "org/name"; anything else that is not on disk fails here, before the hub
     # client spends minutes retrying a name that cannot exist there.
     first_dir = text_encoder.split("/")[0]
-    looks_like_path = (text_encoder.startswith((".", "/", "~")) or text_encoder.endswith((".txt", ".json"))
-                       or (text_encoder.count("/") >= 1 and os.path.isdir(first_dir)))
+    looks_like_path = (
+        text_encoder.startswith((".", "/", "~"))
+        or text_encoder.endswith((".txt", ".json"))
+        or (text_encoder.count("/") >= 1 and os.path.isdir(first_dir))
+    )
     if looks_like_path and not os.path.exists(os.path.expanduser(text_encoder)):
         raise OSError(f"tokenizer path {text_encoder!r} (config key text_encoder) does not exist. {offline_hint}")
     try:
@@ -48,13 +53,16 @@ def init_tokenizer(text_encoder: str = "bert-base-uncased"):
         else:
             tokenizer = BertTokenizerFast.from_pretrained(os.path.expanduser(text_encoder))
     except (OSError, ValueError) as e:
-        raise OSError(f"could not load the BERT tokenizer {text_encoder!r} (config key text_encoder): {e}\n"
-                      f"{offline_hint}") from None
+        raise OSError(
+            f"could not load the BERT tokenizer {text_encoder!r} (config key text_encoder): {e}\n{offline_hint}"
+        ) from None
     # Some transformers versions return a tokenizer holding only the special tokens when nothing was found
     # (e.g. offline with no cache), which would silently turn every word into [UNK].
     if len(tokenizer.get_vocab()) <= len(tokenizer.all_special_tokens):
-        raise OSError(f"the tokenizer loaded from {text_encoder!r} (config key text_encoder) has no vocabulary "
-                      f"beyond its special tokens. {offline_hint}")
+        raise OSError(
+            f"the tokenizer loaded from {text_encoder!r} (config key text_encoder) has no vocabulary "
+            f"beyond its special tokens. {offline_hint}"
+        )
     if "[DEC]" not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"bos_token": "[DEC]"})
     if "[ENC]" not in tokenizer.get_vocab():
@@ -63,8 +71,9 @@ def init_tokenizer(text_encoder: str = "bert-base-uncased"):
     return tokenizer
 
 
-def sample_hard_negatives(sim: torch.Tensor, positive: torch.Tensor,
-                          hard_fraction: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_hard_negatives(
+    sim: torch.Tensor, positive: torch.Tensor, hard_fraction: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one ITM negative per row: multinomial over softmax(sim) with positives zeroed (official).
 
     sim: (B, C) similarities already divided by temp; positive: (B, C) bool, True where the candidate shares
@@ -92,19 +101,34 @@ TEXT_COMPUTE = ("trimmed", "static", "official")  # BlipRetrieval.forward `text_
 
 
 class BlipRetrieval(nn.Module):
-    def __init__(self, med_config: MedConfig, tokenizer, vit: str | dict = "base", image_size: int = 384,
-                 vit_grad_ckpt: bool = False, vit_ckpt_layer: int = 0, vit_drop_path_rate: float | None = None,
-                 vit_layer_norm_eps: float = 1e-6, embed_dim: int = 256, queue_size: int = 57600,
-                 momentum: float = 0.995, negative_all_rank: bool = False, max_length: int = 35):
+    def __init__(
+        self,
+        med_config: MedConfig,
+        tokenizer,
+        vit: str | dict = "base",
+        image_size: int = 384,
+        vit_grad_ckpt: bool = False,
+        vit_ckpt_layer: int = 0,
+        vit_drop_path_rate: float | None = None,
+        vit_layer_norm_eps: float = 1e-6,
+        embed_dim: int = 256,
+        queue_size: int = 57600,
+        momentum: float = 0.995,
+        negative_all_rank: bool = False,
+        max_length: int = 35,
+    ):
         super().__init__()
         self.tokenizer = tokenizer  # not a module: not in the state dict
         self.enc_token_id = tokenizer.enc_token_id
         if len(tokenizer) > med_config.vocab_size:
-            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but med_config vocab_size is "
-                             f"{med_config.vocab_size}; they must match (30524 for bert-base-uncased + [DEC], [ENC])")
+            raise ValueError(
+                f"the tokenizer has {len(tokenizer)} tokens but med_config vocab_size is "
+                f"{med_config.vocab_size}; they must match (30524 for bert-base-uncased + [DEC], [ENC])"
+            )
         self.max_length = max_length
-        self.visual_encoder, vision_width = create_vit(vit, image_size, vit_grad_ckpt, vit_ckpt_layer,
-                                                       vit_drop_path_rate, vit_layer_norm_eps)
+        self.visual_encoder, vision_width = create_vit(
+            vit, image_size, vit_grad_ckpt, vit_ckpt_layer, vit_drop_path_rate, vit_layer_norm_eps
+        )
         med_config = MedConfig(**{**med_config.to_dict(), "encoder_width": vision_width})
         self.med_config = med_config
         self.text_encoder = BertModel(med_config)
@@ -118,8 +142,12 @@ class BlipRetrieval(nn.Module):
         self.vision_proj_m = nn.Linear(vision_width, embed_dim)
         self.text_encoder_m = BertModel(med_config)
         self.text_proj_m = nn.Linear(text_width, embed_dim)
-        self.model_pairs = [(self.visual_encoder, self.visual_encoder_m), (self.vision_proj, self.vision_proj_m),
-                            (self.text_encoder, self.text_encoder_m), (self.text_proj, self.text_proj_m)]
+        self.model_pairs = [
+            (self.visual_encoder, self.visual_encoder_m),
+            (self.vision_proj, self.vision_proj_m),
+            (self.text_encoder, self.text_encoder_m),
+            (self.text_proj, self.text_proj_m),
+        ]
         self.copy_params()
 
         self.register_buffer("image_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
@@ -137,12 +165,18 @@ class BlipRetrieval(nn.Module):
     # Eager under torch.compile: traced, the tokenizer's Python would be guarded on every token id and
     # recompiled for every batch of captions.
     @torch.compiler.disable
-    def tokenize(self, captions: list[str], device: torch.device | None = None,
-                 pad_to_longest: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def tokenize(
+        self, captions: list[str], device: torch.device | None = None, pad_to_longest: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask, truncated to max_length (35) and padded to it as in the official code,
         or with `pad_to_longest` only to the longest caption (the same outputs: padding is masked)."""
-        tokens = self.tokenizer(captions, padding="longest" if pad_to_longest else "max_length", truncation=True,
-                                max_length=self.max_length, return_tensors="pt")
+        tokens = self.tokenizer(
+            captions,
+            padding="longest" if pad_to_longest else "max_length",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
         device = device or self.temp.device
         return tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
 
@@ -165,24 +199,42 @@ class BlipRetrieval(nn.Module):
         hidden = self.text_encoder(input_ids, attention_mask, mode="text", cls_only=cls_only)
         return F.normalize(self.text_proj(hidden[:, 0]).float(), dim=-1)
 
-    def itm_logits(self, enc_input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   image_embeds: torch.Tensor | None = None,
-                   image_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                   cls_only: bool = True) -> torch.Tensor:
+    def itm_logits(
+        self,
+        enc_input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_embeds: torch.Tensor | None = None,
+        image_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        cls_only: bool = True,
+    ) -> torch.Tensor:
         """ITM logits (B, 2) (index 1 = match) for ids that already start with [ENC].
 
         Pass either `image_embeds` (one image per text) or `image_kv` from `text_encoder.cross_attention_kv`
         (G images, texts grouped contiguously, B a multiple of G). `cls_only`: see BertModel.forward.
         """
-        hidden = self.text_encoder(enc_input_ids, attention_mask, encoder_hidden_states=image_embeds,
-                                   encoder_kv=image_kv, mode="multimodal", cls_only=cls_only)
+        hidden = self.text_encoder(
+            enc_input_ids,
+            attention_mask,
+            encoder_hidden_states=image_embeds,
+            encoder_kv=image_kv,
+            mode="multimodal",
+            cls_only=cls_only,
+        )
         return self.itm_head(hidden[:, 0]).float()
 
     # ----------------------------------------------------------------------------------------------
     # Training
     # ----------------------------------------------------------------------------------------------
-    def forward(self, image: torch.Tensor, caption: list[str], alpha: float, idx: torch.Tensor,
-                hard_negative_fraction: float = 1.0, text_compute: str = "trimmed", update_queues: bool = True) -> dict:
+    def forward(
+        self,
+        image: torch.Tensor,
+        caption: list[str],
+        alpha: float,
+        idx: torch.Tensor,
+        hard_negative_fraction: float = 1.0,
+        text_compute: str = "trimmed",
+        update_queues: bool = True,
+    ) -> dict:
         """Training losses and ITM statistics, all tensors (no host sync): {'loss_ita', 'loss_itm',
         'itm_acc_pos' (share of matching pairs the ITM head calls a match), 'itm_acc_neg' (share of negative
         pairs it calls a mismatch), 'num_neg_fallback'}.
@@ -272,8 +324,13 @@ class BlipRetrieval(nn.Module):
             called_match = itm_logits.argmax(dim=1) == 1
             itm_acc_pos = called_match[:bs].float().mean()
             itm_acc_neg = 1.0 - called_match[bs:].float().mean()
-        return {"loss_ita": loss_ita, "loss_itm": loss_itm, "itm_acc_pos": itm_acc_pos, "itm_acc_neg": itm_acc_neg,
-                "num_neg_fallback": fallback_t2i + fallback_i2t}
+        return {
+            "loss_ita": loss_ita,
+            "loss_itm": loss_itm,
+            "itm_acc_pos": itm_acc_pos,
+            "itm_acc_neg": itm_acc_neg,
+            "num_neg_fallback": fallback_t2i + fallback_i2t,
+        }
 
     @torch.no_grad()
     def copy_params(self) -> None:
@@ -305,14 +362,17 @@ class BlipRetrieval(nn.Module):
         self.idx_queue.index_copy_(1, columns, idxs.t())
         self.ptr_queue.copy_((self.ptr_queue + global_batch) % self.queue_size)
 
+
 def check_queue_size(queue_size: int, global_batch: int) -> None:
     """The queue is written in whole global batches with no wrap-around, so the batch must divide it."""
     if queue_size % global_batch:
         good = [b for b in range(1, min(queue_size, 4096) + 1) if queue_size % b == 0 and b >= global_batch // 2][:6]
-        raise ValueError(f"queue_size {queue_size} is not a multiple of the global batch {global_batch} "
-                         f"(batch_size_train x world size {get_world_size()}). Choose queue_size as a multiple of "
-                         f"{global_batch} (e.g. {global_batch * (queue_size // global_batch)}) or a global batch "
-                         f"that divides it (e.g. {good}).")
+        raise ValueError(
+            f"queue_size {queue_size} is not a multiple of the global batch {global_batch} "
+            f"(batch_size_train x world size {get_world_size()}). Choose queue_size as a multiple of "
+            f"{global_batch} (e.g. {global_batch * (queue_size // global_batch)}) or a global batch "
+            f"that divides it (e.g. {good})."
+        )
 
 
 def build_model(config: dict, tokenizer=None) -> BlipRetrieval:
@@ -330,12 +390,21 @@ def build_model(config: dict, tokenizer=None) -> BlipRetrieval:
             med_config = MedConfig.from_dict({"vocab_size": len(tokenizer), **med}, source="config key med_config")
         else:
             med_config = MedConfig.from_json(med)
-        return BlipRetrieval(med_config, tokenizer, vit=config["vit"], image_size=config["image_size"],
-                             vit_grad_ckpt=config["vit_grad_ckpt"], vit_ckpt_layer=config["vit_ckpt_layer"],
-                             vit_drop_path_rate=config["drop_path_rate"],
-                             vit_layer_norm_eps=config["vit_layer_norm_eps"], embed_dim=config["embed_dim"],
-                             queue_size=config["queue_size"], momentum=config["momentum"],
-                             negative_all_rank=config["negative_all_rank"], max_length=config["max_length"])
+        return BlipRetrieval(
+            med_config,
+            tokenizer,
+            vit=config["vit"],
+            image_size=config["image_size"],
+            vit_grad_ckpt=config["vit_grad_ckpt"],
+            vit_ckpt_layer=config["vit_ckpt_layer"],
+            vit_drop_path_rate=config["drop_path_rate"],
+            vit_layer_norm_eps=config["vit_layer_norm_eps"],
+            embed_dim=config["embed_dim"],
+            queue_size=config["queue_size"],
+            momentum=config["momentum"],
+            negative_all_rank=config["negative_all_rank"],
+            max_length=config["max_length"],
+        )
     except (OSError, ValueError) as err:
         if isinstance(err, ConfigError):
             raise

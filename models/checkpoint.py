@@ -83,9 +83,11 @@ class LoadReport:
         """Multi-line human-readable account of the load."""
         lines = [f"checkpoint {self.source}: loaded {len(self.loaded)}/{self.num_model_tensors} model tensors"]
         lines += [f"  resized: {msg}" for msg in self.interpolated]
-        for title, entries in (("expected, not in checkpoint", self.expected_missing),
-                               ("expected, ignored", self.expected_unexpected),
-                               ("expected, shape differs, kept the model's", self.expected_mismatched)):
+        for title, entries in (
+            ("expected, not in checkpoint", self.expected_missing),
+            ("expected, ignored", self.expected_unexpected),
+            ("expected, shape differs, kept the model's", self.expected_mismatched),
+        ):
             for reason, keys in _group_by_reason(entries).items():
                 lines.append(f"  {title}: {_abbreviate(keys)}: {reason}")
         if self.missing:
@@ -144,8 +146,10 @@ def _cache_path(url: str, cache_dir: str) -> str:
 
 def _manual_download_hint(url: str) -> str:
     name = os.path.basename(urlparse(url).path) or "checkpoint.pth"
-    return (f"Download it by hand (e.g. `curl -L -o {name} {url}` or `wget {url}`) and pass the local path "
-            f"instead of the URL.")
+    return (
+        f"Download it by hand (e.g. `curl -L -o {name} {url}` or `wget {url}`) and pass the local path "
+        f"instead of the URL."
+    )
 
 
 def download_cached(url: str, cache_dir: str | None = None) -> str:
@@ -167,8 +171,9 @@ def download_cached(url: str, cache_dir: str | None = None) -> str:
     if error is not None:
         raise error
     if not os.path.isfile(dest):
-        raise CheckpointError(f"could not download {url} (local rank 0 failed; see its log). "
-                              f"{_manual_download_hint(url)}")
+        raise CheckpointError(
+            f"could not download {url} (local rank 0 failed; see its log). {_manual_download_hint(url)}"
+        )
     return dest
 
 
@@ -202,21 +207,28 @@ def read_checkpoint(source: str, cache_dir: str | None = None) -> object:
             raise CheckpointError(
                 f"{source}: torch.load(weights_only=True) refused it ({refused}). Full unpickling can run code, so "
                 f"it is only done for local files and for URLs under {OFFICIAL_URL_PREFIX}. If you trust this "
-                f"file: {_manual_download_hint(source)}") from None
+                f"file: {_manual_download_hint(source)}"
+            ) from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except ModuleNotFoundError as err:
-        raise CheckpointError(f"{source}: the checkpoint pickles an object of a module that is not installed "
-                              f"({err}); install it or re-save the checkpoint's 'model' entry alone") from None
+        raise CheckpointError(
+            f"{source}: the checkpoint pickles an object of a module that is not installed "
+            f"({err}); install it or re-save the checkpoint's 'model' entry alone"
+        ) from None
     except Exception as err:  # corrupt, truncated or not a torch file at all
         size = os.path.getsize(path)
         cached = f" (cached at {path})" if path != os.path.expanduser(source) else ""
-        raise CheckpointError(f"{source}{cached} is not a readable PyTorch checkpoint ({size} bytes; torch.load: "
-                              f"{str(err).splitlines()[0] if str(err) else type(err).__name__}). Check that the "
-                              f"file is complete and is a .pth saved by torch.save.") from None
+        raise CheckpointError(
+            f"{source}{cached} is not a readable PyTorch checkpoint ({size} bytes; torch.load: "
+            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}). Check that the "
+            f"file is complete and is a .pth saved by torch.save."
+        ) from None
     where = "official BLIP URL" if is_url(source) else "local file"
-    log(f"{os.path.basename(path)}: holds pickled objects besides tensors ({refused}); loaded with "
-        f"weights_only=False because it is a {where} (trusted by our rule)")
+    log(
+        f"{os.path.basename(path)}: holds pickled objects besides tensors ({refused}); loaded with "
+        f"weights_only=False because it is a {where} (trusted by our rule)"
+    )
     return obj
 
 
@@ -229,8 +241,10 @@ def _extract_state_dict(obj: object, source: str) -> dict[str, torch.Tensor]:
         if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
             return dict(obj)
         found = ", ".join(repr(k) for k in list(obj)[:8])
-        raise CheckpointError(f"{source}: not a BLIP checkpoint: expected a dict with key 'model' holding a state "
-                              f"dict, or a state dict of tensors; found keys [{found}]")
+        raise CheckpointError(
+            f"{source}: not a BLIP checkpoint: expected a dict with key 'model' holding a state "
+            f"dict, or a state dict of tensors; found keys [{found}]"
+        )
     raise CheckpointError(f"{source}: not a BLIP checkpoint: expected a dict, found {type(obj).__name__}")
 
 
@@ -239,23 +253,33 @@ def _extract_state_dict(obj: object, source: str) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------------
 
 _UNEXPECTED_REASONS = (
-    (lambda k: k.startswith("text_decoder."), "captioning decoder of pre-trained checkpoints; retrieval does not "
-                                              "use it"),
-    (lambda k: k == "queue_ptr", "pre-training/LAVIS name of the queue pointer; ignored, so ptr_queue keeps its "
-                                 "value (0 in a fresh model), as in the official loader"),
+    (
+        lambda k: k.startswith("text_decoder."),
+        "captioning decoder of pre-trained checkpoints; retrieval does not use it",
+    ),
+    (
+        lambda k: k == "queue_ptr",
+        "pre-training/LAVIS name of the queue pointer; ignored, so ptr_queue keeps its "
+        "value (0 in a fresh model), as in the official loader",
+    ),
 )
 
 
 def _missing_reason(key: str, momentum_copied: bool) -> str | None:
     if key == "idx_queue":
-        return "not in the checkpoint (pre-trained, Hugging Face): stays -100 (no queue positives until the " \
-               "queue refills), as in the official loader"
+        return (
+            "not in the checkpoint (pre-trained, Hugging Face): stays -100 (no queue positives until the "
+            "queue refills), as in the official loader"
+        )
     if key == "ptr_queue":
-        return "not in the checkpoint (pre-trained and LAVIS ones call it queue_ptr): stays 0, as in the " \
-               "official loader"
+        return (
+            "not in the checkpoint (pre-trained and LAVIS ones call it queue_ptr): stays 0, as in the official loader"
+        )
     if key in ("image_queue", "text_queue"):
-        return "no queue in the checkpoint (Hugging Face): random unit columns as in a fresh model; refilled " \
-               "in training, unused in evaluation"
+        return (
+            "no queue in the checkpoint (Hugging Face): random unit columns as in a fresh model; refilled "
+            "in training, unused in evaluation"
+        )
     if key == "temp":
         return "no temperature in the checkpoint (Hugging Face BLIP has none): keeps the initial 0.07"
     if key.endswith("embeddings.position_ids"):
@@ -281,34 +305,44 @@ def _architecture_hint(state: Mapping[str, torch.Tensor], model_state: Mapping[s
     patch = state.get("visual_encoder.patch_embed.proj.weight")
     if patch is None:
         if any(k.startswith("text_decoder.") for k in state) and not any(k.startswith("text_encoder.") for k in state):
-            return "it looks like a BLIP captioning checkpoint (text_decoder only); retrieval needs a pre-trained " \
-                   "or retrieval checkpoint"
+            return (
+                "it looks like a BLIP captioning checkpoint (text_decoder only); retrieval needs a pre-trained "
+                "or retrieval checkpoint"
+            )
         return f"it has no visual_encoder.* keys, so it is not a BLIP checkpoint (first keys: {list(state)[:3]})"
     width, patch_size = patch.shape[0], patch.shape[-1]
     depth = _count(state, r"^visual_encoder\.blocks\.(\d+)\.")
     model_width = model_state["visual_encoder.patch_embed.proj.weight"].shape[0]
     model_depth = _count(model_state, r"^visual_encoder\.blocks\.(\d+)\.")
-    if (width, depth) != (model_width, model_depth) or patch_size != \
-            model_state["visual_encoder.patch_embed.proj.weight"].shape[-1]:
-        named = [n for n, s in VIT_SIZES.items() if (s["width"], s["depth"], s["patch_size"]) ==
-                 (width, depth, patch_size)]
+    if (width, depth) != (model_width, model_depth) or patch_size != model_state[
+        "visual_encoder.patch_embed.proj.weight"
+    ].shape[-1]:
+        named = [
+            n for n, s in VIT_SIZES.items() if (s["width"], s["depth"], s["patch_size"]) == (width, depth, patch_size)
+        ]
         if named:
             short = {"base": "ViT-B", "large": "ViT-L"}[named[0]]
             hints.append(f"the checkpoint looks like {short} ({width} wide, {depth} blocks); set vit: {named[0]}")
         else:
-            hints.append(f"the checkpoint's ViT is {width} wide with {depth} blocks and patch {patch_size}; set "
-                         f"vit: {{width: {width}, depth: {depth}, heads: <heads>, patch_size: {patch_size}}}")
+            hints.append(
+                f"the checkpoint's ViT is {width} wide with {depth} blocks and patch {patch_size}; set "
+                f"vit: {{width: {width}, depth: {depth}, heads: <heads>, patch_size: {patch_size}}}"
+            )
     words = state.get("text_encoder.embeddings.word_embeddings.weight")
     model_words = model_state["text_encoder.embeddings.word_embeddings.weight"]
     if words is not None:
         text_depth = _count(state, r"^text_encoder\.encoder\.layer\.(\d+)\.")
         model_text_depth = _count(model_state, r"^text_encoder\.encoder\.layer\.(\d+)\.")
         if words.shape[1] != model_words.shape[1] or text_depth != model_text_depth:
-            hints.append(f"its text encoder is {words.shape[1]} wide with {text_depth} layers (model: "
-                         f"{model_words.shape[1]}, {model_text_depth}); set med_config accordingly")
+            hints.append(
+                f"its text encoder is {words.shape[1]} wide with {text_depth} layers (model: "
+                f"{model_words.shape[1]}, {model_text_depth}); set med_config accordingly"
+            )
         elif words.shape[0] != model_words.shape[0]:
-            hints.append(f"its vocabulary has {words.shape[0]} tokens but the model {model_words.shape[0]}; BLIP uses "
-                         f"30524 (bert-base-uncased + [DEC], [ENC]): check text_encoder and med_config vocab_size")
+            hints.append(
+                f"its vocabulary has {words.shape[0]} tokens but the model {model_words.shape[0]}; BLIP uses "
+                f"30524 (bert-base-uncased + [DEC], [ENC]): check text_encoder and med_config vocab_size"
+            )
     proj = state.get("vision_proj.weight")
     if proj is not None and proj.shape[0] != model_state["vision_proj.weight"].shape[0]:
         hints.append(f"its ITC projection is {proj.shape[0]}-d; set embed_dim: {proj.shape[0]}")
@@ -324,13 +358,14 @@ def _normalise_keys(state: Mapping[str, torch.Tensor], report: LoadReport) -> di
         state = hf_blip.hf_to_official_state_dict(state)
         report.notes.append("Hugging Face key names converted to official ones")
     if state and all(k.startswith("module.") for k in state):  # saved from a DDP wrapper
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
         report.notes.append("stripped the DDP 'module.' prefix")
     return state
 
 
-def _resize_pos_embeds(state: dict[str, torch.Tensor], model_state: Mapping[str, torch.Tensor],
-                       report: LoadReport) -> None:
+def _resize_pos_embeds(
+    state: dict[str, torch.Tensor], model_state: Mapping[str, torch.Tensor], report: LoadReport
+) -> None:
     """Resize the checkpoint's ViT position embeddings, in `state`, to the model's patch grid.
 
     The CLS row is kept and the patch rows are resized as a g x g image, e.g. 14x14 -> 24x24 for 224 -> 384 px.
@@ -345,18 +380,24 @@ def _resize_pos_embeds(state: dict[str, torch.Tensor], model_state: Mapping[str,
         grid_tokens = ckpt.shape[1] - 1
         src, dst = math.isqrt(max(grid_tokens, 0)), math.isqrt(target.shape[1] - 1)
         if src == 0 or src * src != grid_tokens:
-            raise CheckpointError(f"{report.source}: cannot resize {key} {tuple(ckpt.shape)} to "
-                                  f"{tuple(target.shape)}: position embedding with {ckpt.shape[1]} tokens "
-                                  f"(1 extra) is not a square patch grid")
+            raise CheckpointError(
+                f"{report.source}: cannot resize {key} {tuple(ckpt.shape)} to "
+                f"{tuple(target.shape)}: position embedding with {ckpt.shape[1]} tokens "
+                f"(1 extra) is not a square patch grid"
+            )
         # Bicubic without antialiasing (timm's align_corners default is False): what the official loader computes.
-        state[key] = resample_abs_pos_embed(ckpt, new_size=[dst, dst], num_prefix_tokens=1,
-                                            interpolation="bicubic", antialias=False)
-        report.interpolated.append(f"{encoder}.pos_embed {src}x{src} -> {dst}x{dst} patch grid "
-                                   f"({ckpt.shape[1]} -> {target.shape[1]} tokens, bicubic, CLS row kept)")
+        state[key] = resample_abs_pos_embed(
+            ckpt, new_size=[dst, dst], num_prefix_tokens=1, interpolation="bicubic", antialias=False
+        )
+        report.interpolated.append(
+            f"{encoder}.pos_embed {src}x{src} -> {dst}x{dst} patch grid "
+            f"({ckpt.shape[1]} -> {target.shape[1]} tokens, bicubic, CLS row kept)"
+        )
 
 
-def _classify_keys(state: Mapping[str, torch.Tensor], model_state: Mapping[str, torch.Tensor],
-                   report: LoadReport) -> tuple[dict[str, torch.Tensor], list[tuple[str, tuple, tuple]]]:
+def _classify_keys(
+    state: Mapping[str, torch.Tensor], model_state: Mapping[str, torch.Tensor], report: LoadReport
+) -> tuple[dict[str, torch.Tensor], list[tuple[str, tuple, tuple]]]:
     """Split the checkpoint's keys into loadable, unexpected (recorded in `report`) and shape-mismatched.
 
     Returns (tensors to load, unexplained shape mismatches as (key, checkpoint shape, model shape)).
@@ -378,8 +419,9 @@ def _classify_keys(state: Mapping[str, torch.Tensor], model_state: Mapping[str, 
     return to_load, mismatched
 
 
-def _accept_queue_resize(to_load: dict[str, torch.Tensor], mismatched: list[tuple[str, tuple, tuple]],
-                         report: LoadReport) -> None:
+def _accept_queue_resize(
+    to_load: dict[str, torch.Tensor], mismatched: list[tuple[str, tuple, tuple]], report: LoadReport
+) -> None:
     """Move a different queue length out of `mismatched`: the one harmless shape difference.
 
     The model keeps its own fresh queues, and the pointer and image ids are reset with them (dropped from
@@ -389,8 +431,10 @@ def _accept_queue_resize(to_load: dict[str, torch.Tensor], mismatched: list[tupl
     for key, ckpt_shape, model_shape in list(mismatched):
         if key in queue_keys and ckpt_shape[0] == model_shape[0]:
             mismatched.remove((key, ckpt_shape, model_shape))
-            report.expected_mismatched[key] = (f"queue length {ckpt_shape[1]} in the checkpoint vs queue_size "
-                                               f"{model_shape[1]}: the model keeps its fresh queues")
+            report.expected_mismatched[key] = (
+                f"queue length {ckpt_shape[1]} in the checkpoint vs queue_size "
+                f"{model_shape[1]}: the model keeps its fresh queues"
+            )
     if report.expected_mismatched:
         for key in (*queue_keys, "ptr_queue"):
             if key in to_load:
@@ -398,21 +442,30 @@ def _accept_queue_resize(to_load: dict[str, torch.Tensor], mismatched: list[tupl
                 report.expected_mismatched.setdefault(key, "reset together with the resized queues")
 
 
-def _raise_if_unusable(model: BlipRetrieval, state: Mapping[str, torch.Tensor],
-                       model_state: Mapping[str, torch.Tensor], to_load: Mapping[str, torch.Tensor],
-                       mismatched: list[tuple[str, tuple, tuple]], source: str) -> None:
+def _raise_if_unusable(
+    model: BlipRetrieval,
+    state: Mapping[str, torch.Tensor],
+    model_state: Mapping[str, torch.Tensor],
+    to_load: Mapping[str, torch.Tensor],
+    mismatched: list[tuple[str, tuple, tuple]],
+    source: str,
+) -> None:
     """Raise CheckpointError, with an architecture hint, on an unexplained shape mismatch or when less
     than half of the model's (non-momentum) parameters would be loaded."""
     if mismatched:
         shown = "; ".join(f"{k}: checkpoint {c} vs model {m}" for k, c, m in mismatched[:5])
         more = f" (+{len(mismatched) - 5} more)" if len(mismatched) > 5 else ""
-        raise CheckpointError(f"{source}: {len(mismatched)} tensors have a different shape than in the model: "
-                              f"{shown}{more}. Hint: {_architecture_hint(state, model_state)}.")
+        raise CheckpointError(
+            f"{source}: {len(mismatched)} tensors have a different shape than in the model: "
+            f"{shown}{more}. Hint: {_architecture_hint(state, model_state)}."
+        )
     main_params = {k: p.numel() for k, p in model.named_parameters() if not k.startswith(MOMENTUM_PREFIXES)}
     loaded_numel = sum(n for k, n in main_params.items() if k in to_load)
     if loaded_numel < 0.5 * sum(main_params.values()):
-        raise CheckpointError(f"{source}: only {loaded_numel / max(sum(main_params.values()), 1):.0%} of the model's "
-                              f"parameters are in the checkpoint. Hint: {_architecture_hint(state, model_state)}.")
+        raise CheckpointError(
+            f"{source}: only {loaded_numel / max(sum(main_params.values()), 1):.0%} of the model's "
+            f"parameters are in the checkpoint. Hint: {_architecture_hint(state, model_state)}."
+        )
 
 
 def _fill_missing_momentum(model: BlipRetrieval, to_load: Mapping[str, torch.Tensor], report: LoadReport) -> set[str]:
@@ -432,19 +485,28 @@ def _fill_missing_momentum(model: BlipRetrieval, to_load: Mapping[str, torch.Ten
     return missing_momentum
 
 
-def _note_depth_differences(state: Mapping[str, torch.Tensor], model_state: Mapping[str, torch.Tensor],
-                            report: LoadReport) -> None:
+def _note_depth_differences(
+    state: Mapping[str, torch.Tensor], model_state: Mapping[str, torch.Tensor], report: LoadReport
+) -> None:
     """Extra or fewer layers are not shape mismatches; say so explicitly instead of leaving a key list."""
-    for name, pattern in (("ViT blocks", r"^visual_encoder\.blocks\.(\d+)\."),
-                          ("text encoder layers", r"^text_encoder\.encoder\.layer\.(\d+)\.")):
+    for name, pattern in (
+        ("ViT blocks", r"^visual_encoder\.blocks\.(\d+)\."),
+        ("text encoder layers", r"^text_encoder\.encoder\.layer\.(\d+)\."),
+    ):
         ckpt_depth, model_depth = _count(state, pattern), _count(model_state, pattern)
         if ckpt_depth and ckpt_depth != model_depth:
-            report.notes.append(f"the checkpoint has {ckpt_depth} {name}, the model {model_depth}: only the first "
-                                f"{min(ckpt_depth, model_depth)} were loaded")
+            report.notes.append(
+                f"the checkpoint has {ckpt_depth} {name}, the model {model_depth}: only the first "
+                f"{min(ckpt_depth, model_depth)} were loaded"
+            )
 
 
-def _classify_missing(model_state: Mapping[str, torch.Tensor], to_load: Mapping[str, torch.Tensor],
-                      missing_momentum: set[str], report: LoadReport) -> None:
+def _classify_missing(
+    model_state: Mapping[str, torch.Tensor],
+    to_load: Mapping[str, torch.Tensor],
+    missing_momentum: set[str],
+    report: LoadReport,
+) -> None:
     """Record what was loaded, and each model tensor the checkpoint did not provide, as expected (with
     the reason) or missing."""
     report.loaded = sorted(to_load)
@@ -458,8 +520,9 @@ def _classify_missing(model_state: Mapping[str, torch.Tensor], to_load: Mapping[
             report.missing.append(key)
 
 
-def load_state_dict_checked(model: BlipRetrieval, state: Mapping[str, torch.Tensor],
-                            source: str = "state dict") -> LoadReport:
+def load_state_dict_checked(
+    model: BlipRetrieval, state: Mapping[str, torch.Tensor], source: str = "state dict"
+) -> LoadReport:
     """Load `state` (official, our, or HF key names) into `model`, classifying every key; see LoadReport.
 
     Raises CheckpointError on an unexplained shape mismatch or when less than half of the model's (non-momentum)
@@ -499,8 +562,9 @@ def load_checkpoint(model: BlipRetrieval, source: str, cache_dir: str | None = N
 # ----------------------------------------------------------------------------------------------------
 
 
-def load_model(config: dict, source: str | None = None,
-               cache_dir: str | None = None) -> tuple[BlipRetrieval, LoadReport | None]:
+def load_model(
+    config: dict, source: str | None = None, cache_dir: str | None = None
+) -> tuple[BlipRetrieval, LoadReport | None]:
     """Build the retrieval model for `config` and load `source` into it (the entry point of train and eval).
 
     `source`: an HF directory (architecture and tokenizer from it; see load_hf_directory), a .pth path or http(s)
@@ -523,8 +587,10 @@ def load_model(config: dict, source: str | None = None,
     if not os.path.isfile(path):
         hint = ""
         if re.fullmatch(r"[\w.-]+/[\w.-]+", source):
-            hint = (f"; if this is a Hugging Face hub id, download it first (e.g. `huggingface-cli download {source} "
-                    f"--local-dir DIR`) and pass DIR")
+            hint = (
+                f"; if this is a Hugging Face hub id, download it first (e.g. `huggingface-cli download {source} "
+                f"--local-dir DIR`) and pass DIR"
+            )
         raise CheckpointError(f"checkpoint not found: {source!r} (no such file or directory){hint}")
     model = build_model(config)
     return model, load_checkpoint(model, path, cache_dir)

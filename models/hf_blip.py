@@ -98,8 +98,10 @@ def official_to_hf_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, to
             continue
         match = _OFFICIAL_BLOCK_RE.match(key)
         if match and match.group(2) in _OFFICIAL_VISION_BLOCK:
-            out[f"vision_model.encoder.layers.{match.group(1)}.{_OFFICIAL_VISION_BLOCK[match.group(2)]}."
-                f"{match.group(3)}"] = value
+            out[
+                f"vision_model.encoder.layers.{match.group(1)}.{_OFFICIAL_VISION_BLOCK[match.group(2)]}."
+                f"{match.group(3)}"
+            ] = value
         elif key.startswith(HF_IDENTITY_PREFIXES):
             out[key] = value
     return out
@@ -141,8 +143,9 @@ def _read_hf_weights(path: str) -> dict[str, torch.Tensor]:
             state: dict[str, torch.Tensor] = {}
             for shard in shards:
                 shard_path = os.path.join(path, shard)
-                state.update(torch.load(shard_path, map_location="cpu", weights_only=True) if single
-                             else load_file(shard_path))
+                state.update(
+                    torch.load(shard_path, map_location="cpu", weights_only=True) if single else load_file(shard_path)
+                )
             return state
     if os.path.isfile(os.path.join(path, "model.safetensors")):
         return load_file(os.path.join(path, "model.safetensors"))
@@ -151,8 +154,12 @@ def _read_hf_weights(path: str) -> dict[str, torch.Tensor]:
 
 def _vit_from_hf(vision: BlipVisionConfig) -> str | dict:
     """Our `vit` config value for HF's vision config: 'base' / 'large' when it is an official size, else a mapping."""
-    spec = {"width": vision.hidden_size, "depth": vision.num_hidden_layers, "heads": vision.num_attention_heads,
-            "patch_size": vision.patch_size}
+    spec = {
+        "width": vision.hidden_size,
+        "depth": vision.num_hidden_layers,
+        "heads": vision.num_attention_heads,
+        "patch_size": vision.patch_size,
+    }
     for name, size in VIT_SIZES.items():
         if all(size[k] == v for k, v in spec.items()) and vision.intermediate_size == 4 * vision.hidden_size:
             return name  # the official sizes, which also bring the official drop-path default
@@ -169,8 +176,9 @@ def _read_hf_config(path: str) -> BlipConfig:
         raise CheckpointError(f"Hugging Face directory not found: {path!r}")
     missing = _hf_missing_files(path)
     if missing:
-        raise CheckpointError(f"{path} is not a Hugging Face BlipForImageTextRetrieval directory: missing "
-                              f"{' and '.join(missing)}")
+        raise CheckpointError(
+            f"{path} is not a Hugging Face BlipForImageTextRetrieval directory: missing {' and '.join(missing)}"
+        )
     try:
         hf_config = BlipConfig.from_pretrained(path)
     except Exception as err:  # a malformed config.json can fail in many ways
@@ -179,8 +187,10 @@ def _read_hf_config(path: str) -> BlipConfig:
     if archs and "BlipForImageTextRetrieval" not in archs:
         log(f"warning: {path} holds {archs}, not BlipForImageTextRetrieval; loading what matches")
     if hf_config.vision_config.hidden_act != "gelu":  # the text activation is checked when the model is built
-        raise CheckpointError(f"{path}: vision hidden_act {hf_config.vision_config.hidden_act!r} is not supported "
-                              f"(the BLIP ViT uses exact gelu)")
+        raise CheckpointError(
+            f"{path}: vision hidden_act {hf_config.vision_config.hidden_act!r} is not supported "
+            f"(the BLIP ViT uses exact gelu)"
+        )
     return hf_config
 
 
@@ -190,16 +200,26 @@ def _architecture_config(path: str, hf_config: BlipConfig) -> dict:
     HF's vision LayerNorm eps (1e-5) differs from the official 1e-6, so the directory's value is carried over.
     """
     vision, text = hf_config.vision_config, hf_config.text_config
-    med_config = {"vocab_size": text.vocab_size, "hidden_size": text.hidden_size,
-                  "num_hidden_layers": text.num_hidden_layers, "num_attention_heads": text.num_attention_heads,
-                  "intermediate_size": text.intermediate_size, "hidden_act": text.hidden_act,
-                  "max_position_embeddings": text.max_position_embeddings, "layer_norm_eps": text.layer_norm_eps,
-                  "pad_token_id": text.pad_token_id if text.pad_token_id is not None else 0,
-                  **_OFFICIAL_TEXT_DROPOUT}
-    return {"vit": _vit_from_hf(vision),
-            "image_size": vision.image_size if isinstance(vision.image_size, int) else vision.image_size[0],
-            "embed_dim": hf_config.image_text_hidden_size, "text_encoder": path,
-            "vit_layer_norm_eps": vision.layer_norm_eps, "med_config": med_config}
+    med_config = {
+        "vocab_size": text.vocab_size,
+        "hidden_size": text.hidden_size,
+        "num_hidden_layers": text.num_hidden_layers,
+        "num_attention_heads": text.num_attention_heads,
+        "intermediate_size": text.intermediate_size,
+        "hidden_act": text.hidden_act,
+        "max_position_embeddings": text.max_position_embeddings,
+        "layer_norm_eps": text.layer_norm_eps,
+        "pad_token_id": text.pad_token_id if text.pad_token_id is not None else 0,
+        **_OFFICIAL_TEXT_DROPOUT,
+    }
+    return {
+        "vit": _vit_from_hf(vision),
+        "image_size": vision.image_size if isinstance(vision.image_size, int) else vision.image_size[0],
+        "embed_dim": hf_config.image_text_hidden_size,
+        "text_encoder": path,
+        "vit_layer_norm_eps": vision.layer_norm_eps,
+        "med_config": med_config,
+    }
 
 
 def load_hf_directory(path: str, config: dict | None = None) -> tuple[BlipRetrieval, LoadReport]:
@@ -216,17 +236,23 @@ def load_hf_directory(path: str, config: dict | None = None) -> tuple[BlipRetrie
     text_vocab = hf_config.text_config.vocab_size
     tokenizer = init_tokenizer(path)  # adds [DEC] / [ENC] only when the directory's tokenizer lacks them
     if len(tokenizer) > text_vocab:
-        raise CheckpointError(f"{path}: the tokenizer has {len(tokenizer)} tokens (with [DEC] and [ENC]) but the "
-                              f"text model only {text_vocab} embeddings")
+        raise CheckpointError(
+            f"{path}: the tokenizer has {len(tokenizer)} tokens (with [DEC] and [ENC]) but the "
+            f"text model only {text_vocab} embeddings"
+        )
     updates = _architecture_config(path, hf_config)
     model = build_model({**config, **updates}, tokenizer)
     report = load_state_dict_checked(model, hf_to_official_state_dict(_read_hf_weights(path)), path)
     report.config_updates = updates
     if config["image_size"] != updates["image_size"]:
-        report.notes.append(f"image_size {updates['image_size']} from the directory (config had "
-                            f"{config['image_size']}); the data transforms must use {updates['image_size']}")
-    report.notes.append(f"architecture and tokenizer from {path} ([ENC] id {tokenizer.enc_token_id}, vocab "
-                        f"{text_vocab}, vision LayerNorm eps {updates['vit_layer_norm_eps']:g})")
+        report.notes.append(
+            f"image_size {updates['image_size']} from the directory (config had "
+            f"{config['image_size']}); the data transforms must use {updates['image_size']}"
+        )
+    report.notes.append(
+        f"architecture and tokenizer from {path} ([ENC] id {tokenizer.enc_token_id}, vocab "
+        f"{text_vocab}, vision LayerNorm eps {updates['vit_layer_norm_eps']:g})"
+    )
     log(report.summary())
     return model, report
 
@@ -297,21 +323,32 @@ def export_hf_directory(model: BlipRetrieval, out_dir: str) -> str:
 
     os.makedirs(out_dir, exist_ok=True)
     state = official_to_hf_state_dict(model.state_dict())
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(out_dir, "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in state.items()},
+        os.path.join(out_dir, "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     with open(os.path.join(out_dir, HF_CONFIG), "w") as f:
         json.dump(_hf_config_dict(model), f, indent=2)
     model.tokenizer.save_pretrained(out_dir)
     size = model.visual_encoder.image_size
-    preprocessor = {"image_processor_type": "BlipImageProcessor", "processor_class": "BlipProcessor",
-                    "do_resize": True, "size": {"height": size, "width": size}, "resample": 3,  # bicubic
-                    "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-                    "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                    "image_std": [0.26862954, 0.26130258, 0.27577711], "do_convert_rgb": True}
+    preprocessor = {
+        "image_processor_type": "BlipImageProcessor",
+        "processor_class": "BlipProcessor",
+        "do_resize": True,
+        "size": {"height": size, "width": size},
+        "resample": 3,  # bicubic
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "do_convert_rgb": True,
+    }
     with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
         json.dump(preprocessor, f, indent=2)
-    log(f"exported Hugging Face BlipForImageTextRetrieval to {out_dir} ({len(state)} tensors; not exported: "
-        f"momentum encoders, queues, temp={model.temp.item():.4f})")
+    log(
+        f"exported Hugging Face BlipForImageTextRetrieval to {out_dir} ({len(state)} tensors; not exported: "
+        f"momentum encoders, queues, temp={model.temp.item():.4f})"
+    )
     return out_dir
-
-

@@ -43,9 +43,20 @@ class MedConfig:
     add_cross_attention: bool = True
 
     # Fields of the official med_config.json that do not change the architecture.
-    IGNORED_FIELDS = ("architectures", "model_type", "type_vocab_size", "add_type_embeddings", "bos_token_id",
-                      "eos_token_id", "sep_token_id", "use_cache", "torch_dtype", "transformers_version",
-                      "label_smoothing", "position_embedding_type")
+    IGNORED_FIELDS = (
+        "architectures",
+        "model_type",
+        "type_vocab_size",
+        "add_type_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+        "sep_token_id",
+        "use_cache",
+        "torch_dtype",
+        "transformers_version",
+        "label_smoothing",
+        "position_embedding_type",
+    )
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "med_config") -> MedConfig:
@@ -105,8 +116,9 @@ class BertSelfAttention(nn.Module):
     def __init__(self, config: MedConfig, is_cross_attention: bool):
         super().__init__()
         if config.hidden_size % config.num_attention_heads:
-            raise ValueError(f"hidden_size {config.hidden_size} is not divisible by "
-                             f"num_attention_heads {config.num_attention_heads}")
+            raise ValueError(
+                f"hidden_size {config.hidden_size} is not divisible by num_attention_heads {config.num_attention_heads}"
+            )
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         kv_width = config.encoder_width if is_cross_attention else config.hidden_size
@@ -121,10 +133,15 @@ class BertSelfAttention(nn.Module):
     def project_kv(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.split_heads(self.key(states)), self.split_heads(self.value(states))
 
-    def forward(self, hidden_states: torch.Tensor, attn_bias: torch.Tensor | None = None,
-                kv_states: torch.Tensor | None = None,
-                kv: tuple[torch.Tensor, torch.Tensor] | None = None, is_causal: bool = False,
-                query_len: int | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attn_bias: torch.Tensor | None = None,
+        kv_states: torch.Tensor | None = None,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        is_causal: bool = False,
+        query_len: int | None = None,
+    ) -> torch.Tensor:
         """Attention of `hidden_states` over itself, over `kv_states`, or over precomputed `kv`.
 
         With `query_len`, only the first `query_len` positions ask (keys and values still cover every position).
@@ -144,19 +161,23 @@ class BertSelfAttention(nn.Module):
         groups = k.shape[0]
         if groups != batch:
             if attn_bias is not None or batch % groups:
-                raise ValueError(f"shared keys/values of batch {groups} need a text batch that is a multiple of "
-                                 f"it and no key mask; got text batch {batch}")
+                raise ValueError(
+                    f"shared keys/values of batch {groups} need a text batch that is a multiple of "
+                    f"it and no key mask; got text batch {batch}"
+                )
             per_group = batch // groups
             q = q.view(groups, per_group, self.num_heads, length, self.head_dim).transpose(1, 2)
             q = q.reshape(groups, self.num_heads, per_group * length, self.head_dim)
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
             out = out.view(groups, self.num_heads, per_group, length, self.head_dim).transpose(1, 2)
-            return out.reshape(batch, self.num_heads, length, self.head_dim).transpose(1, 2).reshape(
-                batch, length, width)
+            return (
+                out.reshape(batch, self.num_heads, length, self.head_dim).transpose(1, 2).reshape(batch, length, width)
+            )
         if attn_bias is not None:
             attn_bias = attn_bias.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p,
-                                             is_causal=is_causal and attn_bias is None)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_bias, dropout_p=dropout_p, is_causal=is_causal and attn_bias is None
+        )
         return out.transpose(1, 2).reshape(batch, length, width)
 
 
@@ -203,10 +224,16 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertSelfOutput(config, config.intermediate_size)
 
-    def forward(self, hidden_states: torch.Tensor, self_bias: torch.Tensor | None, is_causal: bool,
-                encoder_hidden_states: torch.Tensor | None = None, encoder_bias: torch.Tensor | None = None,
-                encoder_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-                query_len: int | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        self_bias: torch.Tensor | None,
+        is_causal: bool,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_bias: torch.Tensor | None = None,
+        encoder_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        query_len: int | None = None,
+    ) -> torch.Tensor:
         """`query_len`: compute outputs for the first `query_len` positions only (the rest are not returned)."""
         x = self.attention(hidden_states, attn_bias=self_bias, is_causal=is_causal, query_len=query_len)
         if encoder_hidden_states is not None or encoder_kv is not None:
@@ -247,11 +274,17 @@ class BertModel(nn.Module):
         """Per-layer cross-attention (key, value) of image tokens, each (B_img, heads, N_img, head_dim)."""
         return [layer.crossattention.self.project_kv(image_embeds) for layer in self.encoder.layer]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                encoder_hidden_states: torch.Tensor | None = None,
-                encoder_attention_mask: torch.Tensor | None = None,
-                encoder_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                mode: str = "multimodal", is_decoder: bool = False, cls_only: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        encoder_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        mode: str = "multimodal",
+        is_decoder: bool = False,
+        cls_only: bool = False,
+    ) -> torch.Tensor:
         """Last hidden states (B, L, hidden), or (B, 1, hidden) with `cls_only`.
 
         `cls_only`: retrieval reads only position 0 ([CLS] for ITC, [ENC] for ITM). Its last-layer output needs
@@ -283,11 +316,15 @@ class BertModel(nn.Module):
                 encoder_bias = padding_mask_to_bias(encoder_attention_mask, dtype)
         last = len(self.encoder.layer) - 1
         for i, layer in enumerate(self.encoder.layer):
-            hidden = layer(hidden, self_bias, is_causal=is_decoder and self_bias is None,
-                           encoder_hidden_states=encoder_hidden_states if multimodal else None,
-                           encoder_bias=encoder_bias,
-                           encoder_kv=encoder_kv[i] if (multimodal and encoder_kv is not None) else None,
-                           query_len=1 if (cls_only and i == last) else None)
+            hidden = layer(
+                hidden,
+                self_bias,
+                is_causal=is_decoder and self_bias is None,
+                encoder_hidden_states=encoder_hidden_states if multimodal else None,
+                encoder_bias=encoder_bias,
+                encoder_kv=encoder_kv[i] if (multimodal and encoder_kv is not None) else None,
+                query_len=1 if (cls_only and i == last) else None,
+            )
         return hidden
 
 
@@ -321,12 +358,16 @@ class BertLMHeadModel(nn.Module):
         self.cls.predictions = BertPredictionHead(config)
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight  # tied, as in BERT
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor,
-                labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_embeds: torch.Tensor,
+        labels: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         hidden = self.bert(input_ids, attention_mask, encoder_hidden_states=image_embeds, is_decoder=True)
         logits = self.cls.predictions(hidden)
         loss = None
         if labels is not None:  # next-token prediction; -100 marks ignored positions
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return logits, loss
-

@@ -26,8 +26,9 @@ def vit_spec(vit: str | dict) -> dict:
     """Resolve the `vit` config value (`base`, `large` or a mapping) to a full size mapping."""
     if isinstance(vit, str):
         if vit not in VIT_SIZES:
-            raise ValueError(f"vit must be 'base', 'large' or a mapping {{width, depth, heads, patch_size}}, "
-                             f"got {vit!r}")
+            raise ValueError(
+                f"vit must be 'base', 'large' or a mapping {{width, depth, heads, patch_size}}, got {vit!r}"
+            )
         return dict(VIT_SIZES[vit])
     spec = {"patch_size": 16, "mlp_ratio": 4.0, "drop_path_rate": 0.0, **vit}
     missing = [k for k in ("width", "depth", "heads") if k not in spec]
@@ -39,12 +40,30 @@ def vit_spec(vit: str | dict) -> dict:
 class VisionTransformer(TimmVisionTransformer):
     """timm ViT whose forward returns (B, 1 + num_patches, width) after the final LayerNorm."""
 
-    def __init__(self, image_size: int, patch_size: int, width: int, depth: int, heads: int,
-                 mlp_ratio: float = 4.0, drop_path_rate: float = 0.0, layer_norm_eps: float = 1e-6,
-                 ckpt_layer: int = 0):
-        super().__init__(img_size=image_size, patch_size=patch_size, embed_dim=width, depth=depth,
-                         num_heads=heads, mlp_ratio=mlp_ratio, qkv_bias=True, num_classes=0,
-                         drop_path_rate=drop_path_rate, norm_layer=partial(nn.LayerNorm, eps=layer_norm_eps))
+    def __init__(
+        self,
+        image_size: int,
+        patch_size: int,
+        width: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.0,
+        layer_norm_eps: float = 1e-6,
+        ckpt_layer: int = 0,
+    ):
+        super().__init__(
+            img_size=image_size,
+            patch_size=patch_size,
+            embed_dim=width,
+            depth=depth,
+            num_heads=heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=True,
+            num_classes=0,
+            drop_path_rate=drop_path_rate,
+            norm_layer=partial(nn.LayerNorm, eps=layer_norm_eps),
+        )
         self.image_size = image_size
         self.ckpt_layer = ckpt_layer
 
@@ -67,8 +86,14 @@ class VisionTransformer(TimmVisionTransformer):
         return self.norm(x)
 
 
-def create_vit(vit: str | dict, image_size: int, grad_ckpt: bool = False, ckpt_layer: int | str = 0,
-               drop_path_rate: float | None = None, layer_norm_eps: float = 1e-6) -> tuple[VisionTransformer, int]:
+def create_vit(
+    vit: str | dict,
+    image_size: int,
+    grad_ckpt: bool = False,
+    ckpt_layer: int | str = 0,
+    drop_path_rate: float | None = None,
+    layer_norm_eps: float = 1e-6,
+) -> tuple[VisionTransformer, int]:
     """Build the image encoder; returns (encoder, width). `drop_path_rate=None` keeps the official default.
     `ckpt_layer="auto"` starts at 0; train_retrieval sets the number once it has measured the GPU's memory."""
     if ckpt_layer == "auto":
@@ -78,8 +103,15 @@ def create_vit(vit: str | dict, image_size: int, grad_ckpt: bool = False, ckpt_l
         drop_path_rate = spec["drop_path_rate"]
     if image_size % spec["patch_size"]:
         raise ValueError(f"image_size {image_size} is not a multiple of the ViT patch size {spec['patch_size']}")
-    encoder = VisionTransformer(image_size=image_size, patch_size=spec["patch_size"], width=spec["width"],
-                                depth=spec["depth"], heads=spec["heads"], mlp_ratio=spec.get("mlp_ratio", 4.0),
-                                drop_path_rate=drop_path_rate, layer_norm_eps=layer_norm_eps,
-                                ckpt_layer=ckpt_layer if grad_ckpt else 0)
+    encoder = VisionTransformer(
+        image_size=image_size,
+        patch_size=spec["patch_size"],
+        width=spec["width"],
+        depth=spec["depth"],
+        heads=spec["heads"],
+        mlp_ratio=spec.get("mlp_ratio", 4.0),
+        drop_path_rate=drop_path_rate,
+        layer_norm_eps=layer_norm_eps,
+        ckpt_layer=ckpt_layer if grad_ckpt else 0,
+    )
     return encoder, spec["width"]

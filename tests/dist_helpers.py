@@ -29,16 +29,31 @@ def find_free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, fn: Callable[..., Any], world_size: int, port: int, out_dir: str, init: bool,
-            timeout_s: float, args: tuple) -> None:
+def _worker(
+    rank: int,
+    fn: Callable[..., Any],
+    world_size: int,
+    port: int,
+    out_dir: str,
+    init: bool,
+    timeout_s: float,
+    args: tuple,
+) -> None:
     # The torchrun variables, so code under test can also read them (e.g. utils.init_distributed).
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
     torch.set_num_threads(1)  # N processes on a small CI box: avoid oversubscribing the cores
     if init:
         # A timeout turns a deadlocked collective into an error instead of a hung test run.
-        dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            "gloo", init_method="env://", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+        )
     try:
         result = fn(rank, world_size, *args)
     finally:
@@ -47,8 +62,9 @@ def _worker(rank: int, fn: Callable[..., Any], world_size: int, port: int, out_d
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def run_distributed(fn: Callable[..., Any], world_size: int = 2, *args: Any, init_process_group: bool = True,
-                    timeout_s: float = 60.0) -> list[Any]:
+def run_distributed(
+    fn: Callable[..., Any], world_size: int = 2, *args: Any, init_process_group: bool = True, timeout_s: float = 60.0
+) -> list[Any]:
     """Run `fn(rank, world_size, *args)` in `world_size` spawned processes; return their results by rank.
 
     With `init_process_group` (default) each child joins a gloo group before calling fn; pass False to
@@ -59,6 +75,10 @@ def run_distributed(fn: Callable[..., Any], world_size: int = 2, *args: Any, ini
     """
     port = find_free_port()
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(fn, world_size, port, out_dir, init_process_group, timeout_s, args),
-                 nprocs=world_size, join=True)
+        mp.spawn(
+            _worker,
+            args=(fn, world_size, port, out_dir, init_process_group, timeout_s, args),
+            nprocs=world_size,
+            join=True,
+        )
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]

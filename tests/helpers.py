@@ -18,8 +18,32 @@ from utils import DEFAULT_CONFIG, validate_config
 
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # Enough everyday words that tokenised captions are mostly whole words, not [UNK].
-TINY_WORDS = ["a", "an", "the", "dog", "cat", "man", "woman", "red", "blue", "ball", "on", "in", "with",
-              "runs", "sits", "grass", "street", "photo", "of", "two", "and", ",", ".", "##s"]
+TINY_WORDS = [
+    "a",
+    "an",
+    "the",
+    "dog",
+    "cat",
+    "man",
+    "woman",
+    "red",
+    "blue",
+    "ball",
+    "on",
+    "in",
+    "with",
+    "runs",
+    "sits",
+    "grass",
+    "street",
+    "photo",
+    "of",
+    "two",
+    "and",
+    ",",
+    ".",
+    "##s",
+]
 TINY_MED = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 TINY_VIT = {"width": 48, "depth": 2, "heads": 2, "patch_size": 16}
 
@@ -43,17 +67,33 @@ def tiny_config(tmp_path: str | os.PathLike, **overrides: Any) -> dict:
     if not os.path.exists(vocab):
         write_vocab(vocab)
     config = copy.deepcopy(DEFAULT_CONFIG)
-    config.update(text_encoder=vocab, med_config=dict(TINY_MED), vit=dict(TINY_VIT), image_size=32, queue_size=16,
-                  embed_dim=16, device="cpu", num_workers=0, amp="none")
+    config.update(
+        text_encoder=vocab,
+        med_config=dict(TINY_MED),
+        vit=dict(TINY_VIT),
+        image_size=32,
+        queue_size=16,
+        embed_dim=16,
+        device="cpu",
+        num_workers=0,
+        amp="none",
+    )
     config.update(copy.deepcopy(overrides))
     return validate_config(config, "tiny_config")
 
 
 def synthetic_config(root: str | os.PathLike, paths: dict[str, str], **overrides: Any) -> dict:
     """tiny_config for a `data.synthetic.make_synthetic_dataset` output: its images, splits and vocabulary."""
-    return tiny_config(root, dataset="custom", image_root=paths["image_root"], train_file=paths["train_file"],
-                       val_file=paths["val_file"], test_file=paths["test_file"], text_encoder=paths["vocab_file"],
-                       **overrides)
+    return tiny_config(
+        root,
+        dataset="custom",
+        image_root=paths["image_root"],
+        train_file=paths["train_file"],
+        val_file=paths["val_file"],
+        test_file=paths["test_file"],
+        text_encoder=paths["vocab_file"],
+        **overrides,
+    )
 
 
 def tiny_model(tmp_path: str | os.PathLike, **overrides: Any) -> BlipRetrieval:

@@ -24,8 +24,22 @@ def _restore_threads():
 
 
 def test_bench_eval_tiny_fast_matches_official(tmp_path):
-    out = bench_eval.main(TINY + ["--image-size", "32", "--num-images", "6", "--k-test", "3", "--warmup-images",
-                                  "2", "--amp-cpu", "--out", str(tmp_path / "eval.json")])
+    out = bench_eval.main(
+        TINY
+        + [
+            "--image-size",
+            "32",
+            "--num-images",
+            "6",
+            "--k-test",
+            "3",
+            "--warmup-images",
+            "2",
+            "--amp-cpu",
+            "--out",
+            str(tmp_path / "eval.json"),
+        ]
+    )
     assert (tmp_path / "eval.json").is_file()
     assert set(out["metrics"]) == {"official", "fast", "fast_fp32"}  # --amp-cpu adds the fp32 check run
     fp32 = out["comparisons"]["fast_fp32"]
@@ -36,8 +50,23 @@ def test_bench_eval_tiny_fast_matches_official(tmp_path):
 
 
 def test_bench_query_tiny_agrees_with_official(tmp_path):
-    out = bench_query.main(TINY + ["--image-size", "32", "--num-images", "6", "--num-queries", "3",
-                                   "--warmup-queries", "1", "--k", "3", "--amp", "none"])
+    out = bench_query.main(
+        TINY
+        + [
+            "--image-size",
+            "32",
+            "--num-images",
+            "6",
+            "--num-queries",
+            "3",
+            "--warmup-queries",
+            "1",
+            "--k",
+            "3",
+            "--amp",
+            "none",
+        ]
+    )
     agreement = out["agreement"]
     assert agreement["same_top1"] == agreement["same_topk_set"] == agreement["queries"] == 3
 
@@ -51,4 +80,3 @@ def test_bench_train_tiny_variants_share_their_first_loss():
     tflop = {name: r["step_tflop"] for name, r in out["variants"].items()}
     assert 0 < tflop["ours"] < tflop["fp32"]  # 35-token captions and the full last layer cost more
     assert tflop["ours+ckpt"] >= tflop["ours"]  # checkpointing recomputes, never saves work
-

@@ -36,11 +36,26 @@ TOL = 1e-4  # fp32, eval mode; measured differences are ~1e-7
 
 def _hf_config(vocab_size: int, dec_id: int, vision_eps: float = 1e-5):
     return transformers.BlipConfig(
-        vision_config={"hidden_size": 48, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 16, "layer_norm_eps": vision_eps},
-        text_config={"vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                     "num_attention_heads": 2, "bos_token_id": dec_id, "sep_token_id": 3},
-        image_text_hidden_size=16)
+        vision_config={
+            "hidden_size": 48,
+            "intermediate_size": 192,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 16,
+            "layer_norm_eps": vision_eps,
+        },
+        text_config={
+            "vocab_size": vocab_size,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "bos_token_id": dec_id,
+            "sep_token_id": 3,
+        },
+        image_text_hidden_size=16,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +82,16 @@ def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> dict:
     ids[0, -1] = ids[1, 5] = ids[2, -1] = tokenizer.sep_token_id
     enc_ids = ids.clone()
     enc_ids[:, 0] = tokenizer.convert_tokens_to_ids("[ENC]")  # HF does not swap [ENC] in; both get the same ids
-    return {"path": path, "vocab": vocab, "hf": hf, "images": images, "ids": ids, "enc_ids": enc_ids,
-            "mask": mask, "enc_id": tokenizer.convert_tokens_to_ids("[ENC]")}
+    return {
+        "path": path,
+        "vocab": vocab,
+        "hf": hf,
+        "images": images,
+        "ids": ids,
+        "enc_ids": enc_ids,
+        "mask": mask,
+        "enc_id": tokenizer.convert_tokens_to_ids("[ENC]"),
+    }
 
 
 @torch.no_grad()
@@ -78,10 +101,10 @@ def _hf_outputs(hf, d: dict) -> dict[str, torch.Tensor]:
     return {
         "image_feat": F.normalize(hf.vision_proj(vision[:, 0]), dim=-1),
         "text_feat": F.normalize(hf.text_proj(text[:, 0]), dim=-1),
-        "itc": hf(input_ids=d["ids"], pixel_values=d["images"], attention_mask=d["mask"],
-                  use_itm_head=False).itm_score,
-        "itm": hf(input_ids=d["enc_ids"], pixel_values=d["images"], attention_mask=d["mask"],
-                  use_itm_head=True).itm_score,
+        "itc": hf(input_ids=d["ids"], pixel_values=d["images"], attention_mask=d["mask"], use_itm_head=False).itm_score,
+        "itm": hf(
+            input_ids=d["enc_ids"], pixel_values=d["images"], attention_mask=d["mask"], use_itm_head=True
+        ).itm_score,
     }
 
 
@@ -91,8 +114,12 @@ def _our_outputs(model, d: dict) -> dict[str, torch.Tensor]:
     image_embeds, image_feat = model.encode_image(d["images"])
     text_feat = model.encode_text(d["ids"], d["mask"])
     assert torch.equal(model.with_enc_token(d["ids"]), d["enc_ids"])  # our ITM id is the HF vocab's [ENC]
-    return {"image_feat": image_feat, "text_feat": text_feat, "itc": image_feat @ text_feat.t(),
-            "itm": model.itm_logits(d["enc_ids"], d["mask"], image_embeds)}
+    return {
+        "image_feat": image_feat,
+        "text_feat": text_feat,
+        "itc": image_feat @ text_feat.t(),
+        "itm": model.itm_logits(d["enc_ids"], d["mask"], image_embeds),
+    }
 
 
 def _assert_parity(ours: dict, ref: dict) -> dict[str, float]:
@@ -109,8 +136,9 @@ def _official_pth(hf_dir: dict, tmp_path) -> str:
 
 def _hf_reference_with_eps(hf_dir: dict, eps: float):
     """The same HF weights with another vision LayerNorm eps (the official ViT uses 1e-6, HF's default 1e-5)."""
-    ref = transformers.BlipForImageTextRetrieval(_hf_config(hf_dir["hf"].config.text_config.vocab_size,
-                                                            hf_dir["hf"].config.text_config.bos_token_id, eps))
+    ref = transformers.BlipForImageTextRetrieval(
+        _hf_config(hf_dir["hf"].config.text_config.vocab_size, hf_dir["hf"].config.text_config.bos_token_id, eps)
+    )
     ref.load_state_dict(hf_dir["hf"].state_dict())
     return ref.eval()
 
@@ -186,9 +214,13 @@ def test_key_mapping_round_trip(tmp_path) -> None:
     assert "vision_model.encoder.layers.1.self_attn.projection.weight" in hf_state
     assert "vision_model.embeddings.class_embedding" in hf_state
     back = hf_to_official_state_dict(hf_state)
-    main = {k for k in state if not k.startswith(("visual_encoder_m", "vision_proj_m", "text_encoder_m",
-                                                   "text_proj_m")) and "queue" not in k
-            and k not in ("temp", "text_encoder.embeddings.position_ids")}
+    main = {
+        k
+        for k in state
+        if not k.startswith(("visual_encoder_m", "vision_proj_m", "text_encoder_m", "text_proj_m"))
+        and "queue" not in k
+        and k not in ("temp", "text_encoder.embeddings.position_ids")
+    }
     assert set(back) == main
     assert all(back[k] is state[k] for k in main)
 
@@ -208,8 +240,9 @@ def _official_pos_embed_resize(pos_embed: torch.Tensor, grid: int) -> torch.Tens
     return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(1, grid * grid, width)], dim=1)
 
 
-@pytest.mark.parametrize(("src_size", "dst_size", "grids"), [(32, 48, "2x2 -> 3x3"), (48, 32, "3x3 -> 2x2"),
-                                                             (224, 384, "14x14 -> 24x24")])
+@pytest.mark.parametrize(
+    ("src_size", "dst_size", "grids"), [(32, 48, "2x2 -> 3x3"), (48, 32, "3x3 -> 2x2"), (224, 384, "14x14 -> 24x24")]
+)
 def test_load_checkpoint_into_other_image_size(tmp_path, src_size: int, dst_size: int, grids: str) -> None:
     src = tiny_model(tmp_path, image_size=src_size)
     with torch.no_grad():  # a smooth embedding would hide a wrong resampling: make every row differ
@@ -259,16 +292,21 @@ def test_pretrain_style_keys_are_expected(tmp_path) -> None:
 
 def test_missing_momentum_copies_main_weights(tmp_path) -> None:
     source = tiny_model(tmp_path)
-    state = {k: v for k, v in source.state_dict().items()
-             if not k.startswith(("visual_encoder_m.", "vision_proj_m.", "text_encoder_m.", "text_proj_m."))}
+    state = {
+        k: v
+        for k, v in source.state_dict().items()
+        if not k.startswith(("visual_encoder_m.", "vision_proj_m.", "text_encoder_m.", "text_proj_m."))
+    }
     model = tiny_model(tmp_path)
     report = load_state_dict_checked(model, state, "lavis-like")
     assert report.clean and any("copy_params" in n for n in report.notes)
     for main, momentum in model.model_pairs:
         for p, p_m in zip(main.parameters(), momentum.parameters()):
             assert torch.equal(p, p_m) and not p_m.requires_grad
-    assert torch.equal(model.text_encoder_m.encoder.layer[0].attention.self.query.weight,
-                       source.text_encoder.encoder.layer[0].attention.self.query.weight)
+    assert torch.equal(
+        model.text_encoder_m.encoder.layer[0].attention.self.query.weight,
+        source.text_encoder.encoder.layer[0].attention.self.query.weight,
+    )
 
 
 def test_queue_size_difference_keeps_fresh_queues(tmp_path) -> None:
@@ -278,8 +316,7 @@ def test_queue_size_difference_keeps_fresh_queues(tmp_path) -> None:
     model = tiny_model(tmp_path)  # queue_size 16
     fresh = model.image_queue.clone()
     report = load_state_dict_checked(model, source.state_dict(), "other-queue")
-    assert report.clean and set(report.expected_mismatched) == {"image_queue", "text_queue", "idx_queue",
-                                                                 "ptr_queue"}
+    assert report.clean and set(report.expected_mismatched) == {"image_queue", "text_queue", "idx_queue", "ptr_queue"}
     assert torch.equal(model.image_queue, fresh) and int(model.ptr_queue) == 0
 
 
@@ -315,8 +352,10 @@ def test_wider_vit_is_an_error_with_shapes(tmp_path) -> None:
 
 
 def test_vit_large_checkpoint_hint(tmp_path) -> None:
-    state = {"visual_encoder.patch_embed.proj.weight": torch.zeros(1024, 3, 16, 16),
-             "visual_encoder.cls_token": torch.zeros(1, 1, 1024)}
+    state = {
+        "visual_encoder.patch_embed.proj.weight": torch.zeros(1024, 3, 16, 16),
+        "visual_encoder.cls_token": torch.zeros(1, 1, 1024),
+    }
     state.update({f"visual_encoder.blocks.{i}.norm1.weight": torch.zeros(1024) for i in range(24)})
     with pytest.raises(CheckpointError, match="looks like ViT-L .1024 wide, 24 blocks.; set vit: large"):
         load_state_dict_checked(tiny_model(tmp_path), state, "large.pth")
@@ -359,8 +398,7 @@ def test_empty_source_builds_fresh_model(tmp_path) -> None:
 def test_incomplete_hf_directory(tmp_path, hf_dir: dict) -> None:
     no_config = tmp_path / "no_config"
     no_config.mkdir()
-    (no_config / "model.safetensors").write_bytes(open(os.path.join(hf_dir["path"], "model.safetensors"),
-                                                       "rb").read())
+    (no_config / "model.safetensors").write_bytes(open(os.path.join(hf_dir["path"], "model.safetensors"), "rb").read())
     assert not is_hf_directory(str(no_config))
     with pytest.raises(CheckpointError, match="missing config.json"):
         load_model(tiny_config(tmp_path), str(no_config))
@@ -390,8 +428,7 @@ def http_root(tmp_path, monkeypatch) -> Iterator[tuple[str, str, http.server.Thr
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     served = tmp_path / "served"
     served.mkdir()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             functools.partial(_QuietHandler, directory=str(served)))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(served)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -427,7 +464,9 @@ def test_url_404_names_the_url(tmp_path, http_root) -> None:
 
 def test_untrusted_url_with_pickled_objects_is_refused(tmp_path, http_root) -> None:
     served, prefix, _ = http_root
-    torch.save({"model": tiny_model(tmp_path).state_dict(), "config": argparse.Namespace(lr=1e-5)},
-               os.path.join(served, "pickled.pth"))
+    torch.save(
+        {"model": tiny_model(tmp_path).state_dict(), "config": argparse.Namespace(lr=1e-5)},
+        os.path.join(served, "pickled.pth"),
+    )
     with pytest.raises(CheckpointError, match="weights_only=True.*refused.*argparse.Namespace.*local path"):
         load_model(tiny_config(tmp_path), prefix + "pickled.pth", cache_dir=str(tmp_path / "cache"))

@@ -36,16 +36,18 @@ RECALL_KEYS = ["txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10"]
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     out = tmp_path_factory.mktemp("synth_cuda")
-    paths = make_synthetic_dataset(str(out), num_train_images=24, num_val_images=8, num_test_images=16,
-                                   captions_per_image=5, image_size=32, seed=5)
+    paths = make_synthetic_dataset(
+        str(out), num_train_images=24, num_val_images=8, num_test_images=16, captions_per_image=5, image_size=32, seed=5
+    )
     paths["root"] = str(out)
     return paths
 
 
 @pytest.fixture(scope="module")
 def config(synth: dict[str, str]) -> dict:
-    return synthetic_config(synth["root"], synth, vit=dict(VIT), batch_size_test=6, k_test=6, itm_batch_size=7,
-                            device="cuda")
+    return synthetic_config(
+        synth["root"], synth, vit=dict(VIT), batch_size_test=6, k_test=6, itm_batch_size=7, device="cuda"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +118,16 @@ NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 
 def _train(config: dict, out_dir, **options) -> list[dict]:
     """Three epochs of train_retrieval on the GPU; returns the per-step log records."""
-    cfg = {**config, "batch_size_train": 8, "queue_size": 16, "max_epoch": 3, "log_every": 1, "init_lr": 3e-4,
-           "med_config": {**config["med_config"], **NO_DROPOUT}, **options}
+    cfg = {
+        **config,
+        "batch_size_train": 8,
+        "queue_size": 16,
+        "max_epoch": 3,
+        "log_every": 1,
+        "init_lr": 3e-4,
+        "med_config": {**config["med_config"], **NO_DROPOUT},
+        **options,
+    }
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "config.yaml")
     save_config(cfg, path)
@@ -155,16 +165,18 @@ def test_memory_probe_on_cuda_measures_and_restores(config):
     model = build_model({**config, "med_config": {**config["med_config"], **NO_DROPOUT}}).to(CUDA)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     depth = len(model.visual_encoder.blocks)
-    peak_1, peak_2, peak_1_all = (memory.measure_step_peak(model, b, n, config, CUDA)
-                                  for b, n in ((1, 0), (2, 0), (1, depth)))
+    peak_1, peak_2, peak_1_all = (
+        memory.measure_step_peak(model, b, n, config, CUDA) for b, n in ((1, 0), (2, 0), (1, depth))
+    )
     assert 0 < peak_1 <= peak_2
     assert peak_1_all <= 1.01 * peak_1  # tiny blocks: checkpointing saves little, but never adds to the peak
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert 0 <= memory.choose_vit_ckpt_layers(model, {**config, "batch_size_train": 8}, CUDA) <= depth
 
 
-def _deterministic_negatives(sim: torch.Tensor, positive: torch.Tensor,
-                             hard_fraction: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def _deterministic_negatives(
+    sim: torch.Tensor, positive: torch.Tensor, hard_fraction: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The hardest negative of each row instead of a multinomial draw, whose RNG differs between devices."""
     return sim.float().masked_fill(positive, float("-inf")).argmax(dim=1), torch.zeros((), device=sim.device)
 
@@ -178,8 +190,16 @@ def test_training_step_on_cuda_matches_the_cpu(config, monkeypatch):
     reference = build_model(cfg).eval()
     gen = torch.Generator().manual_seed(1)
     image = torch.randn(8, 3, 32, 32, generator=gen)
-    caption = ["a dog runs on the grass", "a red ball", "two cats sit in the street", "a man with a blue ball",
-               "the woman sits", "a photo of a cat", "a blue ball on the grass", "a man and a woman"]
+    caption = [
+        "a dog runs on the grass",
+        "a red ball",
+        "two cats sit in the street",
+        "a man with a blue ball",
+        "the woman sits",
+        "a photo of a cat",
+        "a blue ball on the grass",
+        "a man and a woman",
+    ]
     idx = torch.tensor([0, 1, 0, 2, 3, 2, 4, 5])
     results = {}
     for name, device, amp in (("cpu", CPU, "none"), ("cuda", CUDA, "none"), ("cuda_bf16", CUDA, "bf16")):

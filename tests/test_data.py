@@ -134,9 +134,7 @@ def test_augment_op_semantics() -> None:
     img = _gradient_image()
     # Brightness and Sharpness are exact no-ops at level 5 (factor 1.0), as in the reference.
     assert T._enhance_factor(5) == 1.0
-    noisy = Image.fromarray(
-        np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8), mode="RGB"
-    )
+    noisy = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8), mode="RGB")
     for op in (T.brightness, T.sharpness):
         assert np.array_equal(np.asarray(op(noisy, 5)), np.asarray(noisy))
         assert not np.array_equal(np.asarray(op(noisy, 9)), np.asarray(noisy))
@@ -232,8 +230,13 @@ def test_official_autocontrast_table_matches_numpy_uint8_arithmetic() -> None:
 
 
 def test_autocontrast_config_reaches_random_augment(synth: dict[str, str]) -> None:
-    config = {**DEFAULT_CONFIG, "dataset": "custom", "image_root": synth["image_root"],
-              "train_file": synth["train_file"], "image_size": 16}
+    config = {
+        **DEFAULT_CONFIG,
+        "dataset": "custom",
+        "image_root": synth["image_root"],
+        "train_file": synth["train_file"],
+        "image_size": 16,
+    }
     for value, fn in ((None, T.auto_contrast), ("official", T.auto_contrast), ("fixed", T.auto_contrast_fixed)):
         cfg = dict(config) if value is None else {**config, "autocontrast": value}
         (aug,) = [t for t in create_dataset(cfg, "train").transform.transforms if isinstance(t, T.RandomAugment)]
@@ -282,9 +285,7 @@ def test_train_img_ids_follow_first_appearance(tmp_path) -> None:
         {"image": "y.png", "caption": "three", "image_id": "b"},
         {"image": "z.png", "caption": "four", "image_id": 7},
     ]
-    ds = RetrievalTrainDataset(
-        _write_json(tmp_path / "t.json", recs), str(tmp_path / "img"), None, max_words=1
-    )
+    ds = RetrievalTrainDataset(_write_json(tmp_path / "t.json", recs), str(tmp_path / "img"), None, max_words=1)
     assert ds.img_ids == {"b": 0, "a": 1, 7: 2}
     assert [ds[i][2] for i in range(4)] == [0, 1, 0, 2]
     image, caption, _ = ds[0]
@@ -468,9 +469,7 @@ def http_dir(tmp_path) -> Iterator[tuple[str, str]]:
     """Serve a temp folder over HTTP on a free port; yields (folder, url prefix)."""
     served = tmp_path / "served"
     served.mkdir()
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(served))
-    )
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(served)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -560,9 +559,7 @@ def test_synthetic_format_and_determinism(tmp_path, synth: dict[str, str]) -> No
     again = make_synthetic_dataset(str(tmp_path / "again"), 6, 4, 4, captions_per_image=3, image_size=32)
     with open(again["train_file"]) as f:
         assert json.load(f) == train
-    other = make_synthetic_dataset(
-        str(tmp_path / "other"), 6, 4, 4, captions_per_image=3, image_size=32, seed=1
-    )
+    other = make_synthetic_dataset(str(tmp_path / "other"), 6, 4, 4, captions_per_image=3, image_size=32, seed=1)
     with open(other["train_file"]) as f:
         assert json.load(f) != train
 
@@ -570,8 +567,6 @@ def test_synthetic_format_and_determinism(tmp_path, synth: dict[str, str]) -> No
 def test_synthetic_cli(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     synthetic_main(["--out", str(tmp_path), "--num-train", "2", "--num-val", "1", "--num-test", "1"])
     paths = json.loads(capsys.readouterr().out)
-    assert os.path.isfile(paths["test_file"]) and os.path.isfile(
-        os.path.join(paths["image_root"], "val/00000.png")
-    )
+    assert os.path.isfile(paths["test_file"]) and os.path.isfile(os.path.join(paths["image_root"], "val/00000.png"))
     with open(paths["train_file"]) as f:
         assert len(json.load(f)) == 2 * 5

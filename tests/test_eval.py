@@ -42,8 +42,9 @@ VIT = {"width": 48, "depth": 2, "heads": 2, "patch_size": 8}
 def synth(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Synthetic shapes data: val 11 images (odd, for uneven shards), test 12 images, 5 captions each."""
     out = tmp_path_factory.mktemp("synth_eval")
-    paths = make_synthetic_dataset(str(out), num_train_images=1, num_val_images=11, num_test_images=12,
-                                   captions_per_image=5, image_size=32, seed=3)
+    paths = make_synthetic_dataset(
+        str(out), num_train_images=1, num_val_images=11, num_test_images=12, captions_per_image=5, image_size=32, seed=3
+    )
     paths["root"] = str(out)
     return paths
 
@@ -89,7 +90,7 @@ def _brute_force(model, dataset) -> tuple[np.ndarray, np.ndarray]:
     n_img, n_txt = len(images), len(dataset.text)
     itm = torch.empty(n_img, n_txt)
     for i in range(n_img):
-        pair_images = image_tokens[i:i + 1].expand(n_txt, -1, -1)  # one (image i, text t) pair per row
+        pair_images = image_tokens[i : i + 1].expand(n_txt, -1, -1)  # one (image i, text t) pair per row
         itm[i] = model.itm_logits(enc_ids, atts, pair_images)[:, 1]
     cos = image_feat @ text_feat.t()
     return cos.double().numpy(), itm.double().numpy()
@@ -132,32 +133,38 @@ IMG2TXT = {0: [0, 1, 2], 1: [3, 4], 2: [5, 6, 7, 8], 3: [9, 10, 11]}
 TXT2IMG = {t: i for i, ts in IMG2TXT.items() for t in ts}
 
 # Image -> text, no ties. Best 0-based rank over each image's captions: 0, 3, 7, 0.
-I2T = np.array([
-    # gt 0,1,2: col 2 is first                                           -> rank 0
-    [0.1, 0.5, 0.9, 0.3, 0.2, 0.0, -0.1, -0.2, -0.3, -0.4, -0.5, -0.6],
-    # gt 3,4: order 0 1 2 4 5 6 7 8 3 ...; caption 4 at 3, caption 3 at 8  -> rank 3
-    [0.9, 0.8, 0.7, 0.1, 0.6, 0.5, 0.4, 0.3, 0.2, 0.0, -0.1, -0.2],
-    # gt 5-8: seven non-gt above (0 1 2 3 4 9 10), then 7                 -> rank 7
-    [0.9, 0.8, 0.7, 0.6, 0.5, 0.1, 0.0, 0.2, -0.1, 0.4, 0.3, -0.2],
-    # gt 9,10,11: col 9 first                                              -> rank 0
-    [0.1, 0.2, 0.3, 0.4, -0.1, -0.2, -0.3, -0.4, 0.7, 0.8, -0.5, -0.6],
-], dtype=np.float32)
+I2T = np.array(
+    [
+        # gt 0,1,2: col 2 is first                                           -> rank 0
+        [0.1, 0.5, 0.9, 0.3, 0.2, 0.0, -0.1, -0.2, -0.3, -0.4, -0.5, -0.6],
+        # gt 3,4: order 0 1 2 4 5 6 7 8 3 ...; caption 4 at 3, caption 3 at 8  -> rank 3
+        [0.9, 0.8, 0.7, 0.1, 0.6, 0.5, 0.4, 0.3, 0.2, 0.0, -0.1, -0.2],
+        # gt 5-8: seven non-gt above (0 1 2 3 4 9 10), then 7                 -> rank 7
+        [0.9, 0.8, 0.7, 0.6, 0.5, 0.1, 0.0, 0.2, -0.1, 0.4, 0.3, -0.2],
+        # gt 9,10,11: col 9 first                                              -> rank 0
+        [0.1, 0.2, 0.3, 0.4, -0.1, -0.2, -0.3, -0.4, 0.7, 0.8, -0.5, -0.6],
+    ],
+    dtype=np.float32,
+)
 
 # Text -> image, no ties. 0-based rank of the single gt image per text.
-T2I = np.array([
-    [0.9, 0.1, 0.2, 0.3],  # t0 gt 0                 -> 0
-    [0.1, 0.9, 0.2, 0.3],  # t1 gt 0: order 1 3 2 0  -> 3
-    [0.5, 0.6, 0.1, 0.2],  # t2 gt 0: order 1 0      -> 1
-    [0.2, 0.5, 0.6, 0.1],  # t3 gt 1: order 2 1      -> 1
-    [0.3, 0.2, 0.4, 0.1],  # t4 gt 1: order 2 0 1    -> 2
-    [0.0, 0.1, 0.7, 0.2],  # t5 gt 2                 -> 0
-    [0.1, 0.2, 0.3, 0.4],  # t6 gt 2: order 3 2      -> 1
-    [0.1, 0.2, 0.3, 0.35],  # t7 gt 2: order 3 2     -> 1
-    [0.2, 0.15, 0.25, 0.1],  # t8 gt 2               -> 0
-    [0.1, 0.2, 0.3, 0.4],  # t9 gt 3                 -> 0
-    [0.4, 0.1, 0.15, 0.2],  # t10 gt 3: order 0 3    -> 1
-    [0.5, 0.6, 0.7, -1.0],  # t11 gt 3: last         -> 3
-], dtype=np.float32)
+T2I = np.array(
+    [
+        [0.9, 0.1, 0.2, 0.3],  # t0 gt 0                 -> 0
+        [0.1, 0.9, 0.2, 0.3],  # t1 gt 0: order 1 3 2 0  -> 3
+        [0.5, 0.6, 0.1, 0.2],  # t2 gt 0: order 1 0      -> 1
+        [0.2, 0.5, 0.6, 0.1],  # t3 gt 1: order 2 1      -> 1
+        [0.3, 0.2, 0.4, 0.1],  # t4 gt 1: order 2 0 1    -> 2
+        [0.0, 0.1, 0.7, 0.2],  # t5 gt 2                 -> 0
+        [0.1, 0.2, 0.3, 0.4],  # t6 gt 2: order 3 2      -> 1
+        [0.1, 0.2, 0.3, 0.35],  # t7 gt 2: order 3 2     -> 1
+        [0.2, 0.15, 0.25, 0.1],  # t8 gt 2               -> 0
+        [0.1, 0.2, 0.3, 0.4],  # t9 gt 3                 -> 0
+        [0.4, 0.1, 0.15, 0.2],  # t10 gt 3: order 0 3    -> 1
+        [0.5, 0.6, 0.7, -1.0],  # t11 gt 3: last         -> 3
+    ],
+    dtype=np.float32,
+)
 
 
 def test_compute_metrics_hand_computed():
@@ -428,7 +435,7 @@ def test_plan_itm_forwards_scores_every_pair_once_against_its_own_image(monkeypa
                 assert len(f.rows) <= max(max_batch, piece or 0)
                 assert f.max_len == max(lengths[r] for r in f.rows)
                 for p, image in enumerate(f.images):  # every row of a piece belongs to that piece's image
-                    assert {image_of[r] for r in f.rows[p * per_piece:(p + 1) * per_piece]} == {c * chunk + image}
+                    assert {image_of[r] for r in f.rows[p * per_piece : (p + 1) * per_piece]} == {c * chunk + image}
                 scored += [f.rows[i] for i in f.real]
                 fillers = set(range(len(f.rows))) - set(f.real)
                 assert all(f.rows[i] == f.rows[i - 1] for i in fillers)  # filler repeats the previous row
@@ -490,8 +497,10 @@ def test_distributed_matches_single_process(model, val_ds, config, synth, tmp_pa
     with open(synth["test_file"]) as f:
         one_image = tmp_path / "one_image.json"
         one_image.write_text(json.dumps(json.load(f)[:1]))
-    configs = {"11": _cfg(config, k_test=6, itm_batch_size=7, batch_size_test=4),
-               "1": _cfg(config, k_test=6, itm_batch_size=7, val_file=str(one_image))}
+    configs = {
+        "11": _cfg(config, k_test=6, itm_batch_size=7, batch_size_test=4),
+        "1": _cfg(config, k_test=6, itm_batch_size=7, val_file=str(one_image)),
+    }
     state_path = str(tmp_path / "state.pt")
     torch.save(model.state_dict(), state_path)
     single, shapes = {}, {"11": (11, 55), "1": (1, 5)}
@@ -499,8 +508,9 @@ def test_distributed_matches_single_process(model, val_ds, config, synth, tmp_pa
         dataset = create_dataset(cfg, "val")
         for mode in DIST_MODES:
             single[name, mode] = _evaluate_mode(model, dataset, cfg, mode)
-        np.testing.assert_allclose(single[name, "fast_pieces"].scores_i2t, single[name, "official"].scores_i2t,
-                                   atol=1e-4, rtol=0)
+        np.testing.assert_allclose(
+            single[name, "fast_pieces"].scores_i2t, single[name, "official"].scores_i2t, atol=1e-4, rtol=0
+        )
     results = run_distributed(_dist_eval_body, 2, configs, state_path, timeout_s=120)
     for rank, per_rank in enumerate(results):
         assert set(per_rank) == set(single)
@@ -541,10 +551,23 @@ def test_distributed_fast_with_fewer_texts_than_ranks(model, config, synth, tmp_
 
 def _write_cli_config(synth: dict[str, str], path: str, **extra) -> str:
     cfg = {
-        "dataset": "custom", "image_root": synth["image_root"], "train_file": synth["train_file"],
-        "val_file": synth["val_file"], "test_file": synth["test_file"], "text_encoder": synth["vocab_file"],
-        "med_config": dict(TINY_MED), "vit": dict(VIT), "image_size": 32, "queue_size": 16, "embed_dim": 16,
-        "device": "cpu", "num_workers": 0, "amp": "none", "batch_size_test": 5, "k_test": 8, **extra,
+        "dataset": "custom",
+        "image_root": synth["image_root"],
+        "train_file": synth["train_file"],
+        "val_file": synth["val_file"],
+        "test_file": synth["test_file"],
+        "text_encoder": synth["vocab_file"],
+        "med_config": dict(TINY_MED),
+        "vit": dict(VIT),
+        "image_size": 32,
+        "queue_size": 16,
+        "embed_dim": 16,
+        "device": "cpu",
+        "num_workers": 0,
+        "amp": "none",
+        "batch_size_test": 5,
+        "k_test": 8,
+        **extra,
     }
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f)
@@ -563,8 +586,9 @@ def cli_files(synth, model, tmp_path_factory) -> tuple[str, str]:
 def test_cli_end_to_end(cli_files, model, test_ds, config, tmp_path):
     cfg_path, ckpt = cli_files
     out = str(tmp_path / "out")
-    returned = eval_retrieval.main(["--config", cfg_path, "--checkpoint", ckpt, "--split", "test", "--output-dir", out,
-                        "--save-scores"])
+    returned = eval_retrieval.main(
+        ["--config", cfg_path, "--checkpoint", ckpt, "--split", "test", "--output-dir", out, "--save-scores"]
+    )
     with open(os.path.join(out, "metrics_test.json")) as f:
         metrics = json.load(f)
     required = RECALL_KEYS + RANK_KEYS + ["num_images", "num_texts", "k_test"] + TIME_KEYS
@@ -574,8 +598,9 @@ def test_cli_end_to_end(cli_files, model, test_ds, config, tmp_path):
     assert all(metrics[k] >= 0 for k in TIME_KEYS)
     for key in RECALL_KEYS:
         assert 0.0 <= metrics[key] <= 100.0
-    assert {k: returned[k] for k in required if not k.startswith("time_")} == \
-        {k: metrics[k] for k in required if not k.startswith("time_")}
+    assert {k: returned[k] for k in required if not k.startswith("time_")} == {
+        k: metrics[k] for k in required if not k.startswith("time_")
+    }
 
     scores = np.load(os.path.join(out, "scores_test.npz"))
     assert set(scores.files) == {"i2t", "t2i"}
@@ -599,8 +624,21 @@ def test_cli_end_to_end(cli_files, model, test_ds, config, tmp_path):
 def test_cli_options_override_k_test(cli_files, tmp_path):
     cfg_path, ckpt = cli_files
     out = str(tmp_path / "out3")
-    eval_retrieval.main(["--config", cfg_path, "--checkpoint", ckpt, "--split", "val", "--output-dir", out,
-                         "--save-scores", "--options", "k_test=3"])
+    eval_retrieval.main(
+        [
+            "--config",
+            cfg_path,
+            "--checkpoint",
+            ckpt,
+            "--split",
+            "val",
+            "--output-dir",
+            out,
+            "--save-scores",
+            "--options",
+            "k_test=3",
+        ]
+    )
     with open(os.path.join(out, "metrics_val.json")) as f:
         metrics = json.load(f)
     assert metrics["k_test"] == 3 and metrics["num_images"] == 11 and metrics["num_texts"] == 55
@@ -615,8 +653,9 @@ def test_cli_options_override_k_test(cli_files, tmp_path):
 def test_cli_unknown_option_names_the_key(cli_files, tmp_path):
     cfg_path, ckpt = cli_files
     with pytest.raises(ConfigError) as err:
-        eval_retrieval.main(["--config", cfg_path, "--checkpoint", ckpt, "--output-dir", str(tmp_path / "x"),
-                 "--options", "k_tset=3"])
+        eval_retrieval.main(
+            ["--config", cfg_path, "--checkpoint", ckpt, "--output-dir", str(tmp_path / "x"), "--options", "k_tset=3"]
+        )
     assert "k_tset" in str(err.value) and "k_test" in str(err.value)  # the bad key and the nearest valid one
     assert not os.path.exists(tmp_path / "x" / "metrics_test.json")
 
@@ -646,16 +685,24 @@ def test_eval_split_without_captions_names_the_file(synth, cli_files, tmp_path):
 
 @pytest.mark.parametrize("n_img,n_txt", [(0, 0), (2, 0)])
 def test_evaluate_rejects_a_split_with_nothing_to_score(model, config, n_img, n_txt):
-    dataset = SimpleNamespace(image=[f"{i}.png" for i in range(n_img)], text=["a"] * n_txt,
-                              img2txt={i: [] for i in range(n_img)}, txt2img={})
+    dataset = SimpleNamespace(
+        image=[f"{i}.png" for i in range(n_img)], text=["a"] * n_txt, img2txt={i: [] for i in range(n_img)}, txt2img={}
+    )
     with pytest.raises(ValueError, match=f"{n_img} images and {n_txt} texts") as err:
         evaluation.evaluate(model, dataset, config, CPU, desc="val")
     assert "val" in str(err.value)
 
 
 def test_format_metrics_table():
-    m = {"txt_r1": 97.24, "txt_r5": 99.9, "txt_r10": 100.0, "img_r1": 87.56, "img_r5": 97.7, "img_r10": 98.9,
-         "r_mean": 96.87}
+    m = {
+        "txt_r1": 97.24,
+        "txt_r5": 99.9,
+        "txt_r10": 100.0,
+        "img_r1": 87.56,
+        "img_r5": 97.7,
+        "img_r10": 98.9,
+        "r_mean": 96.87,
+    }
     table = format_metrics_table(m)
     lines = table.splitlines()
     assert lines[0].split() == ["R@1", "R@5", "R@10"]
@@ -667,9 +714,22 @@ def test_format_metrics_table():
 
 
 def test_format_metrics_table_shows_itc_only_beside_re_ranked():
-    m = {"txt_r1": 40.0, "txt_r5": 80.0, "txt_r10": 90.0, "img_r1": 30.0, "img_r5": 70.0, "img_r10": 85.0,
-         "r_mean": 65.83, "itc_txt_r1": 20.0, "itc_txt_r5": 60.0, "itc_txt_r10": 90.0, "itc_img_r1": 18.0,
-         "itc_img_r5": 55.0, "itc_img_r10": 85.0, "itc_r_mean": 54.67}
+    m = {
+        "txt_r1": 40.0,
+        "txt_r5": 80.0,
+        "txt_r10": 90.0,
+        "img_r1": 30.0,
+        "img_r5": 70.0,
+        "img_r10": 85.0,
+        "r_mean": 65.83,
+        "itc_txt_r1": 20.0,
+        "itc_txt_r5": 60.0,
+        "itc_txt_r10": 90.0,
+        "itc_img_r1": 18.0,
+        "itc_img_r5": 55.0,
+        "itc_img_r10": 85.0,
+        "itc_r_mean": 54.67,
+    }
     lines = format_metrics_table(m).splitlines()
     assert lines[0].split() == ["ITC", "only", "ITM", "re-ranked"]
     assert lines[1].split() == ["R@1", "R@5", "R@10"] * 2

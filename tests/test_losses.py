@@ -20,8 +20,14 @@ import utils
 from models.blip_retrieval import sample_hard_negatives
 from tests.helpers import TINY_MED, tiny_model
 
-CAPTIONS = ["a dog runs on the grass", "a red ball", "two cats sit in the street", "a man with a blue ball",
-            "the woman sits", "a photo of a cat"]
+CAPTIONS = [
+    "a dog runs on the grass",
+    "a red ball",
+    "two cats sit in the street",
+    "a man with a blue ball",
+    "the woman sits",
+    "a photo of a cat",
+]
 # Repeated image ids in the batch (0 twice, 2 twice), as with several captions of one image.
 IDX = torch.tensor([0, 5, 0, 2, 7, 2])
 QUEUE = 18  # a multiple of the batch of 6: the queue is written in whole batches
@@ -116,11 +122,11 @@ def test_loss_ita_matches_loop_reference_with_repeated_ids_queue_positives_alpha
     # Queue write: columns [6, 6 + B) hold this batch's momentum features and ids; the pointer advanced by B.
     batch = len(caption)
     assert int(model.ptr_queue) == 6 + batch
-    torch.testing.assert_close(model.image_queue[:, 6:6 + batch], img_m.t(), atol=1e-6, rtol=0)
-    torch.testing.assert_close(model.text_queue[:, 6:6 + batch], txt_m.t(), atol=1e-6, rtol=0)
-    assert torch.equal(model.idx_queue[0, 6:6 + batch], idx)
+    torch.testing.assert_close(model.image_queue[:, 6 : 6 + batch], img_m.t(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(model.text_queue[:, 6 : 6 + batch], txt_m.t(), atol=1e-6, rtol=0)
+    assert torch.equal(model.idx_queue[0, 6 : 6 + batch], idx)
     untouched = torch.ones(QUEUE, dtype=torch.bool)
-    untouched[6:6 + batch] = False
+    untouched[6 : 6 + batch] = False
     assert torch.equal(model.image_queue[:, untouched], queue_before[0][:, untouched])
     assert torch.equal(model.text_queue[:, untouched], queue_before[1][:, untouched])
 
@@ -133,8 +139,14 @@ def test_current_batch_is_not_in_the_queue_during_its_own_loss(tmp_path):
     after = copy.deepcopy(model)
     with torch.no_grad():
         after(image, caption, 0.4, idx)  # a model whose queue already holds this batch
-    after.load_state_dict({**model.state_dict(), "image_queue": after.image_queue, "text_queue": after.text_queue,
-                           "idx_queue": after.idx_queue})
+    after.load_state_dict(
+        {
+            **model.state_dict(),
+            "image_queue": after.image_queue,
+            "text_queue": after.text_queue,
+            "idx_queue": after.idx_queue,
+        }
+    )
     wrong, _, _ = _reference_ita(after, image, caption, idx, 0.4)
     right, _, _ = _reference_ita(model, image, caption, idx, 0.4)
     got = model(image, caption, 0.4, idx)["loss_ita"].item()
@@ -170,7 +182,7 @@ def test_loss_itm_with_fixed_negatives_matches_pairwise_reference(tmp_path, monk
         ids[:, 0] = ref.tokenizer.convert_tokens_to_ids("[ENC]")  # every ITM call reads the [ENC] position
 
         def match_logits(t: int, i: int) -> torch.Tensor:  # one (text t, image i) pair at a time
-            hidden = ref.text_encoder(ids[t:t + 1], atts[t:t + 1], encoder_hidden_states=embeds[i:i + 1])
+            hidden = ref.text_encoder(ids[t : t + 1], atts[t : t + 1], encoder_hidden_states=embeds[i : i + 1])
             return ref.itm_head(hidden[:, 0])[0].double()
 
         terms, called_match = [], {"pos": [], "neg": []}
@@ -261,8 +273,12 @@ def test_hard_fraction_mixes_uniform_and_hard_negatives(hard_fraction):
     uniform = (~positive).float() / 4
     expected = (hard_fraction * hard + (1 - hard_fraction) * uniform)[0]
     draws = 20000
-    counts = torch.bincount(torch.stack([sample_hard_negatives(sim.expand(draws, -1), positive.expand(draws, -1),
-                                                               hard_fraction)[0]]).flatten(), minlength=5)
+    counts = torch.bincount(
+        torch.stack(
+            [sample_hard_negatives(sim.expand(draws, -1), positive.expand(draws, -1), hard_fraction)[0]]
+        ).flatten(),
+        minlength=5,
+    )
     assert counts[0] == 0  # never the positive
     std = (expected * (1 - expected) / draws).sqrt()
     assert torch.all((counts / draws - expected).abs() <= 5 * std + 1e-9), (counts / draws, expected)
@@ -276,12 +292,15 @@ def test_uniform_negatives_count_no_fallback_rows():
     _assert_negatives(choice, positive)
 
 
-@pytest.mark.parametrize("schedule, steps, expected", [
-    ("hard", 0, [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
-    ("uniform", 0, [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]),
-    ("warmup", 3, [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]),  # steps 0, 1, 2 uniform; hard from step 3 on
-    ("anneal", 4, [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]),
-])
+@pytest.mark.parametrize(
+    "schedule, steps, expected",
+    [
+        ("hard", 0, [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
+        ("uniform", 0, [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]),
+        ("warmup", 3, [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]),  # steps 0, 1, 2 uniform; hard from step 3 on
+        ("anneal", 4, [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]),
+    ],
+)
 def test_itm_negative_schedule_switches_at_the_right_step(schedule, steps, expected):
     assert [utils.itm_hard_fraction(step, schedule, steps) for step in range(6)] == expected
 

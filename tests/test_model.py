@@ -13,8 +13,16 @@ from models.med import BertLMHeadModel, BertModel, MedConfig
 from models.vit import create_vit, vit_spec
 from tests.helpers import TINY_MED, tiny_config, tiny_model
 
-SMALL = MedConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, encoder_width=48)
+SMALL = MedConfig(
+    vocab_size=40,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+    encoder_width=48,
+)
 
 
 def _reference_bert(model: BertModel, ids: torch.Tensor, mask: torch.Tensor, image: torch.Tensor | None):
@@ -25,6 +33,7 @@ def _reference_bert(model: BertModel, ids: torch.Tensor, mask: torch.Tensor, ima
     def attend(att, x, kv_states, bias):
         def split(t):
             return t.view(t.shape[0], t.shape[1], heads, dim).transpose(1, 2)
+
         q, k, v = split(att.self.query(x)), split(att.self.key(kv_states)), split(att.self.value(kv_states))
         scores = q @ k.transpose(-1, -2) / math.sqrt(dim)
         if bias is not None:
@@ -55,8 +64,9 @@ def test_bert_matches_written_out_attention(mode):
     ref = _reference_bert(model, ids, mask, image if mode == "multimodal" else None)
     assert torch.allclose(ours, ref, atol=1e-5)
     # Padding invariance: the padded row equals the same text run alone at its true length.
-    alone = model(ids[1:2, :4], mask[1:2, :4], encoder_hidden_states=image[1:2] if mode == "multimodal" else None,
-                  mode=mode)
+    alone = model(
+        ids[1:2, :4], mask[1:2, :4], encoder_hidden_states=image[1:2] if mode == "multimodal" else None, mode=mode
+    )
     assert torch.allclose(ours[1:2, :4], alone, atol=1e-5)
 
 
@@ -84,8 +94,11 @@ def test_cls_only_equals_position_zero_of_the_full_forward():
     mask = torch.ones_like(ids)
     mask[2, 5:] = 0
     images = torch.randn(4, 6, 48)
-    for kwargs in ({"mode": "text"}, {"encoder_hidden_states": images},
-                   {"encoder_kv": model.cross_attention_kv(images[:2])}):
+    for kwargs in (
+        {"mode": "text"},
+        {"encoder_hidden_states": images},
+        {"encoder_kv": model.cross_attention_kv(images[:2])},
+    ):
         full = model(ids, mask, **kwargs)
         first = model(ids, mask, cls_only=True, **kwargs)
         assert first.shape == (4, 1, SMALL.hidden_size)
@@ -113,8 +126,13 @@ def test_decoder_is_causal_and_loads_official_key_names():
     torch.manual_seed(0)
     decoder = BertLMHeadModel(SMALL).eval()
     keys = set(decoder.state_dict())
-    assert {"cls.predictions.bias", "cls.predictions.decoder.weight", "cls.predictions.transform.dense.weight",
-            "cls.predictions.transform.LayerNorm.weight", "bert.encoder.layer.0.crossattention.self.key.weight"} <= keys
+    assert {
+        "cls.predictions.bias",
+        "cls.predictions.decoder.weight",
+        "cls.predictions.transform.dense.weight",
+        "cls.predictions.transform.LayerNorm.weight",
+        "bert.encoder.layer.0.crossattention.self.key.weight",
+    } <= keys
     ids = torch.randint(5, 40, (2, 6))
     image = torch.randn(2, 5, 48)
     logits, loss = decoder(ids, torch.ones_like(ids), image, labels=ids)
@@ -179,6 +197,7 @@ def test_missing_tokenizer_says_how_to_work_offline(monkeypatch, tmp_path):
 
     def offline(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
+
     monkeypatch.setattr(BertTokenizerFast, "from_pretrained", offline)
     with pytest.raises(OSError, match="bert-base-uncased.*text_encoder") as err:
         init_tokenizer("bert-base-uncased")

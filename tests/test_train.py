@@ -29,10 +29,20 @@ RECALL_KEYS = ["txt_r1", "txt_r5", "txt_r10", "txt_r_mean", "img_r1", "img_r5", 
 def config_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     """24 train images x 2 captions (48 samples: 6 batches of 8), 8 val and 8 test images, 32 px."""
     root = tmp_path_factory.mktemp("train_data")
-    paths = make_synthetic_dataset(str(root), num_train_images=24, num_val_images=8, num_test_images=8,
-                                   captions_per_image=2, image_size=32, seed=0)
-    config = synthetic_config(root, paths, batch_size_train=8, batch_size_test=8, k_test=4, queue_size=16,
-                              max_epoch=2, log_every=2, init_lr=1e-4)
+    paths = make_synthetic_dataset(
+        str(root), num_train_images=24, num_val_images=8, num_test_images=8, captions_per_image=2, image_size=32, seed=0
+    )
+    config = synthetic_config(
+        root,
+        paths,
+        batch_size_train=8,
+        batch_size_test=8,
+        k_test=4,
+        queue_size=16,
+        max_epoch=2,
+        log_every=2,
+        init_lr=1e-4,
+    )
     path = os.path.join(root, "config.yaml")
     save_config(config, path)
     return path
@@ -56,15 +66,31 @@ def _read_jsonl(path: str) -> list[dict]:
 
 
 def test_training_writes_every_output(straight_run: str):
-    for name in ("config.yaml", "log.jsonl", "checkpoint_last.pth", "checkpoint_best.pth", "metrics_val.json",
-                 "metrics_test.json"):
+    for name in (
+        "config.yaml",
+        "log.jsonl",
+        "checkpoint_last.pth",
+        "checkpoint_best.pth",
+        "metrics_val.json",
+        "metrics_test.json",
+    ):
         assert os.path.isfile(os.path.join(straight_run, name)), name
     records = _read_jsonl(os.path.join(straight_run, "log.jsonl"))
     steps = [r for r in records if "loss_ita" in r]
     epochs = [r for r in records if "train_loss_ita" in r]
     assert len(steps) == 6 and len(epochs) == 2  # 6 optimizer steps per epoch, logged every 2
-    assert set(steps[0]) == {"epoch", "step", "loss_ita", "loss_itm", "itm_acc_pos", "itm_acc_neg", "lr",
-                             "images_per_s", "num_neg_fallback", "itm_hard_fraction"}
+    assert set(steps[0]) == {
+        "epoch",
+        "step",
+        "loss_ita",
+        "loss_itm",
+        "itm_acc_pos",
+        "itm_acc_neg",
+        "lr",
+        "images_per_s",
+        "num_neg_fallback",
+        "itm_hard_fraction",
+    }
     assert all(0 <= r[k] <= 1 for r in steps for k in ("itm_acc_pos", "itm_acc_neg"))
     assert all(r["itm_hard_fraction"] == 1.0 for r in steps)  # the official hard negatives by default
     assert all(0 <= r[f"train_{k}"] <= 1 for r in epochs for k in ("itm_acc_pos", "itm_acc_neg"))
@@ -75,10 +101,10 @@ def test_training_writes_every_output(straight_run: str):
     assert best in (0, 1)
     # Test is scored with the selected weights only, in the epoch that selected them.
     # Test is scored exactly when val r_mean sets a new best (with those weights), never in other epochs.
-    running_best = [max(r["val_r_mean"] for r in epochs[:i + 1]) for i in range(len(epochs))]
+    running_best = [max(r["val_r_mean"] for r in epochs[: i + 1]) for i in range(len(epochs))]
     new_best = [i == 0 or epochs[i]["val_r_mean"] > running_best[i - 1] for i in range(len(epochs))]
     assert ["test_r_mean" in r for r in epochs] == new_best
-    assert new_best[best] and not any(new_best[best + 1:])
+    assert new_best[best] and not any(new_best[best + 1 :])
     with open(os.path.join(straight_run, "metrics_val.json")) as f:
         val = json.load(f)
     with open(os.path.join(straight_run, "metrics_test.json")) as f:
@@ -135,15 +161,25 @@ def test_resume_is_bitwise_identical_to_a_straight_run(config_path, straight_run
 
 def _dist_body(rank: int, world_size: int, config_path: str, out_dir: str) -> dict:
     # RANK/WORLD_SIZE/MASTER_* are set by run_distributed, so init_distributed joins a gloo group itself.
-    result = train_retrieval.main(["--config", config_path, "--output-dir", out_dir, "--options", "max_epoch=1",
-                                   "negative_all_rank=true", "grad_accum_steps=2", "clip_grad_norm=1.0"])
+    result = train_retrieval.main(
+        [
+            "--config",
+            config_path,
+            "--output-dir",
+            out_dir,
+            "--options",
+            "max_epoch=1",
+            "negative_all_rank=true",
+            "grad_accum_steps=2",
+            "clip_grad_norm=1.0",
+        ]
+    )
     return {k: v.clone() for k, v in result["model"].state_dict().items()}
 
 
 def test_two_process_ddp_keeps_ranks_identical(config_path, tmp_path):
     # Global batch 2 x 8 = 16 = queue_size; 3 micro-batches per rank: one accumulated step (no_sync) + one short.
-    states = run_distributed(_dist_body, 2, config_path, str(tmp_path / "ddp"), init_process_group=False,
-                             timeout_s=120)
+    states = run_distributed(_dist_body, 2, config_path, str(tmp_path / "ddp"), init_process_group=False, timeout_s=120)
     assert states[0].keys() == states[1].keys()
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key
@@ -156,8 +192,9 @@ def test_two_process_ddp_keeps_ranks_identical(config_path, tmp_path):
 
 def test_evaluate_mode_reproduces_the_selected_epoch(config_path, straight_run, tmp_path):
     out = tmp_path / "eval"
-    _train(config_path, out, "--evaluate", "--options",
-           f"pretrained={os.path.join(straight_run, 'checkpoint_best.pth')}")
+    _train(
+        config_path, out, "--evaluate", "--options", f"pretrained={os.path.join(straight_run, 'checkpoint_best.pth')}"
+    )
     assert not os.path.exists(out / "checkpoint_last.pth")
     for split in ("val", "test"):
         with open(os.path.join(straight_run, f"metrics_{split}.json")) as f:
@@ -203,27 +240,46 @@ def test_itm_negative_schedule_reaches_the_training_steps(config_path, tmp_path)
 
 
 def test_cli_turns_errors_into_a_one_line_exit(config_path, tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["train_retrieval.py", "--config", config_path, "--output-dir",
-                                      str(tmp_path), "--options", "batch_size_trian=4"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "train_retrieval.py",
+            "--config",
+            config_path,
+            "--output-dir",
+            str(tmp_path),
+            "--options",
+            "batch_size_trian=4",
+        ],
+    )
     with pytest.raises(SystemExit, match=r"error: unknown config key 'batch_size_trian'.*'batch_size_train'"):
         utils.run_cli(train_retrieval.main)
 
 
 @pytest.mark.parametrize("script", ["train", "eval"])
-@pytest.mark.parametrize("option, message", [
-    ("text_encoder=/nonexistent/vocab.txt", r"tokenizer path '/nonexistent/vocab\.txt' \(config key text_encoder\) "
-                                            r"does not exist"),
-    ("med_config=/nonexistent/med.json", r"med_config file not found: /nonexistent/med\.json"),
-    ("med_config=BAD_JSON", r"med_config file .*bad\.json is not valid JSON"),
-    ("med_config.hidden_sise=64", r"unknown MED config field\(s\) \['hidden_sise'\]"),
-])
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (
+            "text_encoder=/nonexistent/vocab.txt",
+            r"tokenizer path '/nonexistent/vocab\.txt' \(config key text_encoder\) "
+            r"does not exist",
+        ),
+        ("med_config=/nonexistent/med.json", r"med_config file not found: /nonexistent/med\.json"),
+        ("med_config=BAD_JSON", r"med_config file .*bad\.json is not valid JSON"),
+        ("med_config.hidden_sise=64", r"unknown MED config field\(s\) \['hidden_sise'\]"),
+    ],
+)
 def test_model_config_errors_end_in_one_line(config_path, tmp_path, monkeypatch, capsys, script, option, message):
     """A wrong tokenizer path or MED config is a user error: one line on stderr, exit status 1, no traceback."""
     bad_json = tmp_path / "bad.json"
     bad_json.write_text("{not json")
     option = option.replace("BAD_JSON", str(bad_json))
-    argv = {"train": ["--config", config_path, "--output-dir", str(tmp_path / "out")],
-            "eval": ["--config", config_path, "--checkpoint", "", "--output-dir", str(tmp_path / "out")]}[script]
+    argv = {
+        "train": ["--config", config_path, "--output-dir", str(tmp_path / "out")],
+        "eval": ["--config", config_path, "--checkpoint", "", "--output-dir", str(tmp_path / "out")],
+    }[script]
     main = {"train": train_retrieval.main, "eval": eval_retrieval.main}[script]
     monkeypatch.setattr(sys, "argv", [f"{script}_retrieval.py", *argv, "--options", option])
     with pytest.raises(SystemExit) as exit_info:
@@ -256,14 +312,17 @@ def test_missing_tensorboard_is_a_clear_error(config_path, tmp_path, monkeypatch
         _train(config_path, tmp_path / "tb", "--options", "tensorboard=true")
 
 
-@pytest.mark.parametrize(("name", "finetuned"), [
-    ("https://storage.googleapis.com/sfr-vision-language-research/BLIP/models/model_base_retrieval_coco.pth", True),
-    ("/ckpt/model_large_retrieval_flickr.pth", True),
-    ("/hf/blip-itm-base-coco/", True),
-    ("/ckpt/model_base.pth", False),
-    ("/ckpt/model_base_capfilt_large.pth", False),
-    ("", False),
-])
+@pytest.mark.parametrize(
+    ("name", "finetuned"),
+    [
+        ("https://storage.googleapis.com/sfr-vision-language-research/BLIP/models/model_base_retrieval_coco.pth", True),
+        ("/ckpt/model_large_retrieval_flickr.pth", True),
+        ("/hf/blip-itm-base-coco/", True),
+        ("/ckpt/model_base.pth", False),
+        ("/ckpt/model_base_capfilt_large.pth", False),
+        ("", False),
+    ],
+)
 def test_retrieval_finetuned_checkpoints_are_recognised(name, finetuned):
     assert train_retrieval.is_retrieval_finetuned(name) is finetuned
 
@@ -369,7 +428,8 @@ def test_compiled_training_keeps_the_tokenizer_eager_and_matches_eager(config_pa
     _train(config_path, tmp_path / "eager", "--options", *options)
     _train(config_path, tmp_path / "compiled", "--options", *options, "compile=true")
     assert calls_while_compiling and not any(calls_while_compiling)
-    eager, compiled = ([r for r in _read_jsonl(str(tmp_path / run / "log.jsonl")) if "loss_ita" in r]
-                       for run in ("eager", "compiled"))
+    eager, compiled = (
+        [r for r in _read_jsonl(str(tmp_path / run / "log.jsonl")) if "loss_ita" in r] for run in ("eager", "compiled")
+    )
     assert len(compiled) == len(eager) == 3  # 48 samples / batch 8 = 6 steps, logged every 2
     assert compiled[0]["loss_ita"] == pytest.approx(eager[0]["loss_ita"], rel=1e-4)

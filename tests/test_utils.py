@@ -27,9 +27,11 @@ def _write(tmp_path, text: str, name: str = "cfg.yaml") -> str:
 
 
 def test_defaults_are_valid_and_cover_official_keys():
-    official = ("image_root ann_root dataset pretrained vit vit_grad_ckpt vit_ckpt_layer batch_size_train "
-                "batch_size_test init_lr image_size queue_size alpha k_test negative_all_rank weight_decay "
-                "min_lr max_epoch").split()
+    official = (
+        "image_root ann_root dataset pretrained vit vit_grad_ckpt vit_ckpt_layer batch_size_train "
+        "batch_size_test init_lr image_size queue_size alpha k_test negative_all_rank weight_decay "
+        "min_lr max_epoch"
+    ).split()
     assert set(official) <= set(utils.DEFAULT_CONFIG)
     utils.validate_config(dict(utils.DEFAULT_CONFIG))
 
@@ -46,8 +48,18 @@ def test_load_merges_over_defaults_and_parses_scientific_floats(tmp_path):
 
 def test_overrides_dotted_and_yaml_typed(tmp_path):
     path = _write(tmp_path, "vit: {width: 64, depth: 2, heads: 4}\nimage_size: 32\n")
-    cfg = load_config(path, ["init_lr=5e-6", "vit.depth=3", "vit.patch_size=8", "image_size=40",
-                             "vit_grad_ckpt=true", "med_config={hidden_size: 32}", "train_file=a.json"])
+    cfg = load_config(
+        path,
+        [
+            "init_lr=5e-6",
+            "vit.depth=3",
+            "vit.patch_size=8",
+            "image_size=40",
+            "vit_grad_ckpt=true",
+            "med_config={hidden_size: 32}",
+            "train_file=a.json",
+        ],
+    )
     assert cfg["init_lr"] == 5e-6 and isinstance(cfg["init_lr"], float)
     assert cfg["vit"] == {"width": 64, "depth": 3, "heads": 4, "patch_size": 8}
     assert cfg["image_size"] == 40 and cfg["vit_grad_ckpt"] is True
@@ -113,8 +125,10 @@ def test_config_error_is_a_value_error():
 
 
 def test_save_load_round_trip(tmp_path):
-    cfg = load_config(_write(tmp_path, "vit: {width: 64, depth: 2, heads: 4, patch_size: 8}\nimage_size: 32\n"),
-                      ["init_lr=3e-6", "med_config={hidden_size: 32, num_hidden_layers: 2}"])
+    cfg = load_config(
+        _write(tmp_path, "vit: {width: 64, depth: 2, heads: 4, patch_size: 8}\nimage_size: 32\n"),
+        ["init_lr=3e-6", "med_config={hidden_size: 32, num_hidden_layers: 2}"],
+    )
     out = str(tmp_path / "out" / "config.yaml")
     utils.save_config(cfg, out)
     assert not os.path.exists(out + ".tmp")
@@ -245,15 +259,22 @@ def _gather_body(rank: int, world_size: int) -> dict:
     loss.backward()
     summed = utils.all_reduce_sum_(torch.tensor([float(rank + 1)]))
     utils.barrier()
-    return {"rank": utils.get_rank(), "world": utils.get_world_size(), "main": utils.is_main_process(),
-            "gathered": gathered, "grad": x.grad, "summed": summed.item()}
+    return {
+        "rank": utils.get_rank(),
+        "world": utils.get_world_size(),
+        "main": utils.is_main_process(),
+        "gathered": gathered,
+        "grad": x.grad,
+        "summed": summed.item(),
+    }
 
 
 def test_two_process_gather_and_gradient():
     rows, world = 3, 2
     results = run_distributed(_gather_body, world)
-    expected_gather = torch.cat([torch.full((rows, 2), float(r)) + torch.arange(6.0).view(rows, 2)
-                                 for r in range(world)])
+    expected_gather = torch.cat(
+        [torch.full((rows, 2), float(r)) + torch.arange(6.0).view(rows, 2) for r in range(world)]
+    )
     base = torch.arange(world * rows * 2, dtype=torch.float32).view(-1, 2)
     total_weights = sum(base * (r + 1) for r in range(world))  # d(sum of all ranks' losses)/d(gathered)
     for rank, res in enumerate(results):
@@ -268,8 +289,16 @@ def _init_body(rank: int, world_size: int) -> tuple:
     backend = torch.distributed.get_backend()
     gathered = utils.all_gather_concat(torch.tensor([rank * 10]))
     utils.cleanup_distributed()
-    return info.rank, info.world_size, info.local_rank, info.distributed, str(info.device), backend, \
-        gathered.tolist(), utils.is_dist_initialized()
+    return (
+        info.rank,
+        info.world_size,
+        info.local_rank,
+        info.distributed,
+        str(info.device),
+        backend,
+        gathered.tolist(),
+        utils.is_dist_initialized(),
+    )
 
 
 def test_init_distributed_from_env_two_processes():
