@@ -7,10 +7,15 @@ same loss.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from bench import bench_eval, bench_query, bench_train
+from bench import bench_eval, bench_query, bench_train, itm_negatives, itm_topk_auc
+from data.synthetic import make_synthetic_dataset
+from models.blip_retrieval import build_model
+from tests.helpers import spread_weights, synthetic_config
+from utils import save_config
 
 TINY = ["--device", "cpu", "--vit", "tiny", "--text", "tiny", "--threads", "1"]
 
@@ -80,3 +85,64 @@ def test_bench_train_tiny_variants_share_their_first_loss():
     tflop = {name: r["step_tflop"] for name, r in out["variants"].items()}
     assert 0 < tflop["ours"] < tflop["fp32"]  # 35-token captions and the full last layer cost more
     assert tflop["ours+ckpt"] >= tflop["ours"]  # checkpointing recomputes, never saves work
+
+
+def test_pairwise_auc_counts_true_over_false_and_halves_ties():
+    truth = np.array([True, False, False])
+    assert itm_topk_auc.pairwise_auc([np.array([3.0, 2.0, 1.0])], [truth]) == 1.0
+    assert itm_topk_auc.pairwise_auc([np.array([1.0, 2.0, 3.0])], [truth]) == 0.0
+    assert itm_topk_auc.pairwise_auc([np.array([2.0, 2.0, 1.0])], [truth]) == 0.75  # one tie, one win
+    # A query without a false (or a true) candidate says nothing about the ranking and is skipped.
+    assert (
+        itm_topk_auc.pairwise_auc([np.array([1.0, 2.0]), np.array([5.0, 1.0, 0.0])], [np.array([True, True]), truth])
+        == 1.0
+    )
+
+
+def test_itm_topk_auc_on_a_tiny_checkpoint(tmp_path):
+    paths = make_synthetic_dataset(str(tmp_path / "data"), num_train_images=4, num_val_images=4, num_test_images=6)
+    config = synthetic_config(tmp_path, paths)
+    torch.manual_seed(0)
+    model = spread_weights(build_model(config))
+    ckpt = tmp_path / "model.pth"
+    torch.save({"model": model.state_dict()}, ckpt)
+    config_path = tmp_path / "config.yaml"
+    save_config(config, str(config_path))
+    stats = itm_topk_auc.main(["--config", str(config_path), "--checkpoint", str(ckpt), "--k", "3"])
+    assert stats["i2t"]["queries"] == 6 and stats["t2i"]["queries"] == 30
+    for direction in stats.values():
+        assert all(
+            0.0 <= direction[key] <= 1.0
+            for key in ("auc_cosine", "auc_itm", "auc_itm_plus_cosine")
+            if not np.isnan(direction[key])
+        )
+        assert direction["spread_cosine"] >= 0 and direction["spread_itm"] > 0
+
+
+def test_itm_negatives_runs_a_schedule_and_writes_its_table(tmp_path):
+    results = itm_negatives.main(
+        [
+            "--out",
+            str(tmp_path),
+            "--datasets",
+            "two_shapes",
+            "--schedules",
+            "warmup:10",
+            "--seeds",
+            "1",
+            "--epochs",
+            "1",
+            "--eval-every",
+            "1",
+            "--parallel",
+            "1",
+            "--options",
+            "vit.depth=1",
+            "med_config.num_hidden_layers=1",
+        ]
+    )
+    (run,) = results.values()
+    assert run["schedule"] == "warmup:10" and len(run["curves"]["train_loss_itm"]) == 1
+    assert {"r_mean", "itc_r_mean"} <= set(run["test"])
+    table = (tmp_path / "results.md").read_text()
+    assert "| two_shapes | warmup:10 | 1 |" in table
