@@ -21,7 +21,7 @@ import json
 import os
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -314,17 +314,19 @@ def make_synthetic_dataset(
     paths = {"image_root": image_root, "ann_root": ann_root}
     vocab: set[str] = set()
     counts = {"train": num_train_images, "val": num_val_images, "test": num_test_images}
-    for split_index, (split, count) in enumerate(counts.items()):
-        # Per-split RNGs: changing the number of train images leaves val and test unchanged.
-        rng = random.Random(f"synthetic-{seed}-{split}")
-        np_rng = np.random.default_rng([seed, split_index])
+    generator = {
+        "seed": seed,
+        "num_shapes": num_shapes,
+        "image_size": image_size,
+        "captions_per_image": captions_per_image,
+        "counts": counts,
+    }
+    for split in counts:
         os.makedirs(os.path.join(image_root, split), exist_ok=True)
         records: list[dict[str, object]] = []
-        for i in range(count):
-            scene = _sample_scene(rng, num_shapes)
+        for i, (_, image, captions) in enumerate(generate_split(generator, split)):
             rel = f"{split}/{i:05d}.png"
-            _render(scene, image_size, rng, np_rng).save(os.path.join(image_root, rel))
-            captions = _captions(scene, captions_per_image, rng)
+            image.save(os.path.join(image_root, rel))
             for cap in captions:
                 vocab.update(_tokens(pre_caption(cap)))
             if split == "train":
@@ -339,7 +341,36 @@ def make_synthetic_dataset(
     with open(vocab_file, "w", encoding="utf-8") as f:
         f.write("\n".join(SPECIAL_TOKENS + sorted(vocab)) + "\n")
     paths["vocab_file"] = vocab_file
+    # The generator's arguments, so that the scenes behind the captions can be replayed (generate_split).
+    with open(os.path.join(out_dir, GENERATOR_FILE), "w", encoding="utf-8") as f:
+        json.dump(generator, f, indent=1)
     return paths
+
+
+GENERATOR_FILE = "generator.json"
+SPLITS = ("train", "val", "test")
+
+
+def generate_split(generator: dict, split: str) -> Iterator[tuple[list[Shape], Image.Image, list[str]]]:
+    """(scene, image, captions) of every image of `split`, for the arguments `make_synthetic_dataset` wrote to
+    generator.json: the same RNG streams, so a replay gives the very scenes behind a written dataset."""
+    # Per-split RNGs: changing the number of train images leaves val and test unchanged.
+    rng = random.Random(f"synthetic-{generator['seed']}-{split}")
+    np_rng = np.random.default_rng([generator["seed"], SPLITS.index(split)])
+    for _ in range(generator["counts"][split]):
+        scene = _sample_scene(rng, generator["num_shapes"])
+        image = _render(scene, generator["image_size"], rng, np_rng)
+        yield scene, image, _captions(scene, generator["captions_per_image"], rng)
+
+
+def true_captions(scene: list[Shape], draws_per_template: int = 300) -> set[str]:
+    """Every caption the templates write for `scene` (each template drawn `draws_per_template` times with a
+    fixed RNG, enough to cover its phrasings): a caption of another image in this set is true of this one."""
+    rng, groups, captions = random.Random(1), _groups(scene), set()
+    for template in TEMPLATES:
+        for _ in range(draws_per_template):
+            captions.add(template(scene, groups, rng))
+    return captions
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -108,7 +108,18 @@ def test_itm_topk_auc_on_a_tiny_checkpoint(tmp_path):
     torch.save({"model": model.state_dict()}, ckpt)
     config_path = tmp_path / "config.yaml"
     save_config(config, str(config_path))
-    stats = itm_topk_auc.main(["--config", str(config_path), "--checkpoint", str(ckpt), "--k", "3"])
+    stats = itm_topk_auc.main(
+        [
+            "--config",
+            str(config_path),
+            "--checkpoint",
+            str(ckpt),
+            "--k",
+            "3",
+            "--generated-data",
+            str(tmp_path / "data"),
+        ]
+    )
     assert stats["i2t"]["queries"] == 6 and stats["t2i"]["queries"] == 30
     for direction in stats.values():
         assert all(
@@ -117,6 +128,7 @@ def test_itm_topk_auc_on_a_tiny_checkpoint(tmp_path):
             if not np.isnan(direction[key])
         )
         assert direction["spread_cosine"] >= 0 and direction["spread_itm"] > 0
+        assert 0.0 <= direction["labelled_false_but_true"] <= 1.0
 
 
 def test_itm_negatives_runs_a_schedule_and_writes_its_table(tmp_path):

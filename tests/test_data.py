@@ -570,3 +570,19 @@ def test_synthetic_cli(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     assert os.path.isfile(paths["test_file"]) and os.path.isfile(os.path.join(paths["image_root"], "val/00000.png"))
     with open(paths["train_file"]) as f:
         assert len(json.load(f)) == 2 * 5
+
+
+def test_generate_split_replays_the_written_scenes_and_true_captions_cover_them(tmp_path) -> None:
+    """generator.json + generate_split give back the very captions written, and every written caption is among
+    the true captions of its own scene (the basis of bench/itm_topk_auc.py's label check)."""
+    from data.synthetic import GENERATOR_FILE, generate_split, true_captions
+
+    paths = make_synthetic_dataset(str(tmp_path), num_train_images=3, num_val_images=4, num_test_images=5, seed=3)
+    with open(os.path.join(tmp_path, GENERATOR_FILE)) as f:
+        generator = json.load(f)
+    with open(paths["test_file"]) as f:
+        written = [record["caption"] for record in json.load(f)]
+    replayed = list(generate_split(generator, "test"))
+    assert [captions for _, _, captions in replayed] == written
+    for scene, _, captions in replayed:
+        assert set(captions) <= true_captions(scene)
