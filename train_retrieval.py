@@ -10,8 +10,8 @@ and metrics_val.json / metrics_test.json of the selected epoch. Test is scored o
 that val selected, and re-scored whenever the selection changes, so test numbers are never stale.
 
 The run in phases: check the command and config (`check_run`), build the model and the eval data (`build_run`),
-build the training pieces (`build_training`), restore a resumed run (`restore`), then train epoch by epoch
-(`train`), evaluating and selecting as it goes (`select_epoch`).
+build the training pieces (`build_training`), restore a resumed run (engine.training.restore_training), then train
+epoch by epoch (`train`), evaluating and selecting as it goes (`select_epoch`).
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ from engine.metrics import format_metrics_table
 from engine.training import (
     CKPT_FORMAT,
     TrainState,
-    gather_rng_states,
+    last_checkpoint,
     load_train_checkpoint,
+    resolve_resume,
+    restore_training,
     save_last_checkpoint,
     train_one_epoch,
 )
@@ -142,25 +144,7 @@ class TrainingRun:
 
 def check_run(args: argparse.Namespace, config: dict, info: utils.DistInfo) -> str | None:
     """Refuse contradictory or unsafe runs before anything is built. Returns the checkpoint to resume from."""
-    last_path = os.path.join(args.output_dir, "checkpoint_last.pth")
-    if args.resume is not None and args.evaluate:
-        raise ConfigError(
-            "--evaluate scores the `pretrained` weights; to evaluate a checkpoint pass "
-            "--options pretrained=PATH instead of --resume"
-        )
-    resume_path = None
-    if args.resume is not None:
-        resume_path = args.resume or last_path
-        if not os.path.isfile(resume_path):
-            raise ConfigError(
-                f"--resume: no checkpoint at {resume_path}. Train without --resume first, or pass "
-                "the path of a checkpoint_last.pth written by train_retrieval.py."
-            )
-    elif not args.evaluate and os.path.isfile(last_path):
-        raise ConfigError(
-            f"{args.output_dir} already holds a training run (checkpoint_last.pth). Pass --resume to "
-            "continue it, or choose another --output-dir."
-        )
+    resume_path = resolve_resume(args.output_dir, args.resume, args.evaluate)
     if not args.evaluate:
         try:
             check_queue_size(config["queue_size"], config["batch_size_train"] * info.world_size)
@@ -240,31 +224,6 @@ def build_training(run: TrainingRun) -> None:
         run.train_model = torch.compile(run.train_model)
 
 
-def restore(run: TrainingRun, ckpt: dict, resume_path: str) -> TrainState:
-    """Optimizer, scaler, RNG streams and the TrainState of a resumed run (its weights are already loaded)."""
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt.get("scaler"):
-        run.scaler.load_state_dict(ckpt["scaler"])
-    state = TrainState.from_checkpoint(ckpt)
-    if len(ckpt["rng_states"]) == run.info.world_size:
-        utils.restore_rng_state(ckpt["rng_states"][run.info.rank])
-    else:
-        log(
-            f"WARNING: the checkpoint was written by {len(ckpt['rng_states'])} processes, this run has "
-            f"{run.info.world_size}: RNG streams are re-seeded, so the continuation is not bit-exact"
-        )
-        utils.set_seed(run.config["seed"] + run.info.rank + 1000 * (state.epoch + 1))
-    old_config = ckpt["config"]
-    changed = [f"{k}: {old_config.get(k)!r} -> {v!r}" for k, v in run.config.items() if old_config.get(k) != v]
-    if changed:  # e.g. a longer max_epoch, which also changes the rest of the cosine schedule
-        log("resuming with config changes: " + ", ".join(changed))
-    log(
-        f"resumed from {resume_path}: epoch {state.epoch} done, step {state.global_step}, best epoch {state.best_epoch}"
-    )
-    run.jsonl.log({"event": "resume", "from": resume_path, "start_epoch": state.epoch + 1, "step": state.global_step})
-    return state
-
-
 def select_epoch(run: TrainingRun, state: TrainState, epoch: int, record: dict) -> None:
     """Evaluate val; when it improves (or, without val, at the last epoch) save checkpoint_best.pth and score test
     with exactly these weights, so reported test numbers always belong to the selected epoch."""
@@ -336,22 +295,9 @@ def train(run: TrainingRun, state: TrainState) -> None:
         run.jsonl.log(record)
         if run.tb is not None and "val_r_mean" in record:
             run.tb.add_scalar("val/r_mean", record["val_r_mean"], epoch)
-        # Every rank takes part in the gather; rank 0 writes one file with all of them.
-        rng_states = gather_rng_states(run.info.distributed)
+        last = last_checkpoint(run.model, run.optimizer, run.scaler, state, config, run.info)  # every rank
         if is_main_process():
-            save_last_checkpoint(
-                {
-                    "format": CKPT_FORMAT,
-                    "model": run.model.state_dict(),
-                    "optimizer": run.optimizer.state_dict(),
-                    "scaler": run.scaler.state_dict(),
-                    "train_state": state.to_dict(),
-                    "config": config,
-                    "world_size": run.info.world_size,
-                    "rng_states": rng_states,
-                },
-                run.last_path,
-            )
+            save_last_checkpoint(last, run.last_path)
 
 
 def evaluate_only(run: TrainingRun) -> dict:
@@ -388,7 +334,9 @@ def main(argv: list[str] | None = None) -> dict:
         if args.evaluate:
             return evaluate_only(run)
         build_training(run)
-        state = restore(run, ckpt, resume_path) if ckpt else TrainState()
+        state = TrainState()
+        if ckpt:
+            state = restore_training(ckpt, run.optimizer, run.scaler, config, info, resume_path, run.jsonl)
         train(run, state)
         if run.tb is not None:
             run.tb.close()

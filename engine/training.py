@@ -11,6 +11,7 @@ recreated workers differ).
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import utils
-from utils import ConfigError, JsonlLogger, is_main_process
+from utils import ConfigError, JsonlLogger, is_main_process, log
 
 CKPT_FORMAT = "blip-retrieval-train-v2"
 # v1 (before TrainState) kept the same fields at the top level of the checkpoint; it still resumes.
@@ -61,19 +62,99 @@ def gather_rng_states(distributed: bool) -> list[dict]:
     return states
 
 
+def resolve_resume(output_dir: str, resume: str | None, evaluate: bool) -> str | None:
+    """The checkpoint to resume from (`resume` "" means OUTPUT_DIR/checkpoint_last.pth), or None; refuses
+    --resume with --evaluate, a missing checkpoint, and a fresh run over an existing one."""
+    last_path = os.path.join(output_dir, "checkpoint_last.pth")
+    if resume is not None and evaluate:
+        raise ConfigError(
+            "--evaluate scores the `pretrained` weights; to evaluate a checkpoint pass "
+            "--options pretrained=PATH instead of --resume"
+        )
+    if resume is None:
+        if not evaluate and os.path.isfile(last_path):
+            raise ConfigError(
+                f"{output_dir} already holds a training run (checkpoint_last.pth). Pass --resume to "
+                "continue it, or choose another --output-dir."
+            )
+        return None
+    resume_path = resume or last_path
+    if not os.path.isfile(resume_path):
+        raise ConfigError(
+            f"--resume: no checkpoint at {resume_path}. Train without --resume first, or pass "
+            "the path of a checkpoint_last.pth written by the trainer."
+        )
+    return resume_path
+
+
+def restore_training(
+    ckpt: dict,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    config: dict,
+    info: utils.DistInfo,
+    resume_path: str,
+    jsonl: JsonlLogger,
+) -> TrainState:
+    """Optimizer, scaler, RNG streams and the TrainState of a resumed run (its weights are loaded elsewhere)."""
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    state = TrainState.from_checkpoint(ckpt)
+    if len(ckpt["rng_states"]) == info.world_size:
+        utils.restore_rng_state(ckpt["rng_states"][info.rank])
+    else:
+        log(
+            f"WARNING: the checkpoint was written by {len(ckpt['rng_states'])} processes, this run has "
+            f"{info.world_size}: RNG streams are re-seeded, so the continuation is not bit-exact"
+        )
+        utils.set_seed(config["seed"] + info.rank + 1000 * (state.epoch + 1))
+    old_config = ckpt["config"]
+    changed = [f"{k}: {old_config.get(k)!r} -> {v!r}" for k, v in config.items() if old_config.get(k) != v]
+    if changed:  # e.g. a longer max_epoch, which also changes the rest of the cosine schedule
+        log("resuming with config changes: " + ", ".join(changed))
+    log(
+        f"resumed from {resume_path}: epoch {state.epoch} done, step {state.global_step}, best epoch {state.best_epoch}"
+    )
+    jsonl.log({"event": "resume", "from": resume_path, "start_epoch": state.epoch + 1, "step": state.global_step})
+    return state
+
+
+def last_checkpoint(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    state: TrainState,
+    config: dict,
+    info: utils.DistInfo,
+) -> dict:
+    """The contents of checkpoint_last.pth. Every rank must call it (it gathers every rank's RNG state); rank 0
+    writes the result with save_last_checkpoint."""
+    return {
+        "format": CKPT_FORMAT,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "train_state": state.to_dict(),
+        "config": config,
+        "world_size": info.world_size,
+        "rng_states": gather_rng_states(info.distributed),
+    }
+
+
 def load_train_checkpoint(path: str) -> dict:
-    """Read a checkpoint_last.pth for --resume, refusing anything train_retrieval.py did not write."""
+    """Read a checkpoint_last.pth for --resume, refusing anything the trainer did not write."""
     try:
         # weights_only: our checkpoints hold only tensors and plain containers, and this refuses pickled code.
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ConfigError(
             f"--resume: no checkpoint at {path}. Train without --resume first, or pass the "
-            "path of a checkpoint_last.pth written by train_retrieval.py."
+            "path of a checkpoint_last.pth written by the trainer."
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") not in CKPT_FORMATS_READ:
         raise ConfigError(
-            f"--resume: {path} is not a checkpoint_last.pth written by train_retrieval.py "
+            f"--resume: {path} is not a checkpoint_last.pth written by the trainer "
             f"(no format={CKPT_FORMAT!r}); to start from other weights set pretrained instead"
         )
     return ckpt
