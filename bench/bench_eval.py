@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from data import create_dataset
-from data.synthetic import make_synthetic_dataset
+from data.synthetic import config_keys, make_synthetic_dataset
 from engine.evaluation import evaluate
 from engine.itm_rerank import ITM_PIECE, plan_itm_forwards
 from models.blip_retrieval import BlipRetrieval, build_model, init_tokenizer
@@ -242,12 +242,7 @@ def bench_config(paths: dict, vit: str, text: str, image_size: int, **overrides)
     """A validated config for the generated data and the chosen tower sizes."""
     config = copy.deepcopy(DEFAULT_CONFIG)
     config.update(
-        dataset="custom",
-        image_root=paths["image_root"],
-        train_file=paths["train_file"],
-        val_file=paths["val_file"],
-        test_file=paths["test_file"],
-        text_encoder=paths["vocab_file"],
+        config_keys(paths),
         med_config=med_config_for(text),
         vit=copy.deepcopy(VIT_PRESETS[vit]),
         image_size=image_size,

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 
-from data.synthetic import make_synthetic_dataset
+from data.synthetic import config_keys, make_synthetic_dataset
 
 DATASETS = {  # make_synthetic_dataset arguments
     "demo": {},
@@ -48,11 +48,7 @@ def run_name(dataset: str, schedule: str, seed: int) -> str:
 def launch(out: str, dataset: str, paths: dict, schedule: str, seed: int, args: argparse.Namespace) -> subprocess.Popen:
     name, steps = parse_schedule(schedule)
     options = [
-        f"image_root={paths['image_root']}",
-        f"train_file={paths['train_file']}",
-        f"val_file={paths['val_file']}",
-        f"test_file={paths['test_file']}",
-        f"text_encoder={paths['vocab_file']}",
+        *(f"{key}={value}" for key, value in config_keys(paths).items()),
         f"itm_negatives={name}",
         f"itm_negatives_steps={steps}",
         f"max_epoch={args.epochs}",

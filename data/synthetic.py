@@ -347,6 +347,18 @@ def make_synthetic_dataset(
     return paths
 
 
+def config_keys(paths: dict[str, str]) -> dict[str, str]:
+    """The config keys that point a `dataset: custom` config at a `make_synthetic_dataset` output."""
+    return {
+        "dataset": "custom",
+        "image_root": paths["image_root"],
+        "train_file": paths["train_file"],
+        "val_file": paths["val_file"],
+        "test_file": paths["test_file"],
+        "text_encoder": paths["vocab_file"],
+    }
+
+
 GENERATOR_FILE = "generator.json"
 SPLITS = ("train", "val", "test")
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from data.synthetic import config_keys
 from models.blip_retrieval import BlipRetrieval, build_model
 from utils import DEFAULT_CONFIG, validate_config
 
@@ -84,16 +85,7 @@ def tiny_config(tmp_path: str | os.PathLike, **overrides: Any) -> dict:
 
 def synthetic_config(root: str | os.PathLike, paths: dict[str, str], **overrides: Any) -> dict:
     """tiny_config for a `data.synthetic.make_synthetic_dataset` output: its images, splits and vocabulary."""
-    return tiny_config(
-        root,
-        dataset="custom",
-        image_root=paths["image_root"],
-        train_file=paths["train_file"],
-        val_file=paths["val_file"],
-        test_file=paths["test_file"],
-        text_encoder=paths["vocab_file"],
-        **overrides,
-    )
+    return tiny_config(root, **config_keys(paths), **overrides)
 
 
 def tiny_model(tmp_path: str | os.PathLike, **overrides: Any) -> BlipRetrieval:
