@@ -60,7 +60,6 @@ def launch(out: str, dataset: str, paths: dict, schedule: str, seed: int, args: 
     ]
     run_dir = os.path.join(out, run_name(dataset, schedule, seed))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    log = open(run_dir + ".log", "w")  # noqa: SIM115 (closed by the caller)
     cmd = [
         sys.executable,
         "train_retrieval.py",
@@ -71,7 +70,9 @@ def launch(out: str, dataset: str, paths: dict, schedule: str, seed: int, args: 
         "--options",
         *options,
     ]
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    # The child inherits its own copy of the log's file descriptor, so ours can be closed at once.
+    with open(run_dir + ".log", "w") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def read_run(run_dir: str) -> dict:
