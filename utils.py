@@ -79,6 +79,11 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "tensorboard": False,  # also write TensorBoard scalars
     "vit_layer_norm_eps": 1e-6,  # ViT LayerNorm eps: 1e-6 official; HF BLIP directories set their own (1e-5)
     "drop_path_rate": None,  # ViT stochastic depth; None = official default (0 for base, 0.1 for large)
+    # Photo search (search.py; engine/search_index.py, engine/search_query.py, engine/search_server.py).
+    "search_feature_dtype": "float16",  # stored ITC image features: float16 (512 MB per 1M images) | float32
+    "search_chunk_images": 1024,  # images per crash-safe chunk file while indexing (work lost to a kill)
+    "search_block_rows": 65536,  # index rows per block of the exact ITC top-k (memory per block, not per index)
+    "search_cache_images": 512,  # image tokens kept for re-ranking (LRU; ViT-B at 384 px: 0.9 MB each in bf16)
 }
 
 
@@ -119,6 +124,7 @@ _ENUMS: dict[str, tuple[str, ...]] = {
     "autocontrast": ("official", "fixed"),
     "vit": ("base", "large"),
     "vit_ckpt_layer": ("auto",),
+    "search_feature_dtype": ("float16", "float32"),
 }
 # Inclusive (low, high) bounds; None = unbounded.
 _BOUNDS: dict[str, tuple[float | None, float | None]] = {
@@ -137,6 +143,8 @@ _BOUNDS: dict[str, tuple[float | None, float | None]] = {
             "eval_every",
             "grad_accum_steps",
             "log_every",
+            "search_chunk_images",
+            "search_block_rows",
         )
     },
     **{
@@ -150,6 +158,7 @@ _BOUNDS: dict[str, tuple[float | None, float | None]] = {
             "itm_negatives_steps",
             "weight_decay",
             "clip_grad_norm",
+            "search_cache_images",
         )
     },
     **{k: (0, 1) for k in ("alpha", "momentum", "drop_path_rate")},

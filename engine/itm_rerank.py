@@ -225,3 +225,28 @@ def rerank_fast(
     scores_t2i = _fill_outside(sims.t().contiguous())
     scores_t2i.scatter_(1, topk_t2i, lookup(keys_t2i).view(n_txt, k_t2i))
     return scores_i2t, scores_t2i
+
+
+@torch.no_grad()
+def itm_match_one_text(
+    model: BlipRetrieval,
+    enc_ids: torch.Tensor,
+    atts: torch.Tensor,
+    image_tokens: torch.Tensor,
+    device: torch.device,
+    config: dict,
+) -> torch.Tensor:
+    """ITM match logits (K,) of one text (ids starting with [ENC], (1, L), cut to its length) against K images.
+
+    The fast path for one query (the search index): the images' cross-attention keys/values are projected
+    KV_CHUNK images at a time, which bounds their memory (about 20 MB per image for ViT-B at 384 px in bf16),
+    and the text is broadcast over them, one row per image, without copies.
+    """
+    logits = []
+    with eval_autocast(device, config):
+        for start in range(0, len(image_tokens), KV_CHUNK):
+            tokens = image_tokens[start : start + KV_CHUNK].to(device, non_blocking=True)
+            kv = model.text_encoder.cross_attention_kv(tokens)
+            n = len(tokens)
+            logits.append(model.itm_logits(enc_ids.expand(n, -1), atts.expand(n, -1), image_kv=kv)[:, 1])
+    return torch.cat(logits) if logits else torch.zeros(0, device=device)
