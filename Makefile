@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean chromium
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,10 +15,14 @@ demo: $(VENV)/.installed
 	$(PY) -m data.synthetic --out demo_data
 	$(PY) train_retrieval.py --config configs/demo.yaml --output-dir demo_output
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed chromium
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest
+
+# The search page's browser test drives Debian's Chromium (tests/test_search_server.py); install it when missing.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update && apt-get install -y chromium)
 
 clean:
 	rm -rf demo_data demo_output .pytest_cache .ruff_cache

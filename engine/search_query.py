@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from data.image_folder import is_inside
 from data.retrieval import DataError, load_image
 from data.transforms import test_transform
 from engine.features import eval_autocast, text_features, token_dtype
@@ -197,8 +198,11 @@ class Searcher:
         return self.index.paths[row], self.index.sizes[row], self.index.mtimes[row]
 
     def _load(self, row: int) -> torch.Tensor | str:
+        path = os.path.join(self.index.image_root, self.index.paths[row])
+        if not is_inside(self.index.image_root, path):  # swapped for a link out of the folder since indexing
+            return f"{path} now points outside {self.index.image_root}"
         try:
-            return self.transform(load_image(os.path.join(self.index.image_root, self.index.paths[row])))
+            return self.transform(load_image(path))
         except DataError as err:
             return str(err)
 
