@@ -495,7 +495,8 @@ class SearchIndex:
         with open(os.path.join(index_dir, manifest["entries"])) as f:
             entries = json.load(f)
         if manifest["count"]:
-            features = np.load(os.path.join(index_dir, manifest["features"]), mmap_mode="r")
+            # Copy-on-write: torch can wrap its pages without a copy, and nothing can ever write to the file.
+            features = np.load(os.path.join(index_dir, manifest["features"]), mmap_mode="c")
         else:
             features = np.zeros((0, manifest["dim"]), dtype=manifest["dtype"])
         if features.shape != (manifest["count"], manifest["dim"]) or len(entries) != manifest["count"]:
@@ -528,8 +529,8 @@ def itc_topk(
     best_rows = torch.zeros((query.shape[0], 0), dtype=torch.long, device=device)
     for start in range(0, n, block_rows):
         block = features[start : start + block_rows]
-        if isinstance(block, np.ndarray):  # a memory-mapped block: read and cast in one copy
-            block = torch.from_numpy(np.array(block, dtype=np.float32))
+        if isinstance(block, np.ndarray):  # a memory-mapped block (copy-on-write map: no copy here)
+            block = torch.from_numpy(block if block.flags.writeable else np.array(block))
         scores = query @ block.to(device, non_blocking=True).float().t()
         top = scores.topk(min(k, scores.shape[1]), dim=1)
         best_scores = torch.cat([best_scores, top.values], dim=1)

@@ -21,6 +21,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from data.image_folder import is_inside
@@ -86,10 +87,20 @@ class Searcher:
         self.loader_threads = max(1, config["num_workers"])
 
     def _place_features(self, index: SearchIndex):
-        """On a GPU the features live in GPU memory (1M x 256 in fp16: 512 MB), on a CPU in the memory map."""
+        """Where the ITC top-k reads the features from. On a GPU: GPU memory, as stored (1M x 256 in fp16: 512 MB).
+        On a CPU: a float32 copy in RAM when it takes at most half the available memory (1 GB per 1M images),
+        because casting float16 to float32 costs more than the product itself (bench/bench_search.py); else
+        the memory map, read and cast block by block."""
         if self.device.type == "cuda":
-            return torch.from_numpy(index.features[:]).to(self.device)
-        return index.features
+            return torch.from_numpy(index.features).to(self.device)
+        need = index.features.shape[0] * index.features.shape[1] * 4
+        if index.features.dtype == np.float32 or need > 0.5 * _available_memory():
+            return index.features
+        out = torch.empty(index.features.shape, dtype=torch.float32)
+        block = self.config["search_block_rows"]
+        for start in range(0, len(out), block):
+            out[start : start + block] = torch.from_numpy(index.features[start : start + block])
+        return out
 
     def reload_if_changed(self) -> bool:
         """Pick up a newer generation of the index (an update committed while serving). True if reloaded."""
@@ -213,6 +224,18 @@ class Searcher:
         self.cache.move_to_end(key)
         while len(self.cache) > self.cache_size:
             self.cache.popitem(last=False)
+
+
+def _available_memory() -> int:
+    """MemAvailable from /proc/meminfo in bytes (Linux); 0 elsewhere, which keeps the memory map."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def _ms(t0: float) -> float:

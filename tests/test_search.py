@@ -457,3 +457,14 @@ def test_command_line_index_and_query(synth, tmp_path, capsys):
         search.main(["query", "--index", out])  # neither text nor --image
     with pytest.raises(SearchIndexError, match="no search index"):
         search.main(["query", "--index", str(tmp_path / "missing"), "x"])
+
+
+def test_bench_search_runs_and_its_topk_paths_agree():
+    from bench import bench_search
+
+    payload = bench_search.main(
+        ["--device", "cpu", "--topk-rows", "3000", "--sizes", "50", "--num-queries", "2", "--k", "4"]
+        + ["--pool-images", "6", "--index-images", "6", "--image-size", "32"]
+    )
+    assert payload["topk"]["rows"] == 3000  # bench_topk asserts that all four top-k paths return the same rows
+    assert payload["indexing"]["images"] == 6 and set(payload["queries"][50]) >= {"itc_only", "rerank_cold"}
