@@ -196,7 +196,8 @@ PAGE = """<!doctype html>
   #results { display: grid; grid-template-columns: repeat(auto-fill, minmax(180px, 1fr)); gap: .8rem; }
   figure { margin: 0; background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: .4rem; }
   figure img { width: 100%; aspect-ratio: 1; object-fit: contain; background: #eee; display: block; }
-  figcaption { font-size: .8rem; margin-top: .3rem; word-break: break-all; }
+  figcaption { font-size: .8rem; margin-top: .3rem; }
+  .path { word-break: break-all; color: #555; }
   .score { font-weight: 600; }
 </style>
 </head>
@@ -229,13 +230,14 @@ async function run() {
   for (const hit of data.results) {
     const fig = document.createElement("figure"), img = document.createElement("img");
     const cap = document.createElement("figcaption"), score = document.createElement("span");
-    const link = document.createElement("a");
+    const link = document.createElement("a"), path = document.createElement("span");
     link.href = "/image?" + new URLSearchParams({path: hit.path});
     img.src = "/thumb?" + new URLSearchParams({path: hit.path}); img.alt = hit.path; img.loading = "lazy";
     score.className = "score"; score.textContent = hit.score.toFixed(3);
     const parts = hit.itm === null ? " cos " + hit.cosine.toFixed(3)
                                    : ` = itm ${hit.itm.toFixed(3)} + cos ${hit.cosine.toFixed(3)}`;
-    cap.append(score, parts, document.createElement("br"), hit.path);
+    path.className = "path"; path.textContent = hit.path;
+    cap.append(score, parts, document.createElement("br"), path);
     link.append(img); fig.append(link, cap); grid.append(fig);
   }
 }
