@@ -25,4 +25,4 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update && apt-get install -y chromium)
 
 clean:
-	rm -rf demo_data demo_output demo_index .pytest_cache .ruff_cache
+	rm -rf demo_data demo_output demo_index* .pytest_cache .ruff_cache

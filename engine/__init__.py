@@ -6,6 +6,7 @@
 - metrics.py: recall, ranks, the paper-style table
 - training.py: the ITC+ITM training loop, its state and its checkpoint
 - memory.py: `vit_ckpt_layer: auto`, the fewest checkpointed ViT blocks that fit the GPU
+- search_index.py, search_query.py, search_server.py: the photo search of search.py (index, query, web server)
 
 Imports go one way: scripts -> engine -> models, data -> utils.
 """
