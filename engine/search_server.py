@@ -158,6 +158,9 @@ def make_handler(searcher: Searcher, quiet: bool = False) -> type[BaseHTTPReques
                 self._json(HTTPStatus.NOT_FOUND, {"error": str(err)})
             except OSError as err:  # an indexed file deleted or unreadable since indexing
                 self._json(HTTPStatus.NOT_FOUND, {"error": f"could not read the image: {err.strerror}"})
+            except Exception as err:  # a bug or a broken image: say so instead of dropping the connection
+                self.log_error("error answering %s: %r", self.path, err)
+                self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(err).__name__}: {err}"})
 
         def do_POST(self) -> None:  # noqa: N802
             self._json(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "use GET, e.g. /api/search?q=a+red+circle"})
