@@ -268,42 +268,11 @@ def build_index(
     os.makedirs(os.path.join(index_dir, PENDING), exist_ok=True)
     lock = _lock(index_dir) if is_main_process() else None
     try:
-        identity = model_identity(model, config, source)
-        manifest = read_manifest(index_dir)
-        if manifest is not None:
-            check_same_model(manifest, identity, index_dir)
-            if manifest["image_root"] != image_root:
-                raise SearchIndexError(
-                    f"the index {index_dir} covers {manifest['image_root']}, not {image_root}; "
-                    f"use another index folder for another image folder"
-                )
-        files, skipped = scan_image_folder(image_root)
-        committed = _committed_entries(index_dir, manifest)
-        pending_dir = os.path.join(index_dir, PENDING)
-        resumed = _read_chunks(pending_dir, identity["id"])
-        todo, stats = [], IndexStats(skipped=skipped)
-        for f in files:
-            old, chunk = committed.get(f.path), resumed.get(f.path)
-            if old is not None and old[:2] == (f.size, f.mtime_ns):
-                stats.unchanged += 1
-                continue
-            if old is None:
-                stats.new += 1
-            else:
-                stats.changed += 1
-            if chunk is not None and chunk[:2] == (f.size, f.mtime_ns):
-                stats.resumed += 1  # embedded by an interrupted run
-            else:
-                todo.append(f)
-        present = {f.path for f in files}
-        stats.deleted = sum(1 for path in committed if path not in present)
-        log(
-            f"{image_root}: {len(files)} images; {stats.unchanged} unchanged, {stats.new} new, {stats.changed} "
-            f"changed, {stats.deleted} deleted; {stats.resumed} of those embedded by an interrupted run; embedding "
-            f"{len(todo)} on {world} process(es)"
-        )
-        barrier()  # every rank has read the same committed state and chunks before anyone writes
+        # Rank 0 scans and plans; the others get the files to embed, so that all ranks shard one and the same list.
+        plan = _plan(model, config, source, image_root, index_dir) if is_main_process() else None
+        identity, todo, stats = _broadcast(plan[:3] if plan else None)
         start, end = shard_range(len(todo), rank, world)
+        pending_dir = os.path.join(index_dir, PENDING)
         buffer, written = [], 0
 
         def flush() -> None:
@@ -324,6 +293,7 @@ def build_index(
         stats.embedded = end - start
         barrier()
         if is_main_process():
+            manifest, files, committed = plan[3:]
             _commit(index_dir, manifest, identity, config, image_root, files, committed, stats)
         barrier()
         result = read_manifest(index_dir)
@@ -333,6 +303,54 @@ def build_index(
     finally:
         if lock is not None:
             lock.close()
+
+
+def _plan(model: BlipRetrieval, config: dict, source: str | None, image_root: str, index_dir: str) -> tuple:
+    """Rank 0: check the model, scan the folder, compare with the index and the chunks. Returns (identity, files
+    to embed, stats) for every rank, then (manifest, files found, committed entries) for the commit."""
+    identity = model_identity(model, config, source)
+    manifest = read_manifest(index_dir)
+    if manifest is not None:
+        check_same_model(manifest, identity, index_dir)
+        if manifest["image_root"] != image_root:
+            raise SearchIndexError(
+                f"the index {index_dir} covers {manifest['image_root']}, not {image_root}; "
+                f"use another index folder for another image folder"
+            )
+    files, skipped = scan_image_folder(image_root)
+    committed = _committed_entries(index_dir, manifest)
+    resumed = _read_chunks(os.path.join(index_dir, PENDING), identity["id"])
+    todo, stats = [], IndexStats(skipped=skipped)
+    for f in files:
+        old, chunk = committed.get(f.path), resumed.get(f.path)
+        if old is not None and old[:2] == (f.size, f.mtime_ns):
+            stats.unchanged += 1
+            continue
+        if old is None:
+            stats.new += 1
+        else:
+            stats.changed += 1
+        if chunk is not None and chunk[:2] == (f.size, f.mtime_ns):
+            stats.resumed += 1  # embedded by an interrupted run
+        else:
+            todo.append(f)
+    present = {f.path for f in files}
+    stats.deleted = sum(1 for path in committed if path not in present)
+    log(
+        f"{image_root}: {len(files)} images; {stats.unchanged} unchanged, {stats.new} new, {stats.changed} "
+        f"changed, {stats.deleted} deleted; {stats.resumed} of those embedded by an interrupted run; embedding "
+        f"{len(todo)} on {get_world_size()} process(es)"
+    )
+    return identity, todo, stats, manifest, files, committed
+
+
+def _broadcast(obj):
+    """Rank 0's object on every rank (identity in a single process)."""
+    if get_world_size() == 1:
+        return obj
+    holder = [obj]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def _lock(index_dir: str):
