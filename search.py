@@ -124,6 +124,8 @@ def run_serve(args: argparse.Namespace) -> None:
     searcher = load_searcher(args)
     server = make_server(searcher, args.host, args.port)
     host, port = server.server_address[:2]
+    if host not in ("127.0.0.1", "::1", "localhost"):
+        log(f"warning: listening on {host}: anyone who can reach this machine can search and view these photos")
     log(
         f"serving {len(searcher.index)} images from {searcher.index.image_root} at http://{host}:{port}/ (Ctrl-C stops)"
     )
