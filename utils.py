@@ -79,6 +79,11 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "tensorboard": False,  # also write TensorBoard scalars
     "vit_layer_norm_eps": 1e-6,  # ViT LayerNorm eps: 1e-6 official; HF BLIP directories set their own (1e-5)
     "drop_path_rate": None,  # ViT stochastic depth; None = official default (0 for base, 0.1 for large)
+    # CLIP beside BLIP (models/clip.py): the model family, and which CLIP. image_size is then the model's own.
+    "model": "blip",  # blip | clip (a dual encoder ranked by ITC alone: no ITM re-ranking, trained with InfoNCE)
+    "clip_model": "",  # open_clip architecture (ViT-B-16, ViT-L-14-quickgelu or a model-config .json); "" = HF dir
+    "clip_pretrained_tag": "",  # open_clip: tag the `pretrained` file was published under (openai, ...) or custom
+    "clip_context_length": 77,  # CLIP text context in tokens (longer captions are truncated, end token kept)
 }
 
 
@@ -119,6 +124,7 @@ _ENUMS: dict[str, tuple[str, ...]] = {
     "autocontrast": ("official", "fixed"),
     "vit": ("base", "large"),
     "vit_ckpt_layer": ("auto",),
+    "model": ("blip", "clip"),
 }
 # Inclusive (low, high) bounds; None = unbounded.
 _BOUNDS: dict[str, tuple[float | None, float | None]] = {
@@ -137,6 +143,7 @@ _BOUNDS: dict[str, tuple[float | None, float | None]] = {
             "eval_every",
             "grad_accum_steps",
             "log_every",
+            "clip_context_length",
         )
     },
     **{

@@ -30,6 +30,7 @@ from utils import DEFAULT_CONFIG, ConfigError, load_config
 CPU = torch.device("cpu")
 RECALL_KEYS = ["txt_r1", "txt_r5", "txt_r10", "txt_r_mean", "img_r1", "img_r5", "img_r10", "img_r_mean", "r_mean"]
 RANK_KEYS = ["txt_medr", "txt_meanr", "img_medr", "img_meanr"]
+RPREC_KEYS = ["txt_rprec", "img_rprec"]  # R-Precision (issue 15), added beside the official keys
 TIME_KEYS = ["time_text_features", "time_image_features", "time_itc", "time_rerank", "time_total"]
 # patch 8 at 32 px: 16 patches + CLS, so cross-attention has more than a handful of image tokens.
 VIT = {"width": 48, "depth": 2, "heads": 2, "patch_size": 8}
@@ -184,7 +185,7 @@ def test_compute_metrics_hand_computed():
     assert m["img_medr"] == pytest.approx(2.0)
     assert m["img_meanr"] == pytest.approx(25 / 12)
     assert m["r_mean"] == pytest.approx((75.0 + (100.0 * 4 / 12 + 200.0) / 3) / 2)
-    assert set(m) == set(RECALL_KEYS + RANK_KEYS)
+    assert set(m) == set(RECALL_KEYS + RANK_KEYS + RPREC_KEYS)
 
 
 def _official_ranks(scores: np.ndarray, gts: list[list[int]]) -> np.ndarray:
