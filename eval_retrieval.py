@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> dict:
     model.to(dist_info.device)
     dataset = create_dataset(config, args.split, dataset_transform(model, train=False))
     ranking = (
-        "ITC only (no ITM head)" if not model.has_itm else f"k_test {config['k_test']}, eval_mode {config['eval_mode']}"
+        "ranked by ITC cosine alone (no ITM head)"
+        if not model.has_itm
+        else f"k_test {config['k_test']}, eval_mode {config['eval_mode']}"
     )
     log(
         f"evaluating {args.split}: {len(dataset.image)} images, {len(dataset.text)} texts, {ranking}, "

@@ -70,10 +70,11 @@ def format_metrics_table(metrics: dict) -> str:
     """Paper-style recall table: TR (image->text) and IR (text->image) at R@1/5/10, plus r_mean.
 
     When the metrics also hold the ITC-only recalls (`itc_*` keys, written by every evaluation), they are shown
-    first, beside the re-ranked ones, so the table says what ITM re-ranking adds.
+    first, beside the re-ranked ones, so the table says what ITM re-ranking adds (not for an ITC-only model).
     """
     columns = [("ITM re-ranked", "")]
-    if "itc_txt_r1" in metrics:
+    # A dual encoder (eval_mode itc, e.g. CLIP) has one ranking: its itc_* keys repeat the main ones.
+    if "itc_txt_r1" in metrics and metrics.get("eval_mode") != "itc":
         columns.insert(0, ("ITC only", "itc_"))
 
     def recall(key: str, prefix: str, k: int) -> float:

@@ -25,11 +25,13 @@ from models.clip import (
     ClipCheckpointError,
     ClipRetrieval,
     check_activation,
+    clip_contrastive_loss,
     dataset_transform,
     expected_quick_gelu,
     load_clip_model,
 )
 from tests.clip_helpers import clip_config, save_open_clip_checkpoint, write_hf_clip_dir, write_open_clip_config
+from tests.dist_helpers import run_distributed
 from utils import ConfigError, save_config
 
 
@@ -86,7 +88,9 @@ def test_hf_similarities_equal_transformers_clipmodel(files):
 
     config = _hf_config(files)
     model = load_clip_model(config)
-    result = evaluate(model, create_dataset(config, "test", dataset_transform(model, False)), config, torch.device("cpu"))
+    result = evaluate(
+        model, create_dataset(config, "test", dataset_transform(model, False)), config, torch.device("cpu")
+    )
     images, captions = _test_images(files)
     reference = CLIPModel.from_pretrained(files["hf_dir"]).eval()
     processor = CLIPProcessor.from_pretrained(files["hf_dir"])
@@ -105,7 +109,9 @@ def test_open_clip_similarities_equal_open_clip(files):
 
     config = _oc_config(files)
     model = load_clip_model(config)
-    result = evaluate(model, create_dataset(config, "test", dataset_transform(model, False)), config, torch.device("cpu"))
+    result = evaluate(
+        model, create_dataset(config, "test", dataset_transform(model, False)), config, torch.device("cpu")
+    )
     reference, _, preprocess = open_clip.create_model_and_transforms("tiny-clip-qg", pretrained=files["oc_ckpt"])
     reference.eval()
     tokenizer = open_clip.get_tokenizer("tiny-clip-qg")
@@ -223,12 +229,15 @@ def test_bad_sources_give_clear_errors(files, tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["hf", "open_clip"])
-def test_eval_cli_with_clip(files, backend, tmp_path):
+def test_eval_cli_with_clip(files, backend, tmp_path, capsys):
     config = _hf_config(files) if backend == "hf" else _oc_config(files)
     path = str(tmp_path / "clip.yaml")
     save_config(config, path)
     out = str(tmp_path / "out")
     metrics = eval_retrieval.main(["--config", path, "--output-dir", out, "--save-scores"])
+    printed = capsys.readouterr().out
+    assert "ITM re-ranked" not in printed and "ITC only" not in printed  # one ranking, one column
+    assert "R-Precision" in printed
     with open(os.path.join(out, "metrics_test.json")) as f:
         written = json.load(f)
     assert written["k_test"] == 0 and written["eval_mode"] == "itc" and written["time_rerank"] == 0
@@ -272,7 +281,9 @@ def test_contrastive_loss_is_symmetric_infonce(files):
     with torch.no_grad():
         logits = model.logit_scale.exp() * model.similarity(images, captions)
     labels = torch.arange(4)
-    expected = (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.t(), labels)) / 2
+    expected = (
+        torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.t(), labels)
+    ) / 2
     assert out["loss_ita"].item() == pytest.approx(float(expected), rel=1e-5)
     assert float(out["loss_itm"]) == 0 and math.isnan(float(out["itm_acc_pos"]))
 
@@ -339,3 +350,33 @@ def test_a_blip_checkpoint_given_to_clip_is_refused(files, tmp_path):
     torch.save({"model": {}, "config": {"model": "blip"}}, path)
     with pytest.raises(ClipCheckpointError, match="checkpoint of model 'blip', not clip"):
         load_clip_model(_hf_config(files), path)
+
+
+def _dist_loss_body(rank: int, world_size: int, image: torch.Tensor, text: torch.Tensor) -> dict:
+    rows = len(image) // world_size
+    local_image = image[rank * rows : (rank + 1) * rows].clone().requires_grad_(True)
+    local_text = text[rank * rows : (rank + 1) * rows].clone().requires_grad_(True)
+    scale = torch.tensor(10.0, requires_grad=True)
+    loss = clip_contrastive_loss(local_image, local_text, scale)
+    loss.backward()
+    return {
+        "loss": loss.detach(),
+        "image_grad": local_image.grad,
+        "text_grad": local_text.grad,
+        "scale_grad": scale.grad,
+    }
+
+
+def test_contrastive_loss_over_two_processes_equals_one_process_on_the_global_batch():
+    """Each rank scores its own rows against the gathered global batch; after DDP's gradient averaging this is the
+    single-process loss on the whole batch: same loss (mean over ranks) and same gradients."""
+    gen = torch.Generator().manual_seed(3)
+    image = torch.nn.functional.normalize(torch.randn(8, 16, generator=gen), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(8, 16, generator=gen), dim=-1)
+    results = run_distributed(_dist_loss_body, 2, image, text, timeout_s=120)
+    single = _dist_loss_body(0, 1, image, text)
+    assert float(sum(r["loss"] for r in results) / 2) == pytest.approx(float(single["loss"]), rel=1e-6)
+    # DDP averages parameter gradients over the 2 ranks; the features' gradients flow into the parameters.
+    torch.testing.assert_close(torch.cat([r["image_grad"] for r in results]) / 2, single["image_grad"])
+    torch.testing.assert_close(torch.cat([r["text_grad"] for r in results]) / 2, single["text_grad"])
+    torch.testing.assert_close(sum(r["scale_grad"] for r in results) / 2, single["scale_grad"])
