@@ -223,6 +223,7 @@ def model_info(model: BlipRetrieval | ClipRetrieval, config: dict) -> dict:
     return {
         "model": "blip",
         "name": f"BLIP ViT-{config['vit']}" if isinstance(config["vit"], str) else "BLIP (custom ViT)",
+        "activation": "gelu",  # BLIP's ViT and BERT
         "image_size": config["image_size"],
         "context_length": config["max_length"],
     }

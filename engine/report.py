@@ -239,21 +239,39 @@ def recall_curves(runs: list[Run], path: str) -> None:
     plt.close(fig)
 
 
+def rank_buckets(largest: int) -> list[tuple[str, int, int]]:
+    """Labelled inclusive rank ranges covering 1..largest, upper bounds on the 1-2-5 series: 1, 2, 3-5, 6-10,
+    11-20, 21-50, 51-100, 101-200, ..."""
+    bounds, bound = [1], 2
+    while bounds[-1] < largest:
+        bounds.append(bound)
+        bound = bound * 5 // 2 if str(bound)[0] == "2" else bound * 2  # 2 -> 5 -> 10 -> 20 -> 50 -> 100 ...
+    buckets, low = [], 1
+    for high in bounds:
+        high = min(high, largest)
+        buckets.append((str(low) if low == high else f"{low}-{high}", low, high))
+        low = high + 1
+    return buckets
+
+
 def rank_histograms(runs: list[Run], path: str) -> None:
-    """Histogram of the ground-truth rank per query (log-spaced bins), one outline per run, both directions."""
+    """Share of queries whose ground truth lands in each rank range (1, 2, 3-5, 6-10, ...), grouped bars per run,
+    both directions. Ranges rather than log bins, so a bar's height never depends on its width."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
     for ax, key, title in ((axes[0], "t2i_rank", "text -> image"), (axes[1], "i2t_rank", "image -> text")):
-        largest = max(int(np.max(run.ranks[key])) for run in runs)
-        bins = np.unique(np.geomspace(1, largest + 1, num=min(largest + 1, 25)).astype(int))
-        if len(bins) < 2:
-            bins = np.array([1, 2])
-        for run in runs:
-            ax.hist(np.asarray(run.ranks[key]), bins=bins, histtype="step", linewidth=1.8, label=run.name)
-        ax.set_xscale("log")
+        n = runs[0].t2i.shape[1] if key == "t2i_rank" else runs[0].t2i.shape[0]
+        buckets = rank_buckets(n)
+        width = 0.8 / len(runs)
+        for j, run in enumerate(runs):
+            ranks = np.asarray(run.ranks[key])
+            shares = [100.0 * float(np.mean((ranks >= lo) & (ranks <= hi))) for _, lo, hi in buckets]
+            ax.bar(np.arange(len(buckets)) + (j - (len(runs) - 1) / 2) * width, shares, width, label=run.name)
+        ax.set_xticks(np.arange(len(buckets)), [label for label, _, _ in buckets], rotation=30)
         ax.set_xlabel("rank of the ground truth (1 = first)")
-        ax.set_ylabel("queries")
-        ax.set_title(f"{title}: rank histogram")
+        ax.set_ylabel("queries (%)")
+        ax.set_title(f"{title}: where the ground truth ranks")
+        ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

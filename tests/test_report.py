@@ -14,7 +14,7 @@ from PIL import Image
 import compare_retrieval
 import eval_retrieval
 from data.synthetic import config_keys, make_synthetic_dataset
-from engine.report import bucket_names, caption_phenomena, phenomenon_buckets
+from engine.report import bucket_names, caption_phenomena, phenomenon_buckets, rank_buckets
 from tests.clip_helpers import clip_config, save_open_clip_checkpoint, write_open_clip_config
 from tests.helpers import synthetic_config
 from utils import UserError, save_config
@@ -122,3 +122,20 @@ def test_report_errors_name_the_missing_file_and_the_mismatch(runs, tmp_path):
     json.dump(index, open(other / "index_test.json", "w"))
     with pytest.raises(UserError, match="evaluated different data"):
         compare_retrieval.main([runs["clip"], str(other), "--output-dir", str(tmp_path / "r")])
+
+
+def test_rank_ranges_cover_every_rank_once():
+    assert [label for label, _, _ in rank_buckets(250)] == [
+        "1",
+        "2",
+        "3-5",
+        "6-10",
+        "11-20",
+        "21-50",
+        "51-100",
+        "101-200",
+        "201-250",
+    ]
+    for largest in (1, 2, 3, 7, 50, 1000, 5000):
+        covered = [r for _, lo, hi in rank_buckets(largest) for r in range(lo, hi + 1)]
+        assert covered == list(range(1, largest + 1))
