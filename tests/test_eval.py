@@ -21,7 +21,7 @@ import eval_retrieval
 from data import DataError, create_dataset
 from data.synthetic import make_synthetic_dataset
 from engine import evaluation, features, itm_rerank
-from engine.metrics import compute_metrics, format_metrics_table
+from engine.metrics import compute_metrics, format_metrics_table, query_ranks
 from models.blip_retrieval import build_model
 from tests.dist_helpers import run_distributed
 from tests.helpers import TINY_MED, spread_weights, synthetic_config
@@ -604,12 +604,18 @@ def test_cli_end_to_end(cli_files, model, test_ds, config, tmp_path):
     }
 
     scores = np.load(os.path.join(out, "scores_test.npz"))
-    assert set(scores.files) == {"i2t", "t2i"}
+    # The matrices, and (issue 15) the per-query ranks and R-Precision behind the metrics.
+    assert set(scores.files) == {"i2t", "t2i", "i2t_rank", "i2t_rprec", "t2i_rank"}
+    ranks = query_ranks(scores["i2t"], scores["t2i"], test_ds.txt2img, test_ds.img2txt)
+    for key, value in ranks.items():
+        np.testing.assert_array_equal(scores[key], value, err_msg=key)
+    with open(os.path.join(out, "index_test.json")) as f:
+        assert json.load(f)["texts"] == test_ds.text
     i2t, t2i = scores["i2t"], scores["t2i"]
     assert i2t.shape == (12, 60) and t2i.shape == (60, 12)
     assert i2t.dtype == np.float32 and t2i.dtype == np.float32
     recomputed = compute_metrics(i2t, t2i, test_ds.txt2img, test_ds.img2txt)
-    for key in RECALL_KEYS + RANK_KEYS:
+    for key in RECALL_KEYS + RANK_KEYS + RPREC_KEYS:
         assert recomputed[key] == metrics[key], key  # exactly: the saved matrices ARE the metrics' input
 
     # The checkpoint really was loaded: same scores as evaluating the in-memory model directly.
