@@ -380,3 +380,19 @@ def test_contrastive_loss_over_two_processes_equals_one_process_on_the_global_ba
     torch.testing.assert_close(torch.cat([r["image_grad"] for r in results]) / 2, single["image_grad"])
     torch.testing.assert_close(torch.cat([r["text_grad"] for r in results]) / 2, single["text_grad"])
     torch.testing.assert_close(sum(r["scale_grad"] for r in results) / 2, single["scale_grad"])
+
+
+def _dist_eval_body(rank: int, world_size: int, config: dict) -> tuple:
+    model = load_clip_model(config)
+    dataset = create_dataset(config, "test", dataset_transform(model, False))
+    result = evaluate(model, dataset, config, torch.device("cpu"))
+    return result.scores_i2t, {k: v for k, v in result.metrics.items() if not k.startswith("time_")}
+
+
+def test_distributed_clip_evaluation_matches_one_process(files):
+    """Texts and images sharded over 2 processes, features gathered: the same scores and metrics on every rank."""
+    config = _oc_config(files)
+    single_scores, single_metrics = _dist_eval_body(0, 1, config)
+    for scores, metrics in run_distributed(_dist_eval_body, 2, config, timeout_s=180):
+        np.testing.assert_allclose(scores, single_scores, atol=1e-5, rtol=0)
+        assert metrics == single_metrics
