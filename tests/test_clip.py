@@ -396,3 +396,22 @@ def test_distributed_clip_evaluation_matches_one_process(files):
     for scores, metrics in run_distributed(_dist_eval_body, 2, config, timeout_s=180):
         np.testing.assert_allclose(scores, single_scores, atol=1e-5, rtol=0)
         assert metrics == single_metrics
+
+
+def test_clip_training_resumes_exactly(files, tmp_path):
+    """One epoch + --resume for a second equals two epochs straight (weights loaded strictly from
+    checkpoint_last.pth, optimizer and RNG restored; fp32 on CPU, no workers)."""
+    config = _oc_config(files, batch_size_train=8, max_epoch=2, init_lr=5e-4, log_every=1, eval_every=1)
+    path = str(tmp_path / "clip.yaml")
+    save_config(config, path)
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    train_retrieval.main(["--config", path, "--output-dir", straight])
+    train_retrieval.main(["--config", path, "--output-dir", resumed, "--options", "max_epoch=1"])
+    train_retrieval.main(["--config", path, "--output-dir", resumed, "--resume"])
+    log = [json.loads(line) for line in open(os.path.join(resumed, "log.jsonl"))]
+    assert any(r.get("event") == "resume" and r["start_epoch"] == 1 for r in log)
+    a = torch.load(os.path.join(straight, "checkpoint_last.pth"), weights_only=True)["model"]
+    b = torch.load(os.path.join(resumed, "checkpoint_last.pth"), weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
