@@ -143,7 +143,6 @@ _BOUNDS: dict[str, tuple[float | None, float | None]] = {
             "eval_every",
             "grad_accum_steps",
             "log_every",
-            "clip_context_length",
         )
     },
     **{
@@ -161,6 +160,7 @@ _BOUNDS: dict[str, tuple[float | None, float | None]] = {
     },
     **{k: (0, 1) for k in ("alpha", "momentum", "drop_path_rate")},
     "min_scale": (1e-3, 1),
+    "clip_context_length": (1, None),
 }
 _VIT_KEYS: dict[str, tuple[type, ...]] = {
     "width": (int,),
