@@ -6,9 +6,10 @@ k_test, R@1/5/10 both ways (engine/evaluation.py does the work).
     torchrun --nproc_per_node=8 eval_retrieval.py ...          (queries sharded across processes)
 
 Writes DIR/config.yaml (resolved), DIR/metrics_<split>.json (recalls, ranks, the ITC-only metrics, timings) and
-with --save-scores DIR/scores_<split>.npz (the exact i2t and t2i matrices behind the metrics). `eval_mode:
-official` runs the reference re-ranking instead of the fast one; `eval_amp: bf16` evaluates in bf16 (fp32, the
-official numerics, by default).
+with --save-scores DIR/scores_<split>.npz (the exact i2t and t2i matrices behind the metrics, and the per-query
+ranks) and DIR/index_<split>.json (image paths and captions, for compare_retrieval.py). `eval_mode: official` runs
+the reference re-ranking instead of the fast one; `eval_amp: bf16` evaluates in bf16 (fp32, the official numerics,
+by default). With `model: clip` (configs/clip_*.yaml) a CLIP model is ranked by ITC alone (models/clip.py).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import argparse
 import os
 
 from data import create_dataset
-from engine.evaluation import evaluate, write_eval_outputs
+from engine.evaluation import evaluate, model_info, write_eval_outputs
 from engine.metrics import format_metrics_table
 from models.checkpoint import load_model
+from models.clip import dataset_transform
 from utils import init_distributed, is_main_process, load_config, log, run_cli, save_config
 
 
@@ -53,21 +55,27 @@ def main(argv: list[str] | None = None) -> dict:
         log("warning: no --checkpoint and no `pretrained` in the config: evaluating randomly initialised weights")
     model, _ = load_model(config, source)
     model.to(dist_info.device)
-    dataset = create_dataset(config, args.split)
+    dataset = create_dataset(config, args.split, dataset_transform(model, train=False))
+    ranking = (
+        "ranked by ITC cosine alone (no ITM head)"
+        if not model.has_itm
+        else f"k_test {config['k_test']}, eval_mode {config['eval_mode']}"
+    )
     log(
-        f"evaluating {args.split}: {len(dataset.image)} images, {len(dataset.text)} texts, k_test {config['k_test']}, "
-        f"eval_mode {config['eval_mode']}, {dist_info.world_size} process(es) on {dist_info.device}"
+        f"evaluating {args.split}: {len(dataset.image)} images, {len(dataset.text)} texts, {ranking}, "
+        f"{dist_info.world_size} process(es) on {dist_info.device}"
     )
     result = evaluate(model, dataset, config, dist_info.device, desc=args.split)
     if is_main_process():
         os.makedirs(output_dir, exist_ok=True)
         save_config(config, os.path.join(output_dir, "config.yaml"))
-        write_eval_outputs(result, output_dir, args.split, args.save_scores, extra={"checkpoint": source})
+        extra = {"checkpoint": source, "model_info": model_info(model, config)}
+        write_eval_outputs(result, output_dir, args.split, args.save_scores, extra=extra, dataset=dataset)
         m = result.metrics
         print(format_metrics_table(m))
         print(
             f"median rank  TR {m['txt_medr']:.1f}  IR {m['img_medr']:.1f}   mean rank  TR {m['txt_meanr']:.1f}  "
-            f"IR {m['img_meanr']:.1f}"
+            f"IR {m['img_meanr']:.1f}   R-Precision  TR {m['txt_rprec']:.1f}  IR {m['img_rprec']:.1f}"
         )
         print(
             f"time: text features {m['time_text_features']:.1f}s, image features {m['time_image_features']:.1f}s, "

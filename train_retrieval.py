@@ -45,6 +45,7 @@ from engine.training import (
 )
 from models.blip_retrieval import BlipRetrieval, check_queue_size
 from models.checkpoint import CheckpointError, load_model, load_state_dict_checked
+from models.clip import dataset_transform, load_clip_state
 from models.hf_blip import is_hf_directory
 from utils import ConfigError, JsonlLogger, is_main_process, log
 
@@ -145,7 +146,7 @@ class TrainingRun:
 def check_run(args: argparse.Namespace, config: dict, info: utils.DistInfo) -> str | None:
     """Refuse contradictory or unsafe runs before anything is built. Returns the checkpoint to resume from."""
     resume_path = resolve_resume(args.output_dir, args.resume, args.evaluate)
-    if not args.evaluate:
+    if not args.evaluate and config["model"] == "blip":  # CLIP has no queue
         try:
             check_queue_size(config["queue_size"], config["batch_size_train"] * info.world_size)
         except ValueError as err:
@@ -174,7 +175,9 @@ def build_run(
     model, report = load_model(config, source)
     if report is not None and report.config_updates:
         config.update(report.config_updates)  # an HF directory fixes the architecture (e.g. image_size)
-    if ckpt:
+    if ckpt and config["model"] == "clip":
+        load_clip_state(model, ckpt["model"], resume_path)  # strict: every key must match
+    elif ckpt:
         # The checked loader raises on any shape mismatch (architecture changed) and names the differing keys.
         report = load_state_dict_checked(model, ckpt["model"], resume_path)
         if report.missing or report.unexpected or report.expected_missing or report.expected_mismatched:
@@ -188,7 +191,7 @@ def build_run(
     datasets = {}
     for split in ("val", "test"):
         if has_split(config, split):
-            datasets[split] = create_dataset(config, split)
+            datasets[split] = create_dataset(config, split, dataset_transform(model, train=False))
         else:
             log(f"no {split} split configured (dataset custom without {split}_file): skipping {split} evaluation")
     return TrainingRun(config, info, out_dir, model, datasets, JsonlLogger(os.path.join(out_dir, "log.jsonl")), tb)
@@ -197,7 +200,7 @@ def build_run(
 def build_training(run: TrainingRun) -> None:
     """The training data, optimizer, grad scaler, DDP wrapper and compilation, in that order."""
     config, info, model = run.config, run.info, run.model
-    train_set = create_dataset(config, "train")
+    train_set = create_dataset(config, "train", dataset_transform(model, train=True))
     # DistributedSampler with explicit replicas/rank needs no process group, and its order is a pure function
     # of (seed, epoch): the same code serves one process and N, and a resumed epoch sees the same batches.
     run.sampler = DistributedSampler(
@@ -208,6 +211,8 @@ def build_training(run: TrainingRun) -> None:
         model.visual_encoder.ckpt_layer = choose_vit_ckpt_layers(model, config, info.device)
         run.jsonl.log({"event": "vit_ckpt_layer_auto", "blocks": model.visual_encoder.ckpt_layer})
     params = [p for p in model.parameters() if p.requires_grad]  # momentum encoders have requires_grad False
+    if config["model"] == "clip":  # open_clip's rule: no weight decay on gains, biases and the logit scale
+        params = model.optimizer_groups(config["weight_decay"])
     run.optimizer = torch.optim.AdamW(
         params, lr=config["init_lr"], weight_decay=config["weight_decay"], fused=info.device.type == "cuda" or None
     )

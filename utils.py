@@ -84,6 +84,11 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "search_chunk_images": 1024,  # images per crash-safe chunk file while indexing (work lost to a kill)
     "search_block_rows": 65536,  # index rows per block of the exact ITC top-k (memory per block, not per index)
     "search_cache_images": 512,  # image tokens kept for re-ranking (LRU; ViT-B at 384 px: 0.9 MB each in bf16)
+    # CLIP beside BLIP (models/clip.py): the model family, and which CLIP. image_size is then the model's own.
+    "model": "blip",  # blip | clip (a dual encoder ranked by ITC alone: no ITM re-ranking, trained with InfoNCE)
+    "clip_model": "",  # open_clip architecture (ViT-B-16, ViT-L-14-quickgelu or a model-config .json); "" = HF dir
+    "clip_pretrained_tag": "",  # open_clip: tag the `pretrained` file was published under (openai, ...) or custom
+    "clip_context_length": 77,  # CLIP text context in tokens (longer captions are truncated, end token kept)
 }
 
 
@@ -125,6 +130,7 @@ _ENUMS: dict[str, tuple[str, ...]] = {
     "vit": ("base", "large"),
     "vit_ckpt_layer": ("auto",),
     "search_feature_dtype": ("float16", "float32"),
+    "model": ("blip", "clip"),
 }
 # Inclusive (low, high) bounds; None = unbounded.
 _BOUNDS: dict[str, tuple[float | None, float | None]] = {
@@ -163,6 +169,7 @@ _BOUNDS: dict[str, tuple[float | None, float | None]] = {
     },
     **{k: (0, 1) for k in ("alpha", "momentum", "drop_path_rate")},
     "min_scale": (1e-3, 1),
+    "clip_context_length": (1, None),
 }
 _VIT_KEYS: dict[str, tuple[type, ...]] = {
     "width": (int,),

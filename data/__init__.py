@@ -109,8 +109,11 @@ def annotation_path(config: dict[str, Any], split: str, download: bool = True, u
     return path
 
 
-def create_dataset(config: dict[str, Any], split: str) -> Dataset:
-    """Build the train dataset (augmented) for split 'train', else the eval dataset for 'val'/'test'."""
+def create_dataset(config: dict[str, Any], split: str, transform: Any = None) -> Dataset:
+    """Build the train dataset (augmented) for split 'train', else the eval dataset for 'val'/'test'.
+
+    `transform`: the model's own image transform (a CLIP model's, models/clip.py `dataset_transform`); None builds
+    BLIP's from the config keys."""
     _check_split(split)
     for key in ("image_root", "image_size"):
         if key not in config:
@@ -119,9 +122,11 @@ def create_dataset(config: dict[str, Any], split: str) -> Dataset:
     max_words = int(config["max_words"])
     size = int(config["image_size"])
     if split == "train":
-        transform = train_transform(size, min_scale=float(config["min_scale"]), autocontrast=config["autocontrast"])
+        if transform is None:
+            transform = train_transform(size, min_scale=float(config["min_scale"]), autocontrast=config["autocontrast"])
         return RetrievalTrainDataset(ann_file, config["image_root"], transform, max_words=max_words)
-    return RetrievalEvalDataset(ann_file, config["image_root"], test_transform(size), max_words=max_words)
+    transform = test_transform(size) if transform is None else transform
+    return RetrievalEvalDataset(ann_file, config["image_root"], transform, max_words=max_words)
 
 
 def create_loader(

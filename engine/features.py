@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from data import create_loader
 from models.blip_retrieval import BlipRetrieval
+from models.clip import ClipRetrieval
 from utils import autocast, autocast_dtype, log
 
 TEXT_BATCH = 256  # texts per ITC text-encoder batch (official value)
@@ -153,3 +154,37 @@ def image_features(
     if device.type == "cuda" and keep_on.type == "cpu":
         tokens = tokens.pin_memory()  # asynchronous chunk copies while re-ranking
     return tokens, torch.cat(feats).float()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dual encoders without ITM (models/clip.py): unit ITC vectors only, each model with its own tokenizer and transform
+# ----------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def clip_text_features(
+    model: ClipRetrieval, texts: list[str], device: torch.device, config: dict, show_progress: bool = False
+) -> torch.Tensor:
+    """Unit text vectors (N, embed_dim), float32, in TEXT_BATCH batches (the model's tokenizer, context length
+    and truncation)."""
+    feats = torch.zeros(len(texts), model.embed_dim, device=device)
+    starts = range(0, len(texts), TEXT_BATCH)
+    for start in tqdm(starts, desc="text features", disable=not show_progress):
+        ids, mask = model.tokenize(texts[start : start + TEXT_BATCH], device)
+        with eval_autocast(device, config):
+            feats[start : start + len(ids)] = model.encode_text(ids, mask)
+    return feats
+
+
+@torch.no_grad()
+def clip_image_features(
+    model: ClipRetrieval, dataset, device: torch.device, config: dict, indices: range, show_progress: bool = False
+) -> torch.Tensor:
+    """Unit image vectors (len(indices), embed_dim), float32; the dataset carries the model's own transform."""
+    subset = torch.utils.data.Subset(dataset, list(indices))
+    loader = create_loader(subset, config["batch_size_test"], config["num_workers"], is_train=False)
+    feats = [torch.zeros(0, model.embed_dim, device=device)]  # a rank whose shard is empty
+    for images, _ in tqdm(loader, desc="image features", disable=not show_progress):
+        with eval_autocast(device, config):
+            feats.append(model.encode_image(images.to(device, non_blocking=True)))
+    return torch.cat(feats).float()

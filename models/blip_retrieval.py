@@ -101,6 +101,8 @@ TEXT_COMPUTE = ("trimmed", "static", "official")  # BlipRetrieval.forward `text_
 
 
 class BlipRetrieval(nn.Module):
+    has_itm = True  # the evaluator re-ranks with itm_logits (models/clip.py: False)
+
     def __init__(
         self,
         med_config: MedConfig,

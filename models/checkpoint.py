@@ -567,11 +567,16 @@ def load_model(
 ) -> tuple[BlipRetrieval, LoadReport | None]:
     """Build the retrieval model for `config` and load `source` into it (the entry point of train and eval).
 
+    With `model: clip` the CLIP loader does it all (models/clip.py load_clip_model; None / '' = `pretrained`).
     `source`: an HF directory (architecture and tokenizer from it; see load_hf_directory), a .pth path or http(s)
     URL (model from `config`, then load_checkpoint), or None / '' for a randomly initialised model (report None).
     For an HF directory, `config` is updated in place with the directory's architecture keys (vit, image_size,
     med_config, text_encoder, ...) so that transforms and the saved config.yaml match the loaded model.
     """
+    if config["model"] == "clip":  # a CLIP dual encoder: its own sources and loader (models/clip.py)
+        from models.clip import load_clip_model
+
+        return load_clip_model(config, source or None), None
     if not source:
         return build_model(config), None
     if is_url(source):

@@ -21,7 +21,7 @@ import eval_retrieval
 from data import DataError, create_dataset
 from data.synthetic import make_synthetic_dataset
 from engine import evaluation, features, itm_rerank
-from engine.metrics import compute_metrics, format_metrics_table
+from engine.metrics import compute_metrics, format_metrics_table, query_ranks
 from models.blip_retrieval import build_model
 from tests.dist_helpers import run_distributed
 from tests.helpers import TINY_MED, spread_weights, synthetic_config
@@ -30,6 +30,7 @@ from utils import DEFAULT_CONFIG, ConfigError, load_config
 CPU = torch.device("cpu")
 RECALL_KEYS = ["txt_r1", "txt_r5", "txt_r10", "txt_r_mean", "img_r1", "img_r5", "img_r10", "img_r_mean", "r_mean"]
 RANK_KEYS = ["txt_medr", "txt_meanr", "img_medr", "img_meanr"]
+RPREC_KEYS = ["txt_rprec", "img_rprec"]  # R-Precision (issue 15), added beside the official keys
 TIME_KEYS = ["time_text_features", "time_image_features", "time_itc", "time_rerank", "time_total"]
 # patch 8 at 32 px: 16 patches + CLS, so cross-attention has more than a handful of image tokens.
 VIT = {"width": 48, "depth": 2, "heads": 2, "patch_size": 8}
@@ -184,7 +185,7 @@ def test_compute_metrics_hand_computed():
     assert m["img_medr"] == pytest.approx(2.0)
     assert m["img_meanr"] == pytest.approx(25 / 12)
     assert m["r_mean"] == pytest.approx((75.0 + (100.0 * 4 / 12 + 200.0) / 3) / 2)
-    assert set(m) == set(RECALL_KEYS + RANK_KEYS)
+    assert set(m) == set(RECALL_KEYS + RANK_KEYS + RPREC_KEYS)
 
 
 def _official_ranks(scores: np.ndarray, gts: list[list[int]]) -> np.ndarray:
@@ -603,12 +604,18 @@ def test_cli_end_to_end(cli_files, model, test_ds, config, tmp_path):
     }
 
     scores = np.load(os.path.join(out, "scores_test.npz"))
-    assert set(scores.files) == {"i2t", "t2i"}
+    # The matrices, and (issue 15) the per-query ranks and R-Precision behind the metrics.
+    assert set(scores.files) == {"i2t", "t2i", "i2t_rank", "i2t_rprec", "t2i_rank"}
+    ranks = query_ranks(scores["i2t"], scores["t2i"], test_ds.txt2img, test_ds.img2txt)
+    for key, value in ranks.items():
+        np.testing.assert_array_equal(scores[key], value, err_msg=key)
+    with open(os.path.join(out, "index_test.json")) as f:
+        assert json.load(f)["texts"] == test_ds.text
     i2t, t2i = scores["i2t"], scores["t2i"]
     assert i2t.shape == (12, 60) and t2i.shape == (60, 12)
     assert i2t.dtype == np.float32 and t2i.dtype == np.float32
     recomputed = compute_metrics(i2t, t2i, test_ds.txt2img, test_ds.img2txt)
-    for key in RECALL_KEYS + RANK_KEYS:
+    for key in RECALL_KEYS + RANK_KEYS + RPREC_KEYS:
         assert recomputed[key] == metrics[key], key  # exactly: the saved matrices ARE the metrics' input
 
     # The checkpoint really was loaded: same scores as evaluating the in-memory model directly.
