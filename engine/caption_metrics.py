@@ -117,9 +117,9 @@ def score_tokenized(
     unavailable = {"spice": SPICE_REASON}
     bleu, _ = Bleu(4).compute_score(references, candidates, verbose=0)
     for n, value in enumerate(bleu, start=1):
-        metrics[f"bleu_{n}"] = 100.0 * value
-    metrics["rouge_l"] = 100.0 * Rouge().compute_score(references, candidates)[0]
-    metrics["cider"] = 100.0 * Cider().compute_score(references, candidates)[0]
+        metrics[f"bleu_{n}"] = 100.0 * float(value)  # plain floats: checkpoints are read with weights_only
+    metrics["rouge_l"] = 100.0 * float(Rouge().compute_score(references, candidates)[0])
+    metrics["cider"] = 100.0 * float(Cider().compute_score(references, candidates)[0])
     if not meteor:
         unavailable["meteor"] = "not requested"
     elif not java_available():
@@ -129,7 +129,7 @@ def score_tokenized(
 
         scorer = Meteor()
         try:
-            metrics["meteor"] = 100.0 * scorer.compute_score(references, candidates)[0]
+            metrics["meteor"] = 100.0 * float(scorer.compute_score(references, candidates)[0])
         finally:
             del scorer  # its __del__ stops the java process
     return metrics, unavailable
