@@ -147,7 +147,7 @@ def run(args: argparse.Namespace, config: dict, info: utils.DistInfo) -> dict:
             improved = bool(utils.all_reduce_sum_(torch.tensor([float(improved)], device=info.device)).item())
             if improved:
                 state.best_epoch, state.best_val = epoch, val
-                if val is not None:
+                if val:  # the metrics exist on the main process only
                     state.best_metric = selection_score(val)
                 if is_main_process():
                     best = {"format": CKPT_FORMAT + "-best", "model": model.state_dict(), "config": config}

@@ -16,6 +16,7 @@ from data.captions import coco_image_id, load_coco_gt
 from data.retrieval import DataError
 from data.synthetic import make_synthetic_dataset
 from engine import caption_metrics, captioning
+from tests.dist_helpers import run_distributed
 from tests.helpers import synthetic_config
 from utils import ConfigError, UserError, save_config
 
@@ -165,3 +166,22 @@ def test_coco_ids_and_ground_truth(tmp_path) -> None:
     gt.write_text(json.dumps([{"image": "x.jpg", "caption": ["a"]}]))
     with pytest.raises(DataError, match="not a COCO caption file"):
         load_coco_gt(str(gt))
+
+
+def _dist_body(rank: int, world_size: int, config_path: str, out_dir: str) -> dict:
+    # RANK/WORLD_SIZE/MASTER_* are set by run_distributed, so init_distributed joins a gloo group itself.
+    result = train_caption.main(["--config", config_path, "--output-dir", out_dir, "--options", "max_epoch=1"])
+    return {k: v.detach().clone() for k, v in result["model"].state_dict().items()}
+
+
+def test_two_process_training_and_sharded_captioning(data: dict, tmp_path) -> None:
+    """DDP keeps the ranks' weights identical, and the captions of the sharded evaluation are those of a
+    single-process evaluation of the same weights, each image once and in order."""
+    out = str(tmp_path / "ddp")
+    states = run_distributed(_dist_body, 2, data["config"], out, init_process_group=False, timeout_s=300)
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    sharded = json.load(open(os.path.join(out, "captions_test.json")))
+    single = tmp_path / "single"
+    _train(data, single, "--evaluate", "--options", f"pretrained={os.path.join(out, 'checkpoint_best.pth')}")
+    assert json.load(open(single / "captions_test.json")) == sharded
+    assert [r["image_id"] for r in sharded] == [f"test/{i:05d}.png" for i in range(8)]
