@@ -127,9 +127,10 @@ def caption_references(config: dict, split: str, dataset: CaptionEvalDataset) ->
 # ----------------------------------------------------------------------------------------------------
 
 
-def list_images(inputs: list[str]) -> tuple[list[str], list[str]]:
-    """(absolute paths, names relative to their folder) of the images in `inputs`: folders (searched recursively
-    for image extensions, sorted) and files. A file is named by its path as given."""
+def list_images(inputs: list[str], root: str | None = None) -> tuple[list[str], list[str]]:
+    """(paths, names) of the images in `inputs`: folders (searched recursively for image extensions, sorted) and
+    files. Images found in a folder are named relative to that folder, or to `root` when given; a file given on its
+    own is named by its path as given (relative to `root` when given)."""
     paths, names = [], []
     for item in inputs:
         if os.path.isdir(item):
@@ -138,10 +139,10 @@ def list_images(inputs: list[str]) -> tuple[list[str], list[str]]:
                 found += [os.path.join(dirpath, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
             for path in sorted(found):
                 paths.append(path)
-                names.append(os.path.relpath(path, item))
+                names.append(os.path.relpath(path, root or item))
         elif os.path.exists(item):
             paths.append(item)
-            names.append(item)
+            names.append(os.path.relpath(item, root) if root else item)
         else:
             raise DataError(f"--images: {item} does not exist")
     if not paths:

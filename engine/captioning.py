@@ -131,3 +131,14 @@ def train_caption_epoch(
     bar.close()
     total = utils.all_reduce_sum_(epoch_sum).item()
     return {"loss": total / (n * get_world_size())}, global_step
+
+
+@torch.no_grad()
+def itm_match_probability(retrieval_model, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    """P(match) of each (image i, caption i) pair from a retrieval model's ITM head ([ENC] first, as in retrieval).
+
+    The CapFilt filter: BLIP keeps a web caption or a generated one when its ITM head calls the pair a match."""
+    image_embeds, _ = retrieval_model.encode_image(images)
+    ids, mask = retrieval_model.tokenize(captions, images.device, pad_to_longest=True)
+    logits = retrieval_model.itm_logits(retrieval_model.with_enc_token(ids), mask, image_embeds)
+    return logits.softmax(dim=-1)[:, 1]

@@ -185,3 +185,33 @@ def test_two_process_training_and_sharded_captioning(data: dict, tmp_path) -> No
     _train(data, single, "--evaluate", "--options", f"pretrained={os.path.join(out, 'checkpoint_best.pth')}")
     assert json.load(open(single / "captions_test.json")) == sharded
     assert [r["image_id"] for r in sharded] == [f"test/{i:05d}.png" for i in range(8)]
+
+
+def test_capfilt_writes_retrieval_training_records(data: dict, straight: str, tmp_path) -> None:
+    from data.retrieval import RetrievalTrainDataset
+    from models.blip_retrieval import build_model
+    from utils import load_config
+
+    retrieval_ckpt = str(tmp_path / "retrieval.pth")
+    torch.manual_seed(0)
+    torch.save({"model": build_model(load_config(data["config"])).state_dict()}, retrieval_ckpt)
+    images_root = os.path.dirname(data["images"])  # names relative to it: test/00000.png, ...
+    existing = tmp_path / "existing.json"
+    existing.write_text(json.dumps([{"image": "test/00001.png", "caption": "a red circle", "image_id": "x"}]))
+    out = tmp_path / "filtered.json"
+    args = ["--config", data["config"], "--checkpoint", os.path.join(straight, "checkpoint_best.pth")]
+    args += ["--images", data["images"], "--image-root", images_root, "--output", str(out), "--filter"]
+    args += ["--filter-checkpoint", retrieval_ckpt, "--existing", str(existing)]
+    kept = caption.main(args + ["--threshold", "0"])
+    assert len(kept) == 9 and sum(r["source"] == "existing" for r in kept) == 1
+    assert kept[0]["image"] == kept[0]["image_id"] == "test/00000.png"
+    RetrievalTrainDataset(str(out), images_root, None)  # train_retrieval.py reads it as `dataset: custom`
+    # The threshold splits the pairs by their ITM probability.
+    median = sorted(r["itm"] for r in kept)[4]
+    strict = caption.main(args + ["--threshold", str(median)])
+    assert 0 < len(strict) < 9 and all(r["itm"] > median for r in strict)
+    with pytest.raises(UserError, match="no pair passed"):
+        caption.main(args + ["--threshold", "0.9999"])
+    existing.write_text(json.dumps([{"image": "elsewhere/1.png", "caption": "a red circle"}]))
+    with pytest.raises(DataError, match="not among the captioned"):
+        caption.main(args)
