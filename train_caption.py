@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run(args: argparse.Namespace, config: dict, info: utils.DistInfo) -> dict:
     utils.set_seed(config["seed"] + info.rank)
+    if config["vit_grad_ckpt"] and config["vit_ckpt_layer"] == "auto":
+        raise ConfigError("config key 'vit_ckpt_layer': auto is measured by train_retrieval.py only; give a number")
     out_dir = args.output_dir
     resume_path = resolve_resume(out_dir, args.resume, args.evaluate)
     ckpt = read_resume_checkpoint(resume_path) if resume_path else None

@@ -109,6 +109,8 @@ def test_resume_and_fresh_run_checks(data: dict, straight: str, tmp_path) -> Non
         _train(data, straight)
     with pytest.raises(ConfigError, match="no checkpoint at"):
         _train(data, tmp_path, "--resume")
+    with pytest.raises(ConfigError, match="auto is measured by train_retrieval"):
+        _train(data, tmp_path, "--options", "vit_grad_ckpt=true", "vit_ckpt_layer=auto")
 
 
 def test_evaluate_reproduces_the_selected_epoch(data: dict, straight: str, tmp_path) -> None:
