@@ -6,6 +6,9 @@
 - metrics.py: recall, ranks, the paper-style table
 - training.py: the ITC+ITM training loop, its state and its checkpoint
 - memory.py: `vit_ckpt_layer: auto`, the fewest checkpointed ViT blocks that fit the GPU
+- generation.py: caption generation (beam search, greedy, nucleus sampling) with cached keys/values
+- caption_metrics.py: COCO caption metrics (BLEU, METEOR, ROUGE-L, CIDEr-D)
+- captioning.py: caption a split across ranks, score it, the LM training epoch, ITM scores for CapFilt
 
 Imports go one way: scripts -> engine -> models, data -> utils.
 """
