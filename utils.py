@@ -89,6 +89,20 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "clip_model": "",  # open_clip architecture (ViT-B-16, ViT-L-14-quickgelu or a model-config .json); "" = HF dir
     "clip_pretrained_tag": "",  # open_clip: tag the `pretrained` file was published under (openai, ...) or custom
     "clip_context_length": 77,  # CLIP text context in tokens (longer captions are truncated, end token kept)
+    # Captioning (caption.py, train_caption.py; official configs/caption_coco.yaml). The official max_length /
+    # min_length are named gen_max_length / gen_min_length here: max_length is the retrieval tokenizer's limit.
+    "prompt": "a picture of ",  # every caption starts with it; its tokens are not in the loss
+    "caption_max_tokens": 40,  # training: [DEC] + prompt + caption truncated to this many tokens (official 40)
+    "label_smoothing": 0.1,  # LM loss label smoothing (official 0.1)
+    "num_beams": 3,  # beam search width (1 = greedy)
+    "gen_max_length": 20,  # generated length limit in tokens, [DEC] and prompt included (transformers' max_length)
+    "gen_min_length": 5,  # [SEP] is forbidden before this many tokens, [DEC] and prompt included
+    "repetition_penalty": 1.0,  # beam search / greedy (official 1.0)
+    "sample": False,  # nucleus sampling instead of beam search
+    "top_p": 0.9,  # nucleus sampling mass (official 0.9)
+    "top_k": 50,  # sampling keeps the k likeliest tokens first (transformers default, so also the official code)
+    "sample_repetition_penalty": 1.1,  # repetition penalty when sampling (hard-coded 1.1 in the official code)
+    "coco_gt_root": "annotation/coco_gt",  # dataset coco: coco_karpathy_{val,test}_gt.json (downloaded if missing)
 }
 
 
@@ -170,6 +184,11 @@ _BOUNDS: dict[str, tuple[float | None, float | None]] = {
     **{k: (0, 1) for k in ("alpha", "momentum", "drop_path_rate")},
     "min_scale": (1e-3, 1),
     "clip_context_length": (1, None),
+    # Captioning.
+    **{k: (1, None) for k in ("caption_max_tokens", "num_beams", "gen_max_length", "top_k")},
+    "gen_min_length": (0, None),
+    **{k: (0, 1) for k in ("label_smoothing", "top_p")},
+    **{k: (1e-6, None) for k in ("repetition_penalty", "sample_repetition_penalty")},
 }
 _VIT_KEYS: dict[str, tuple[type, ...]] = {
     "width": (int,),
@@ -282,6 +301,11 @@ def validate_config(config: dict, origins: dict[str, str] | str | None = None) -
             f"config key 'itm_negatives_steps' {where('itm_negatives_steps')}: itm_negatives "
             f"{config['itm_negatives']!r} needs a number of optimizer steps > 0, got "
             f"{config['itm_negatives_steps']!r}"
+        )
+    if config["gen_min_length"] > config["gen_max_length"]:
+        raise ConfigError(
+            f"config key 'gen_min_length' {where('gen_min_length')}: {config['gen_min_length']} is more than "
+            f"gen_max_length {config['gen_max_length']}"
         )
     return config
 

@@ -8,6 +8,9 @@
 - memory.py: `vit_ckpt_layer: auto`, the fewest checkpointed ViT blocks that fit the GPU
 - search_index.py, search_query.py, search_server.py: the photo search of search.py (index, query, web server)
 - report.py: compare evaluation runs (metrics table, recall@K and rank-histogram PNGs, phenomenon buckets, gallery)
+- generation.py: caption generation (beam search, greedy, nucleus sampling) with cached keys/values
+- caption_metrics.py: COCO caption metrics (BLEU, METEOR, ROUGE-L, CIDEr-D)
+- captioning.py: caption a split across ranks, score it, the LM training epoch, ITM scores for CapFilt
 
 Imports go one way: scripts -> engine -> models, data -> utils.
 """

@@ -268,7 +268,8 @@ def _hf_config_dict(model: BlipRetrieval) -> dict:
     med = model.med_config
     tok = model.tokenizer
     width = vit.embed_dim
-    embed_dim = model.vision_proj.out_features
+    # Caption models have no ITC projection; transformers' default projection size then fills the field.
+    embed_dim = model.vision_proj.out_features if hasattr(model, "vision_proj") else 256
     first_block = vit.blocks[0]
     dec_id = tok.convert_tokens_to_ids("[DEC]")
     return {
@@ -312,6 +313,25 @@ def _hf_config_dict(model: BlipRetrieval) -> dict:
     }
 
 
+def write_preprocessor_config(out_dir: str, size: int) -> None:
+    """preprocessor_config.json for transformers' BlipProcessor: CLIP mean/std, square bicubic resize."""
+    preprocessor = {
+        "image_processor_type": "BlipImageProcessor",
+        "processor_class": "BlipProcessor",
+        "do_resize": True,
+        "size": {"height": size, "width": size},
+        "resample": 3,  # bicubic
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "do_convert_rgb": True,
+    }
+    with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
+        json.dump(preprocessor, f, indent=2)
+
+
 def export_hf_directory(model: BlipRetrieval, out_dir: str) -> str:
     """Write `model` as a transformers BlipForImageTextRetrieval directory; returns out_dir.
 
@@ -331,22 +351,7 @@ def export_hf_directory(model: BlipRetrieval, out_dir: str) -> str:
     with open(os.path.join(out_dir, HF_CONFIG), "w") as f:
         json.dump(_hf_config_dict(model), f, indent=2)
     model.tokenizer.save_pretrained(out_dir)
-    size = model.visual_encoder.image_size
-    preprocessor = {
-        "image_processor_type": "BlipImageProcessor",
-        "processor_class": "BlipProcessor",
-        "do_resize": True,
-        "size": {"height": size, "width": size},
-        "resample": 3,  # bicubic
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "do_convert_rgb": True,
-    }
-    with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
-        json.dump(preprocessor, f, indent=2)
+    write_preprocessor_config(out_dir, model.visual_encoder.image_size)
     log(
         f"exported Hugging Face BlipForImageTextRetrieval to {out_dir} ({len(state)} tensors; not exported: "
         f"momentum encoders, queues, temp={model.temp.item():.4f})"

@@ -106,8 +106,9 @@ class BertEmbeddings(nn.Module):
         # Persistent, as in the official checkpoints (the key `embeddings.position_ids` is in every .pth).
         self.register_buffer("position_ids", torch.arange(config.max_position_embeddings)[None], persistent=True)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        positions = self.position_ids[:, : input_ids.shape[1]]
+    def forward(self, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """`start`: position of the first token (a cached decoding step feeds one token at position `start`)."""
+        positions = self.position_ids[:, start : start + input_ids.shape[1]]
         x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
         return self.dropout(self.LayerNorm(x))
 
@@ -347,8 +348,8 @@ class BertPredictionHead(nn.Module):
 class BertLMHeadModel(nn.Module):
     """The captioning decoder (`text_decoder.*` keys): causal self-attention, cross-attention, LM head.
 
-    Retrieval does not use it; it is here so that pre-trained checkpoints can be loaded in full and so that
-    the decoder's key layout is documented in code.
+    `forward` scores whole captions (training); `decode_step` extends captions one token at a time with a
+    self-attention key/value cache and image keys/values projected once per image (`image_kv`), for generation.
     """
 
     def __init__(self, config: MedConfig):
@@ -364,10 +365,55 @@ class BertLMHeadModel(nn.Module):
         attention_mask: torch.Tensor,
         image_embeds: torch.Tensor,
         labels: torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits (B, L, V), loss). The loss predicts token t+1 from positions <= t, averaged over the labels
+        that are not -100 (official: label_smoothing 0.1, prompt and padding labelled -100)."""
         hidden = self.bert(input_ids, attention_mask, encoder_hidden_states=image_embeds, is_decoder=True)
         logits = self.cls.predictions(hidden)
         loss = None
-        if labels is not None:  # next-token prediction; -100 marks ignored positions
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(),
+                labels[:, 1:].flatten(),
+                ignore_index=-100,
+                label_smoothing=label_smoothing,
+            )
         return logits, loss
+
+    def image_kv(self, image_embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer cross-attention (key, value) of each image's tokens, computed once for a whole generation."""
+        return self.bert.cross_attention_kv(image_embeds)
+
+    def decode_step(
+        self,
+        input_ids: torch.Tensor,
+        past: list[tuple[torch.Tensor, torch.Tensor]] | None,
+        image_kv: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Logits of the last position (B, V) and the extended self-attention cache.
+
+        `input_ids` (B, n): the prompt (n tokens, `past` None) or the newest token (n = 1) after `past`, the
+        per-layer (key, value) of all earlier positions, each (B, heads, P, head_dim). `image_kv`: from `image_kv`
+        for G images; rows [g*m, (g+1)*m) of the batch belong to image g (m = B / G, e.g. the beams of one image),
+        and share its keys/values without copies. No padding: every row has the same length.
+        """
+        if past is not None and input_ids.shape[1] != 1:
+            raise ValueError("with a cache, decode_step takes one new token per row")
+        start = 0 if past is None else past[0][0].shape[2]
+        hidden = self.bert.embeddings(input_ids, start=start)
+        batch, length, width = hidden.shape
+        new_past = []
+        for i, layer in enumerate(self.bert.encoder.layer):
+            attn = layer.attention.self
+            q = attn.split_heads(attn.query(hidden))
+            k, v = attn.project_kv(hidden)
+            if past is not None:
+                k, v = torch.cat([past[i][0], k], dim=2), torch.cat([past[i][1], v], dim=2)
+            new_past.append((k, v))
+            # The prompt attends causally to itself; a single new token attends to every cached position.
+            context = F.scaled_dot_product_attention(q, k, v, is_causal=past is None and length > 1)
+            x = layer.attention.output(context.transpose(1, 2).reshape(batch, length, width), hidden)
+            x = layer.crossattention(x, kv=image_kv[i])
+            hidden = layer.output(layer.intermediate(x), x)
+        return self.cls.predictions(hidden[:, -1]), new_past
