@@ -12,7 +12,11 @@ import torch
 import eval_retrieval
 import train_retrieval
 import utils
+from data.imagecode import ImagecodeSet, is_static, make_imagecode_sample, sorted_set_images
+from data.retrieval import DataError, load_image
 from data.synthetic import make_synthetic_dataset
+from data.transforms import test_transform
+from engine.imagecode import imagecode_accuracy, imagecode_scores
 from models.blip_retrieval import build_model
 from models.checkpoint import CheckpointError, load_model
 from models.context_adapter import MultiScaleAdapter, select_masked_patches, text_cross_attention
@@ -460,3 +464,91 @@ def test_exported_lora_merge_evaluates_like_the_delta(data_root, tmp_path):
     )
     for key in ("txt_r1", "img_r1", "r_mean", "itc_r_mean"):
         assert a[key] == pytest.approx(b[key]), key
+
+
+# ----------------------------------------------------------------------------------------------------
+# IMAGECODE
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def imagecode_data(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return make_imagecode_sample(str(tmp_path_factory.mktemp("imagecode")), num_video_sets=3, num_static_sets=2)
+
+
+def test_imagecode_sample_follows_the_release_format(imagecode_data):
+    with open(imagecode_data["valid_file"]) as f:
+        valid = json.load(f)
+    with open(imagecode_data["test_file"]) as f:
+        test = json.load(f)
+    assert len(valid) == 5 and sum(is_static(name) for name in valid) == 2
+    for name, entries in valid.items():
+        assert all(k.isdigit() and 0 <= int(k) < 10 and isinstance(v, str) for k, v in entries.items())
+        files = sorted_set_images(os.path.join(imagecode_data["image_root"], name))
+        numbers = [int(os.path.basename(p)[3:-4]) for p in files]
+        assert numbers == sorted(numbers) and len(numbers) == 10  # numeric order (img7 before img15)
+        assert isinstance(test[name], list)
+
+
+def test_imagecode_accuracy_equals_brute_force(imagecode_data, tmp_path):
+    config = tiny_config(tmp_path, text_encoder=imagecode_data["vocab_file"], batch_size_test=20, itm_batch_size=16)
+    torch.manual_seed(0)
+    model = spread_weights(build_model(config)).eval()
+    dataset = ImagecodeSet(imagecode_data["valid_file"], imagecode_data["image_root"], 32)
+    got = {s: imagecode_scores(model, dataset, config, torch.device("cpu"), s) for s in ("itc", "itm", "both")}
+    transform = test_transform(32)
+    correct = {s: [] for s in got}
+    with torch.no_grad():
+        for row, d in enumerate(dataset.descriptions):  # one pair at a time, nothing batched or shared
+            files = sorted_set_images(os.path.join(imagecode_data["image_root"], dataset.set_names[d.set_index]))
+            ids, atts = model.tokenize([d.text])
+            pair = {"itc": [], "itm": []}
+            for path in files:
+                embeds, image_feat = model.encode_image(transform(load_image(path))[None])
+                pair["itc"].append(float(image_feat @ model.encode_text(ids, atts).t()))
+                pair["itm"].append(float(model.itm_logits(model.with_enc_token(ids), atts, embeds)[0, 1]))
+            pair["both"] = [a + b for a, b in zip(pair["itc"], pair["itm"])]
+            for s in got:
+                torch.testing.assert_close(got[s][row], torch.tensor(pair[s]), rtol=1e-4, atol=1e-4)
+                correct[s].append(max(range(10), key=lambda i: (pair[s][i], -i)) == d.target)
+    for s in got:
+        result = imagecode_accuracy(got[s], dataset)
+        static = [is_static(dataset.set_names[d.set_index]) for d in dataset.descriptions]
+        assert result["accuracy"] == pytest.approx(100 * sum(correct[s]) / len(correct[s]))
+        video_hits = [c for c, st in zip(correct[s], static) if not st]
+        assert result["accuracy_video"] == pytest.approx(100 * sum(video_hits) / len(video_hits))
+        assert result["num_video"] + result["num_static"] == result["num_descriptions"] == 10
+
+
+def test_eval_imagecode_script_writes_metrics_and_leaderboard_predictions(imagecode_data, data_root, tmp_path):
+    import eval_imagecode
+
+    root, config = data_root
+    config = copy.deepcopy(config)
+    config["text_encoder"] = imagecode_data["vocab_file"]
+    config["pretrained"] = ""
+    path = tmp_path / "config.yaml"
+    save_config(config, str(path))
+    common = ["--config", str(path), "--image-root", imagecode_data["image_root"], "--scoring", "itm"]
+    result = eval_imagecode.main([*common, "--ann-file", imagecode_data["valid_file"], "--output-dir", str(tmp_path)])
+    assert set(result) >= {"accuracy", "accuracy_video", "accuracy_static"}
+    eval_imagecode.main([*common, "--ann-file", imagecode_data["test_file"], "--output-dir", str(tmp_path / "t")])
+    with open(tmp_path / "t" / "imagecode_predictions.json") as f:
+        predictions = json.load(f)
+    assert all(len(v) == 2 and all(0 <= i < 10 for i in v) for v in predictions.values())
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ([1, 2], "expected a non-empty mapping"),
+        ({"open-images-1_ab": {"12": "a dog"}}, "expected '0' to '9'"),
+        ({"open-images-1_ab": {"3": "  "}}, "empty or non-text description"),
+        ({"no-such-set": {"3": "a dog"}}, "image set not found"),
+    ],
+)
+def test_imagecode_bad_annotations_are_clear_errors(imagecode_data, tmp_path, content, message):
+    ann = tmp_path / "bad.json"
+    ann.write_text(json.dumps(content))
+    with pytest.raises(DataError, match=message):
+        ImagecodeSet(str(ann), imagecode_data["image_root"], 32)
