@@ -202,6 +202,7 @@ def train_one_epoch(
     epoch_sum = torch.zeros(len(STAT_KEYS), device=device)
     window_sum, window_micro, window_start = torch.zeros(len(STAT_KEYS), device=device), 0, time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]
+    zero = torch.zeros((), device=device)
     # Under torch.compile captions are padded to max_length: one graph, no recompiles for new caption lengths.
     text_compute = "static" if config["compile"] else "trimmed"
     bar = tqdm(loader, desc=f"train epoch {epoch}", disable=not is_main_process(), dynamic_ncols=True)
@@ -219,7 +220,8 @@ def train_one_epoch(
                 out = model(image, caption, alpha, idx, hard_fraction, text_compute=text_compute)
                 loss = out["loss"]  # loss_ita + loss_itm, or what finetune.method optimises
             scaler.scale(loss / group_size).backward()
-        stats = torch.stack([out[key].detach().float() for key in STAT_KEYS])
+        # A model without TMIM may omit loss_tmim: it is logged as 0.
+        stats = torch.stack([out[key].detach().float() if key in out else zero for key in STAT_KEYS])
         epoch_sum += stats
         window_sum += stats
         window_micro += 1
