@@ -279,10 +279,10 @@ def main(argv: list[str] | None = None) -> dict:
     args.steps = args.steps or (10 if cuda else 2)
     out_dir = args.out_dir or os.path.join(REPO_ROOT, "bench", "results", f"peft_{time.strftime('%Y-%m-%d')}")
     os.makedirs(out_dir, exist_ok=True)
-    env = {**environment(), "device": device_description(device), "args": vars(args)}
     threads = torch.get_num_threads()
     if not cuda:  # one thread: the process CPU time of a step is then a clean measure of its work
         torch.set_num_threads(args.threads or 1)
+    env = {**environment(), "device": device_description(device), "args": vars(args)}  # threads of the cost part
     cost = measure_cost(args, device) if args.part in ("cost", "both") else None
     torch.set_num_threads(threads)
     learn = measure_learning(args) if args.part in ("learn", "both") else None

@@ -552,3 +552,22 @@ def test_imagecode_bad_annotations_are_clear_errors(imagecode_data, tmp_path, co
     ann.write_text(json.dumps(content))
     with pytest.raises(DataError, match=message):
         ImagecodeSet(str(ann), imagecode_data["image_root"], 32)
+
+
+def test_peft_report_cost_part_runs_on_tiny_towers(tmp_path):
+    from bench import peft_report
+
+    threads = torch.get_num_threads()
+    try:
+        args = ["--part", "cost", "--device", "cpu", "--vit", "tiny", "--text", "tiny", "--image-size", "32"]
+        out = peft_report.main(
+            [*args, "--batch-size", "2", "--steps", "1", "--warmup", "0", "--out-dir", str(tmp_path)]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    rows = out["cost"]["rows"]
+    assert list(rows) == ["full", "lora", "prompt", "adapter", "adapter (no TMIM)"]
+    assert rows["full"]["trainable_vs_full"] == 1.0
+    assert all(rows[m]["trainable"] < rows["full"]["trainable"] for m in ("lora", "prompt", "adapter (no TMIM)"))
+    assert rows["adapter (no TMIM)"]["method"] == rows["adapter (no TMIM)"]["trainable"]
+    assert (tmp_path / "peft_report.md").read_text().count("\n| ") == 6  # header + 5 methods
