@@ -186,7 +186,7 @@ def measure_learning(args: argparse.Namespace) -> dict:
 
     work = tempfile.mkdtemp(prefix="peft_learn_")
     data = make_synthetic_dataset(
-        os.path.join(work, "data"), num_train_images=200, num_val_images=50, num_test_images=50
+        os.path.join(work, "data"), num_train_images=args.num_train_images, num_val_images=50, num_test_images=50
     )
     runs = os.path.join(work, "runs")
     os.makedirs(runs)
@@ -266,6 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"], help="training autocast on CUDA")
     p.add_argument("--base-epochs", type=int, default=6, help="learn: full fine-tuning epochs of the base")
     p.add_argument("--epochs", type=int, default=6, help="learn: epochs of each method on top of the base")
+    p.add_argument("--num-train-images", type=int, default=200, help="learn: generated training images (5 captions)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default on CPU: 1)")
     p.add_argument("--out-dir", default=None)

@@ -161,3 +161,25 @@ def make_imagecode_sample(
     with open(paths["vocab_file"], "w", encoding="utf-8") as f:
         f.write("\n".join(SPECIAL_TOKENS + sorted(vocab)) + "\n")
     return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m data.imagecode --out DIR`: write generated IMAGECODE-format data; prints the paths as JSON."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--num-video-sets", type=int, default=4)
+    parser.add_argument("--num-static-sets", type=int, default=4)
+    parser.add_argument("--descriptions-per-set", type=int, default=2)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    paths = make_imagecode_sample(
+        args.out, args.num_video_sets, args.num_static_sets, args.descriptions_per_set, args.image_size, args.seed
+    )
+    print(json.dumps(paths, indent=1))
+
+
+if __name__ == "__main__":
+    main()
