@@ -44,8 +44,9 @@ from bench.bench_eval import (
     sync,
 )
 from data import create_dataset
+from models.blip_retrieval import build_model
 from models.peft_methods import apply_finetune, parameter_counts
-from utils import autocast, set_seed
+from utils import DEFAULT_CONFIG, autocast, set_seed, validate_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
@@ -207,6 +208,39 @@ def measure_learning(args: argparse.Namespace) -> dict:
     return {"rows": rows, "work_dir": work}
 
 
+def measure_fit(args: argparse.Namespace) -> dict:
+    """Each method fits one fixed batch of generated pairs from the same random-init demo-sized model: the training
+    loss (what the method optimises) at the first and the last of --fit-steps AdamW steps (lr --fit-lr)."""
+    from data.synthetic import config_keys, make_synthetic_dataset
+
+    work = tempfile.mkdtemp(prefix="peft_fit_")
+    data = make_synthetic_dataset(work, num_train_images=16, num_val_images=0, num_test_images=0, image_size=64)
+    with open(os.path.join(REPO_ROOT, "configs", "demo.yaml")) as f:
+        demo = yaml.safe_load(f)
+    rows = {}
+    for name, variant in VARIANTS.items():
+        config = {**copy.deepcopy(DEFAULT_CONFIG), **demo, **config_keys(data), "num_workers": 0, "queue_size": 16}
+        config["finetune"] = _finetune(variant, 2, small_decoder=True)
+        config = validate_config(config, "peft_report fit")
+        loader = torch.utils.data.DataLoader(create_dataset(config, "train"), batch_size=16, shuffle=False)
+        images, captions, idx = next(iter(loader))
+        set_seed(args.seed)
+        model = build_model(config)
+        apply_finetune(model, config, "")
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.fit_lr)
+        losses = []
+        for _ in range(args.fit_steps):
+            out = model(images, captions, 0.4, idx, 0.0)  # uniform ITM negatives, as the demo config
+            out["loss"].backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append({k: float(out[k]) for k in ("loss", "loss_ita", "loss_itm", "loss_tmim")})
+        rows[name] = {"first": losses[0], "last": losses[-1], "trainable": parameter_counts(model)["trainable"]}
+        print(f"{name:18s} loss {losses[0]['loss']:.3f} -> {losses[-1]['loss']:.3f}", flush=True)
+    return {"steps": args.fit_steps, "lr": args.fit_lr, "rows": rows}
+
+
 def _summary(result: dict) -> dict:
     val = result["best_val"]
     return {"val_r_mean": val["r_mean"], "val_itc_r_mean": val["itc_r_mean"], "val_txt_r1": val["txt_r1"]}
@@ -255,7 +289,9 @@ def markdown(cost: dict | None, learn: dict | None, header: str) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", default="both", choices=["cost", "learn", "both"])
+    p.add_argument("--part", default="both", choices=["cost", "learn", "both", "fit"])
+    p.add_argument("--fit-steps", type=int, default=30, help="fit: AdamW steps on one fixed batch")
+    p.add_argument("--fit-lr", type=float, default=1e-3, help="fit: learning rate of every method")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--vit", default="base", choices=["base", "large", "tiny"])
     p.add_argument("--text", default="base", choices=["base", "tiny"])
@@ -287,7 +323,8 @@ def main(argv: list[str] | None = None) -> dict:
     cost = measure_cost(args, device) if args.part in ("cost", "both") else None
     torch.set_num_threads(threads)
     learn = measure_learning(args) if args.part in ("learn", "both") else None
-    for name, payload in (("peft_cost.json", cost), ("peft_learn.json", learn)):
+    fit = measure_fit(args) if args.part == "fit" else None
+    for name, payload in (("peft_cost.json", cost), ("peft_learn.json", learn), ("peft_fit.json", fit)):
         if payload is not None:
             with open(os.path.join(out_dir, name), "w") as f:
                 json.dump({"environment": env, **payload}, f, indent=2, default=str)
@@ -297,10 +334,22 @@ def main(argv: list[str] | None = None) -> dict:
         f"median of {args.steps} steps after {args.warmup} warm-up"
     )
     report = markdown(cost, learn, header)
+    if fit:
+        report += (
+            f"\n| fit: one batch of 16, {fit['steps']} steps, lr {fit['lr']:g} | trainable | loss first | loss last "
+        )
+        report += "| loss_ita | loss_itm | loss_tmim |\n|---|---|---|---|---|---|---|\n"
+        for name, r in fit["rows"].items():
+            a, b = r["first"], r["last"]
+            report += (
+                f"| {name} | {r['trainable']:,} | {a['loss']:.3f} | {b['loss']:.3f} | {a['loss_ita']:.3f} -> "
+                f"{b['loss_ita']:.3f} | {a['loss_itm']:.3f} -> {b['loss_itm']:.3f} | {a['loss_tmim']:.3f} -> "
+                f"{b['loss_tmim']:.3f} |\n"
+            )
     with open(os.path.join(out_dir, "peft_report.md"), "w") as f:
         f.write(report + "\n")
     print(report)
-    return {"cost": cost, "learn": learn, "out_dir": out_dir}
+    return {"cost": cost, "learn": learn, "fit": fit, "out_dir": out_dir}
 
 
 if __name__ == "__main__":
