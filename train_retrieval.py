@@ -47,6 +47,7 @@ from models.blip_retrieval import BlipRetrieval, check_queue_size
 from models.checkpoint import CheckpointError, load_model, load_state_dict_checked
 from models.clip import dataset_transform, load_clip_state
 from models.hf_blip import is_hf_directory
+from models.peft_methods import apply_finetune, is_delta_checkpoint, load_delta, model_payload, resume_base
 from utils import ConfigError, JsonlLogger, is_main_process, log
 
 
@@ -170,13 +171,20 @@ def build_run(
     # On resume the weights come from the checkpoint, so `pretrained` is only read when it also defines the
     # architecture and tokenizer (a Hugging Face directory).
     source = config["pretrained"] or None
-    if ckpt and not (source and is_hf_directory(os.path.expanduser(source))):
+    delta = ckpt is not None and is_delta_checkpoint(ckpt)  # a parameter-efficient run: base + trainable part
+    if delta:
+        source = resume_base(ckpt, config, resume_path)
+    elif ckpt and not (source and is_hf_directory(os.path.expanduser(source))):
+        resume_base(ckpt, config, resume_path)  # refuses a method change
         source = None
     model, report = load_model(config, source)
     if report is not None and report.config_updates:
         config.update(report.config_updates)  # an HF directory fixes the architecture (e.g. image_size)
+    apply_finetune(model, config, source)  # finetune.method: adapters in, frozen weights out of training
     if ckpt and config["model"] == "clip":
         load_clip_state(model, ckpt["model"], resume_path)  # strict: every key must match
+    elif delta:
+        load_delta(model, ckpt, resume_path)
     elif ckpt:
         # The checked loader raises on any shape mismatch (architecture changed) and names the differing keys.
         report = load_state_dict_checked(model, ckpt["model"], resume_path)
@@ -248,7 +256,7 @@ def select_epoch(run: TrainingRun, state: TrainState, epoch: int, record: dict) 
         utils.atomic_save(
             {
                 "format": CKPT_FORMAT + "-best",
-                "model": model.state_dict(),
+                **model_payload(model),
                 "config": config,
                 "epoch": epoch,
                 "val_metrics": state.best_val,

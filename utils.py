@@ -103,6 +103,38 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "top_k": 50,  # sampling keeps the k likeliest tokens first (transformers default, so also the official code)
     "sample_repetition_penalty": 1.1,  # repetition penalty when sampling (hard-coded 1.1 in the official code)
     "coco_gt_root": "annotation/coco_gt",  # dataset coco: coco_karpathy_{val,test}_gt.json (downloaded if missing)
+    # Parameter-efficient fine-tuning (models/peft_methods.py, models/context_adapter.py). A partial mapping in a
+    # YAML file or `--options finetune.method=lora` is merged over these defaults.
+    "finetune": {
+        "method": "full",  # full (official) | lora | prompt | adapter (ContextBLIP multi-scale adapter + TMIM)
+        "base": "",  # evaluating/resuming a delta checkpoint: base weights; '' = the source recorded in it
+        "extra_trainable": [],  # parameter-name prefixes that also train, e.g. [itm_head, vision_proj, text_proj]
+        "lora": {
+            "rank": 8,
+            "alpha": 16.0,  # LoRA scale = alpha / rank
+            "dropout": 0.0,
+            # module-name suffixes (peft matching); the momentum encoders get the same adapters (EMA copies)
+            "target_modules": [
+                "attn.qkv",
+                "attn.proj",
+                "attention.self.query",
+                "attention.self.value",
+                "crossattention.self.query",
+                "crossattention.self.value",
+            ],
+        },
+        "prompt": {"text_tokens": 8},  # learnable text tokens inserted after [CLS]/[ENC]
+        "adapter": {
+            "layers": [3, 6, 9, 12],  # 1-based ViT blocks read by the down-projections (DPAL)
+            "reduction": 2,  # downsampling rate delta: each DPAL maps width -> width / delta
+            "itc_weight": 0.0,  # ContextBLIP trains ITM + TMIM only; > 0 adds the ITC loss
+            "tmim_weight": 1.0,  # weight of the text-guided masked image modelling loss; 0 = ITM only
+            "mask_ratio": 0.25,  # pi: share of patches masked, those with the highest text cross-attention
+            "decoder_width": 384,
+            "decoder_depth": 4,
+            "decoder_heads": 8,
+        },
+    },
 }
 
 
@@ -250,6 +282,85 @@ def _check_vit(vit: dict, where: str) -> None:
         raise ConfigError(f"config key 'vit' {where}: width {vit['width']} is not divisible by heads {vit['heads']}")
 
 
+FINETUNE_METHODS = ("full", "lora", "prompt", "adapter")
+# Inclusive bounds of the numeric finetune sub-keys (dotted names).
+_FINETUNE_BOUNDS: dict[str, tuple[float, float | None]] = {
+    "lora.rank": (1, None),
+    "lora.alpha": (0, None),
+    "lora.dropout": (0, 0.99),
+    "prompt.text_tokens": (1, None),
+    "adapter.reduction": (1, None),
+    "adapter.itc_weight": (0, None),
+    "adapter.tmim_weight": (0, None),
+    "adapter.mask_ratio": (0.01, 0.99),
+    "adapter.decoder_width": (1, None),
+    "adapter.decoder_depth": (1, None),
+    "adapter.decoder_heads": (1, None),
+}
+
+
+def _merge_checked(value: Any, default: Any, name: str, where: str) -> Any:
+    """`value` merged over `default` (mappings recursively), with the type of every leaf checked against the
+    default's: unknown sub-keys and wrong types are ConfigErrors naming the dotted key."""
+    if isinstance(default, dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {name!r} {where}: expected a mapping, got {type(value).__name__} {value!r}")
+        merged = copy.deepcopy(default)
+        for sub, sub_value in value.items():
+            if sub not in default:
+                raise ConfigError(f"unknown config key '{name}.{sub}' {where}{_suggest(str(sub), default)}")
+            merged[sub] = _merge_checked(sub_value, default[sub], f"{name}.{sub}", where)
+        return merged
+    if isinstance(default, list):
+        if not isinstance(value, list) or any(isinstance(v, (dict, list)) for v in value):
+            raise ConfigError(f"config key {name!r} {where}: expected a list of values, got {value!r}")
+        return list(value)
+    types = (float,) if isinstance(default, float) else (type(default),)
+    value = _fix_numeric(value, types)
+    if not _check_type(value, types):
+        raise ConfigError(
+            f"config key {name!r} {where}: expected {_type_name(types)}, got {type(value).__name__} {value!r}"
+        )
+    return float(value) if isinstance(default, float) else value
+
+
+def _check_finetune(finetune: Any, where: str) -> dict:
+    """The `finetune` mapping merged over its defaults and checked (method, sub-keys, types, bounds, layers)."""
+    merged = _merge_checked(finetune, DEFAULT_CONFIG["finetune"], "finetune", where)
+    if merged["method"] not in FINETUNE_METHODS:
+        raise ConfigError(
+            f"config key 'finetune.method' {where}: expected one of {', '.join(FINETUNE_METHODS)}, "
+            f"got {merged['method']!r}"
+        )
+    for dotted, (lo, hi) in _FINETUNE_BOUNDS.items():
+        group, sub = dotted.split(".")
+        value = merged[group][sub]
+        if value < lo or (hi is not None and value > hi):
+            expected = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise ConfigError(f"config key 'finetune.{dotted}' {where}: expected a value {expected}, got {value!r}")
+    layers = merged["adapter"]["layers"]
+    if not layers or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in layers):
+        raise ConfigError(
+            f"config key 'finetune.adapter.layers' {where}: expected a non-empty list of 1-based ViT block "
+            f"numbers (e.g. [3, 6, 9, 12]), got {layers!r}"
+        )
+    if len(set(layers)) != len(layers):
+        raise ConfigError(f"config key 'finetune.adapter.layers' {where}: repeated block in {layers!r}")
+    for key in ("target_modules",):
+        names = merged["lora"][key]
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise ConfigError(
+                f"config key 'finetune.lora.{key}' {where}: expected a non-empty list of module-name suffixes "
+                f"(e.g. [attn.qkv, attention.self.query]), got {names!r}"
+            )
+    if not all(isinstance(n, str) and n for n in merged["extra_trainable"]):
+        raise ConfigError(
+            f"config key 'finetune.extra_trainable' {where}: expected a list of parameter-name prefixes, "
+            f"got {merged['extra_trainable']!r}"
+        )
+    return merged
+
+
 def validate_config(config: dict, origins: dict[str, str] | str | None = None) -> dict:
     """Check keys, types, enums and ranges; return the config with float keys normalised to float.
 
@@ -296,6 +407,13 @@ def validate_config(config: dict, origins: dict[str, str] | str | None = None) -
                 f"config key 'amp_cpu' {where('amp_cpu')}: CPU autocast is bf16 only, but {amp_key} "
                 f"is {config[amp_key]!r}; set {amp_key}: bf16 or amp_cpu: false"
             )
+    config["finetune"] = _check_finetune(config["finetune"], where("finetune"))
+    if config["model"] == "clip" and config["finetune"]["method"] != "full":
+        # The methods hook into BLIP's modules (ViT blocks, MED attention, the momentum towers).
+        raise ConfigError(
+            f"config key 'finetune.method' {where('finetune')}: {config['finetune']['method']!r} is built for BLIP "
+            "models; with model: clip use finetune.method: full"
+        )
     if config["itm_negatives"] in ("warmup", "anneal") and config["itm_negatives_steps"] <= 0:
         raise ConfigError(
             f"config key 'itm_negatives_steps' {where('itm_negatives_steps')}: itm_negatives "

@@ -43,7 +43,7 @@ def measure_step_peak(
                 text_compute="official",
                 update_queues=False,
             )
-            loss = out["loss_ita"] + out["loss_itm"]
+            loss = out["loss"]
         loss.backward()
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     finally:

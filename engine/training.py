@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import utils
+from models.peft_methods import model_payload
 from utils import ConfigError, JsonlLogger, is_main_process, log
 
 CKPT_FORMAT = "blip-retrieval-train-v2"
@@ -132,7 +133,7 @@ def last_checkpoint(
     writes the result with save_last_checkpoint."""
     return {
         "format": CKPT_FORMAT,
-        "model": model.state_dict(),
+        **model_payload(model),  # the whole state dict, or a parameter-efficient run's trainable part
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
         "train_state": state.to_dict(),
@@ -167,7 +168,7 @@ def save_last_checkpoint(state: dict, path: str) -> None:
 
 # Per-step training statistics returned by the model, summed on the device and averaged when logged (the
 # ITM accuracies show whether the ITM head learns or sits at the prior: ~0.64 loss, everything called mismatch).
-STAT_KEYS = ("loss_ita", "loss_itm", "itm_acc_pos", "itm_acc_neg", "num_neg_fallback")
+STAT_KEYS = ("loss_ita", "loss_itm", "itm_acc_pos", "itm_acc_neg", "num_neg_fallback", "loss_tmim")
 
 
 def _stat_means(sums: list[float], count: int) -> dict:
@@ -201,6 +202,7 @@ def train_one_epoch(
     epoch_sum = torch.zeros(len(STAT_KEYS), device=device)
     window_sum, window_micro, window_start = torch.zeros(len(STAT_KEYS), device=device), 0, time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]
+    zero = torch.zeros((), device=device)
     # Under torch.compile captions are padded to max_length: one graph, no recompiles for new caption lengths.
     text_compute = "static" if config["compile"] else "trimmed"
     bar = tqdm(loader, desc=f"train epoch {epoch}", disable=not is_main_process(), dynamic_ncols=True)
@@ -216,9 +218,10 @@ def train_one_epoch(
         with sync:
             with utils.autocast(device, config["amp"], config["amp_cpu"]):
                 out = model(image, caption, alpha, idx, hard_fraction, text_compute=text_compute)
-                loss = out["loss_ita"] + out["loss_itm"]
+                loss = out["loss"]  # loss_ita + loss_itm, or what finetune.method optimises
             scaler.scale(loss / group_size).backward()
-        stats = torch.stack([out[key].detach().float() for key in STAT_KEYS])
+        # A model without TMIM may omit loss_tmim: it is logged as 0.
+        stats = torch.stack([out[key].detach().float() if key in out else zero for key in STAT_KEYS])
         epoch_sum += stats
         window_sum += stats
         window_micro += 1

@@ -160,6 +160,11 @@ class BlipRetrieval(nn.Module):
         self.queue_size = queue_size
         self.momentum = momentum
         self.negative_all_rank = negative_all_rank
+        # Parameter-efficient fine-tuning (models/peft_methods.py) changes these: the ITC loss weight (ContextBLIP
+        # trains ITM + TMIM only) and the TMIM module (models/context_adapter.py), None when off.
+        self.itc_weight = 1.0
+        self.tmim: nn.Module | None = None
+        self.tmim_weight = 0.0
 
     # ----------------------------------------------------------------------------------------------
     # Encoders shared by training and evaluation
@@ -237,7 +242,8 @@ class BlipRetrieval(nn.Module):
         text_compute: str = "trimmed",
         update_queues: bool = True,
     ) -> dict:
-        """Training losses and ITM statistics, all tensors (no host sync): {'loss_ita', 'loss_itm',
+        """Training losses and ITM statistics, all tensors (no host sync): {'loss' (what is optimised: loss_ita +
+        loss_itm by default), 'loss_ita', 'loss_itm', 'loss_tmim' (0 unless the ContextBLIP adapter trains),
         'itm_acc_pos' (share of matching pairs the ITM head calls a match), 'itm_acc_neg' (share of negative
         pairs it calls a mismatch), 'num_neg_fallback'}.
 
@@ -322,31 +328,63 @@ class BlipRetrieval(nn.Module):
         itm_labels = torch.zeros(3 * bs, dtype=torch.long, device=image.device)
         itm_labels[:bs] = 1
         loss_itm = F.cross_entropy(itm_logits, itm_labels)
+        loss = loss_itm + self.itc_weight * loss_ita if self.itc_weight else loss_itm
+        loss_tmim = torch.zeros((), device=image.device)
+        if self.tmim is not None:
+            loss_tmim = self.tmim(self, image, image_embeds, enc_ids, text_atts)
+            loss = loss + self.tmim_weight * loss_tmim
         with torch.no_grad():
             called_match = itm_logits.argmax(dim=1) == 1
             itm_acc_pos = called_match[:bs].float().mean()
             itm_acc_neg = 1.0 - called_match[bs:].float().mean()
         return {
+            "loss": loss,
             "loss_ita": loss_ita,
             "loss_itm": loss_itm,
+            "loss_tmim": loss_tmim,
             "itm_acc_pos": itm_acc_pos,
             "itm_acc_neg": itm_acc_neg,
             "num_neg_fallback": fallback_t2i + fallback_i2t,
         }
 
+    def momentum_param_pairs(self, trainable_only: bool = False) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(online, momentum) parameters paired by name within each (encoder, momentum encoder) pair.
+
+        Raises RuntimeError when a pair's parameter names differ (e.g. adapters injected into the online encoder
+        only), instead of silently pairing unrelated tensors by position. `trainable_only`: only the pairs whose
+        online parameter trains; the frozen rest of a parameter-efficient run stays bitwise equal to its copy.
+        """
+        params, params_m = [], []
+        for model, model_m in self.model_pairs:
+            online, momentum = dict(model.named_parameters()), dict(model_m.named_parameters())
+            if online.keys() != momentum.keys():
+                only_online = sorted(online.keys() - momentum.keys())[:3]
+                only_momentum = sorted(momentum.keys() - online.keys())[:3]
+                raise RuntimeError(
+                    f"online and momentum encoders have different parameters (only online: {only_online}, only "
+                    f"momentum: {only_momentum}); adapters must be added to both (models/peft_methods.py)"
+                )
+            for name, p in online.items():
+                if p.requires_grad or not trainable_only:
+                    params.append(p)
+                    params_m.append(momentum[name])
+        return params, params_m
+
     @torch.no_grad()
     def copy_params(self) -> None:
-        for model, model_m in self.model_pairs:
-            for p, p_m in zip(model.parameters(), model_m.parameters(), strict=True):
-                p_m.data.copy_(p.data)
-                p_m.requires_grad = False
+        params, params_m = self.momentum_param_pairs()
+        for p, p_m in zip(params, params_m, strict=True):
+            p_m.data.copy_(p.data)
+            p_m.requires_grad = False
 
     @torch.no_grad()
     def _momentum_update(self) -> None:
-        params, params_m = [], []
-        for model, model_m in self.model_pairs:
-            params += list(model.parameters())
-            params_m += list(model_m.parameters())
+        # Only pairs whose online parameter trains: in full fine-tuning that is every pair (official); with
+        # adapters it is the adapters, and the frozen weights are never touched (m * x + (1 - m) * x can differ
+        # from x in the last bit, which would make the frozen copies drift).
+        params, params_m = self.momentum_param_pairs(trainable_only=True)
+        if not params:
+            return
         # theta_m <- m * theta_m + (1 - m) * theta, one fused call over all tensors.
         torch._foreach_mul_(params_m, self.momentum)
         torch._foreach_add_(params_m, params, alpha=1.0 - self.momentum)

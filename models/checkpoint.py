@@ -597,5 +597,12 @@ def load_model(
                 f"--local-dir DIR`) and pass DIR"
             )
         raise CheckpointError(f"checkpoint not found: {source!r} (no such file or directory){hint}")
+    obj = read_checkpoint(path, cache_dir)
+    from models.peft_methods import is_delta_checkpoint, load_delta_checkpoint  # imports this module
+
+    if is_delta_checkpoint(obj):  # a parameter-efficient run's checkpoint: its base, then its trainable part
+        return load_delta_checkpoint(config, obj, path)
     model = build_model(config)
-    return model, load_checkpoint(model, path, cache_dir)
+    report = load_state_dict_checked(model, _extract_state_dict(obj, path), path)
+    log(report.summary())
+    return model, report

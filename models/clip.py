@@ -208,7 +208,7 @@ class ClipRetrieval(nn.Module):
         update_queues: bool = True,
     ) -> dict:
         """Training step of engine/training.py (same call as BlipRetrieval; alpha, idx, the negatives and
-        text_compute have no meaning here): {'loss_ita': symmetric InfoNCE, 'loss_itm': 0, 'itm_acc_pos',
+        text_compute have no meaning here): {'loss' = 'loss_ita': symmetric InfoNCE, 'loss_itm': 0, 'itm_acc_pos',
         'itm_acc_neg': NaN (no ITM head), 'num_neg_fallback': 0, 'logit_scale'}."""
         with torch.no_grad():  # before use, so the value a step trains with is always in range
             self.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
@@ -218,6 +218,7 @@ class ClipRetrieval(nn.Module):
         zero = loss.detach().new_zeros(())
         nan = torch.full_like(zero, float("nan"))
         return {
+            "loss": loss,
             "loss_ita": loss,
             "loss_itm": zero,
             "itm_acc_pos": nan,

@@ -257,6 +257,9 @@ class BertModel(nn.Module):
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)
         self.apply(self._init_weights)
+        # Learnable prompt tokens (models/peft_methods.TextPrompt), set by finetune.method prompt: inserted after
+        # position 0 of the embedded text, with the attention mask extended to cover them.
+        self.prompt: nn.Module | None = None
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -302,12 +305,14 @@ class BertModel(nn.Module):
         if multimodal and not self.config.add_cross_attention:
             raise ValueError("this text encoder was built without cross-attention (add_cross_attention false)")
         hidden = self.embeddings(input_ids)
+        if self.prompt is not None:
+            hidden, attention_mask = self.prompt(hidden, attention_mask)
         dtype = hidden.dtype  # attention casts the bias to the query dtype (bf16 under autocast)
         self_bias = None
         if attention_mask is not None:
             self_bias = padding_mask_to_bias(attention_mask, dtype)
             if is_decoder:
-                length = input_ids.shape[1]
+                length = hidden.shape[1]
                 causal = torch.ones(length, length, dtype=torch.bool, device=hidden.device).tril()
                 self_bias = self_bias.masked_fill(~causal, MASK_VALUE)
         encoder_bias = None

@@ -66,16 +66,26 @@ class VisionTransformer(TimmVisionTransformer):
         )
         self.image_size = image_size
         self.ckpt_layer = ckpt_layer
+        # ContextBLIP's multi-scale adapter (models/context_adapter.py), set by finetune.method adapter: it reads
+        # the outputs of some blocks and adds its result to the final output.
+        self.adapter: nn.Module | None = None
 
     @property
     def num_patches(self) -> int:
         return self.patch_embed.num_patches
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """`keep` (B, K) patch indices: encode only those patches (and the class token), as masked image
+        modelling does with the visible patches; the output is then (B, 1 + K, width)."""
         x = self.patch_embed(images)
         cls = self.cls_token.expand(x.shape[0], -1, -1)
-        x = self.pos_drop(torch.cat([cls, x], dim=1) + self.pos_embed)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed
+        if keep is not None:
+            patches = x[:, 1:].gather(1, keep[:, :, None].expand(-1, -1, x.shape[-1]))
+            x = torch.cat([x[:, :1], patches], dim=1)
+        x = self.pos_drop(x)
         first_ckpt = len(self.blocks) - self.ckpt_layer
+        taps = []
         for i, block in enumerate(self.blocks):
             # Checkpoint the last ckpt_layer blocks: they hold the largest activations at the end of
             # the backward pass, and recomputing them trades ~1/3 more ViT compute for memory.
@@ -83,7 +93,10 @@ class VisionTransformer(TimmVisionTransformer):
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        return self.norm(x)
+            if self.adapter is not None and i in self.adapter.block_indices:
+                taps.append(self.norm(x))
+        x = self.norm(x)
+        return x if self.adapter is None else self.adapter(x, taps)
 
 
 def create_vit(

@@ -84,6 +84,7 @@ def test_training_writes_every_output(straight_run: str):
         "step",
         "loss_ita",
         "loss_itm",
+        "loss_tmim",  # 0 unless finetune.method adapter trains TMIM
         "itm_acc_pos",
         "itm_acc_neg",
         "lr",

@@ -1,0 +1,69 @@
+"""IMAGECODE-style evaluation of any retrieval checkpoint: one description, 10 candidate images, accuracy.
+
+    python eval_imagecode.py --config CFG --checkpoint CKPT --ann-file DATA/valid_data.json \
+        --image-root DATA/image-sets [--scoring itm|itc|both] [--output-dir DIR] [--options key=value ...]
+
+Labelled files ({set: {index: description}}) give DIR/imagecode_metrics.json: accuracy overall, on video frames
+and on static (open-images) sets. The unlabelled test file ({set: [description, ...]}) gives
+DIR/imagecode_predictions.json in the leaderboard's format ({set: [index, ...]}); labelled files get one too.
+The model comes from the config (architecture, tokenizer, image_size) and CKPT (any checkpoint eval_retrieval.py
+takes, delta checkpoints of finetune.method runs included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from data.imagecode import ImagecodeSet
+from engine.imagecode import SCORINGS, imagecode_accuracy, imagecode_predictions, imagecode_scores
+from models.checkpoint import load_model
+from utils import init_distributed, load_config, log, run_cli, save_config
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", required=True, help="YAML config (architecture, tokenizer, image_size)")
+    parser.add_argument("--checkpoint", default=None, help="default: the config's `pretrained`")
+    parser.add_argument(
+        "--ann-file", required=True, help="valid_data.json, train_data.json or test_data_unlabeled.json"
+    )
+    parser.add_argument("--image-root", required=True, help="the unzipped image-sets/ directory")
+    parser.add_argument("--scoring", default="both", choices=SCORINGS, help="ITM match logit, ITC cosine, or their sum")
+    parser.add_argument("--output-dir", default="output/imagecode")
+    parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
+    args = parser.parse_args(argv)
+
+    config = load_config(args.config, args.options)
+    info = init_distributed(config["device"])
+    source = args.checkpoint if args.checkpoint is not None else config["pretrained"]
+    model, _ = load_model(config, source)
+    model.to(info.device)
+    dataset = ImagecodeSet(args.ann_file, args.image_root, config["image_size"], config["max_words"])
+    log(f"IMAGECODE {args.ann_file}: {len(dataset.set_names)} sets, {len(dataset.descriptions)} descriptions")
+    scores = imagecode_scores(model, dataset, config, info.device, args.scoring)
+    os.makedirs(args.output_dir, exist_ok=True)
+    save_config(config, os.path.join(args.output_dir, "config.yaml"))
+    with open(os.path.join(args.output_dir, "imagecode_predictions.json"), "w") as f:
+        json.dump(imagecode_predictions(scores, dataset), f, indent=1)
+    result = {"checkpoint": source, "scoring": args.scoring}
+    if dataset.labelled:
+        result.update(imagecode_accuracy(scores, dataset))
+        with open(os.path.join(args.output_dir, "imagecode_metrics.json"), "w") as f:
+            json.dump(result, f, indent=1)
+
+        def fmt(value: float | None) -> str:
+            return "n/a" if value is None else f"{value:.2f}"
+
+        log(
+            f"accuracy ({args.scoring}): all {fmt(result['accuracy'])}  video {fmt(result['accuracy_video'])} "
+            f"({result['num_video']})  static {fmt(result['accuracy_static'])} ({result['num_static']})"
+        )
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,42 @@
+"""Merge a LoRA run's delta checkpoint into its base weights and write one ordinary checkpoint for export.
+
+    python export_merged.py --config CFG --checkpoint OUTPUT_DIR/checkpoint_best.pth --output merged.pth
+
+The delta is applied to its base (finetune.base, or the source recorded in the checkpoint, checked by SHA-256),
+every LoRA update is folded into its weight (W + alpha / rank x B A), and the result is saved as {'model': state
+dict with the official key names, 'config': the resolved config with finetune.method full}: it loads anywhere a
+full checkpoint does (eval_retrieval.py --checkpoint, pretrained:, models/hf_blip.py export).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import utils
+from models.checkpoint import load_model
+from models.peft_methods import merge_lora
+from utils import UserError, load_config, log, run_cli
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="YAML config of the run (architecture, tokenizer)")
+    parser.add_argument("--checkpoint", required=True, help="a LoRA run's checkpoint_best.pth or checkpoint_last.pth")
+    parser.add_argument("--output", required=True, help="where to write the merged checkpoint (.pth)")
+    parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.options)
+    model, _ = load_model(config, args.checkpoint)
+    if getattr(model, "finetune", None) is None:
+        raise UserError(f"{args.checkpoint} is not a parameter-efficient (delta) checkpoint; nothing to merge")
+    merge_lora(model)
+    config["finetune"] = {**config["finetune"], "method": "full", "base": ""}
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    utils.atomic_save({"model": model.state_dict(), "config": config}, args.output)
+    log(f"merged LoRA into the base weights: {args.output}")
+    return args.output
+
+
+if __name__ == "__main__":
+    run_cli(main)
