@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
         utils.set_seed(config["seed"] + info.rank)
         resume_path = resolve_resume(args.output_dir, args.resume, args.evaluate)
         ckpt = load_train_checkpoint(resume_path) if resume_path else None
+        ann_root, image_root = config["cirr_ann_root"], config["cirr_image_root"]
+        eval_splits = {s: load_cirr_split(ann_root, image_root, s) for s in EVAL_SPLITS}  # data errors before downloads
         source = config["pretrained"] or None
         model, report = load_cir_model(config, None if ckpt else source)
         if report is not None and report.config_updates:
@@ -111,8 +113,6 @@ def main(argv: list[str] | None = None) -> dict:
             os.makedirs(out_dir, exist_ok=True)
             utils.save_config(config, os.path.join(out_dir, "config.yaml"))
         jsonl = JsonlLogger(os.path.join(out_dir, "log.jsonl"))
-        ann_root, image_root = config["cirr_ann_root"], config["cirr_image_root"]
-        eval_splits = {s: load_cirr_split(ann_root, image_root, s) for s in EVAL_SPLITS}
         if args.evaluate:
             name = config["pretrained"] or "random initialisation"
             results = evaluate_and_write(model, eval_splits, config, info.device, out_dir, {"checkpoint": name})

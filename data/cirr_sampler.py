@@ -5,15 +5,14 @@ in-batch contrastive loss, two pairs of one subset in a batch are hard negatives
 false ones (one pair's target can be the other's reference). The samplers choose:
 
 - `random`: a seeded shuffle cut into batches (CoVR's plain shuffled loader);
-- `contrastive`: no two pairs whose subsets share an image are in one (global) batch;
+- `contrastive`: no two pairs of one subset in one (global) batch;
 - `similar`: batches are filled subset by subset, so a pair's subset-mates sit in its batch as hard negatives.
 
-Pairs are grouped by the connected components of their member sets (subsets that share an image form one
-group; in the release each subset is its own group). The epoch is planned on the *global* batch (batch size x
-processes, the batch the all-gathered loss sees), identically on every rank from (seed, epoch); each rank takes its
-slice of every global batch. Every pair is used at most once per epoch, and every batch has exactly
-`batch_size` pairs; the pairs that cannot fill a last batch (or, for `contrastive`, a batch of distinct groups)
-are left out of that epoch, a different few each epoch (`num_dropped`).
+A subset is a set of img_set.members: pairs with the same member set belong to it. The epoch is planned on the
+*global* batch (batch size x processes, the batch the all-gathered loss sees), identically on every rank from
+(seed, epoch); each rank takes its slice of every global batch. Every pair is used at most once per epoch, and
+every batch has exactly `batch_size` pairs; the pairs that cannot fill a last batch (or, for `contrastive`, a batch
+of distinct subsets) are left out of that epoch, a different few each epoch (`num_dropped`).
 """
 
 from __future__ import annotations
@@ -29,27 +28,9 @@ SAMPLERS = ("random", "contrastive", "similar")
 
 
 def subset_groups(members: list[list[str]]) -> list[int]:
-    """Group id per pair: pairs whose member sets share an image (directly or through others) share a group."""
-    parent = list(range(len(members)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    owner: dict[str, int] = {}
-    for i, names in enumerate(members):
-        for name in names:
-            if name in owner:
-                a, b = find(i), find(owner[name])
-                if a != b:
-                    parent[max(a, b)] = min(a, b)
-            else:
-                owner[name] = i
-    roots = [find(i) for i in range(len(members))]
-    ids = {root: n for n, root in enumerate(dict.fromkeys(roots))}
-    return [ids[r] for r in roots]
+    """Group id per pair: pairs with the same img_set.members (as a set) are one subset."""
+    ids: dict[frozenset[str], int] = {}
+    return [ids.setdefault(frozenset(m), len(ids)) for m in members]
 
 
 def plan_epoch(groups: list[int], batch_size: int, mode: str, seed: int) -> list[list[int]]:
@@ -111,7 +92,7 @@ class CirrBatchSampler(Sampler[list[int]]):
         if mode == "contrastive" and num_groups < self.global_batch:
             raise DataError(
                 f"cir_sampler contrastive needs at least one subset per pair of a global batch, but the training "
-                f"split has {num_groups} subsets (groups of overlapping img_set.members) for a global batch of "
+                f"split has {num_groups} subsets (distinct img_set.members) for a global batch of "
                 f"{self.global_batch}; lower batch_size_train or use cir_sampler random"
             )
         self._batches = self._plan()

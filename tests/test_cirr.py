@@ -18,7 +18,7 @@ from data.cirr_sampler import CirrBatchSampler, plan_epoch, subset_groups
 from data.cirr_synthetic import config_keys, make_cirr_dataset
 from data.retrieval import load_image
 from engine.cir import cirr_scores, evaluate_cirr, recall_at_k, recall_subset_at_k, submissions, subset_matrix
-from models.blip_cir import hn_nce_loss, load_cir_model
+from models.blip_cir import build_cir_model, hn_nce_loss, load_cir_model
 from models.blip_retrieval import build_model
 from tests.helpers import spread_weights, tiny_config
 from utils import ConfigError
@@ -185,10 +185,9 @@ def test_samplers_fixed_size_each_pair_once(mode):
     assert plan_epoch(groups, 8, mode, 0) != plan_epoch(groups, 8, mode, 1)
 
 
-def test_subset_groups_join_overlapping_subsets():
-    members = [["a", "b"], ["c", "d"], ["b", "e"], ["f"], ["e", "g"]]
-    groups = subset_groups(members)
-    assert groups[0] == groups[2] == groups[4] and len({groups[0], groups[1], groups[3]}) == 3
+def test_subset_groups_are_member_sets():
+    members = [["a", "b"], ["c", "d"], ["b", "a"], ["a", "b", "e"]]
+    assert subset_groups(members) == [0, 1, 0, 2]  # order of members does not matter; a different set differs
 
 
 @pytest.mark.parametrize("mode", ["random", "contrastive", "similar"])
@@ -412,3 +411,47 @@ def test_submissions_rank_members_without_reference():
         expected = sorted((m for m in pair.members if m != pair.reference), key=lambda n: -row[index[n]])[:3]
         assert sub["recall_subset"][str(pair.pairid)] == expected
         assert sub["recall"][str(pair.pairid)] == sorted(data.images, key=lambda n: -row[index[n]])[:50]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Two real processes (gloo)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _ddp_body(rank: int, world_size: int, config: dict, batch: tuple) -> dict:
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(0)
+    model = build_cir_model(config)
+    images, texts, targets = batch
+    per_rank = len(texts) // world_size
+    part = slice(rank * per_rank, (rank + 1) * per_rank)
+    ddp = DistributedDataParallel(model)
+    out = ddp(images[part], texts[part], targets[part], 1.0, 0.5)
+    out["loss"].backward()
+    val = load_cirr_split(config["cirr_ann_root"], config["cirr_image_root"], "val")
+    metrics = evaluate_cirr(model, val, config, torch.device("cpu")).metrics
+    return {"loss": out["loss"].item(), "grad": model.text_proj.weight.grad.clone(), "metrics": metrics}
+
+
+def test_two_processes_equal_one(tmp_path, cirr_data):
+    from tests.dist_helpers import run_distributed
+
+    config = cir_config(tmp_path, cirr_data)
+    config["med_config"]["hidden_dropout_prob"] = config["med_config"]["attention_probs_dropout_prob"] = 0.0
+    torch.manual_seed(1)
+    batch = (torch.randn(6, 3, 32, 32), [f"make the red circle {c}" for c in "abcdef"], torch.randn(6, 16))
+    batch = (batch[0], batch[1], torch.nn.functional.normalize(batch[2], dim=1))
+    results = run_distributed(_ddp_body, 2, config, batch, timeout_s=120)
+    torch.manual_seed(0)
+    model = build_cir_model(config)
+    out = model(*batch, 1.0, 0.5)
+    out["loss"].backward()
+    val = load_cirr_split(config["cirr_ann_root"], config["cirr_image_root"], "val")
+    single = evaluate_cirr(model, val, config, torch.device("cpu")).metrics
+    for r in results:
+        assert r["loss"] == pytest.approx(out["loss"].item(), rel=1e-5)
+        # DDP averages the ranks' gradients; the gather's backward sums each rank's share: the one-process gradient.
+        assert torch.allclose(r["grad"], model.text_proj.weight.grad, atol=1e-6, rtol=1e-4)
+        for key in ("r1", "r5", "r10", "r50", "rs1", "rs2", "rs3"):
+            assert r["metrics"][key] == pytest.approx(single[key], abs=1e-4)
