@@ -278,5 +278,3 @@ def train_cir_epoch(
     bar.close()
     loss, acc = (utils.all_reduce_sum_(sums) / max(len(loader) * get_world_size(), 1)).tolist()
     return {"loss": loss, "batch_acc": acc}, global_step
-
-
