@@ -2,9 +2,9 @@
 
 Each subset is a chain of six scenes: the first is a random scene, and each next one applies one modification to
 the previous (recolour, reshape, add, remove, move or resize a shape). Its five consecutive pairs are the queries,
-each with a modification text that states the change ("make the red circle blue", "add a small green square in
-the top left corner"). The six images are the pairs' `img_set.members`, so a subset's images differ by one to five
-changes: the near misses that Recall_subset ranks.
+each with a modification text that states the change ("the red circle is blue", "with a small green square in
+the top left corner", "only the blue square"). The six images are the pairs' `img_set.members`, so a subset's
+images differ by one to five changes: the near misses that Recall_subset ranks.
 
 Layout under ``out``, as in the CIRR release (images under img_raw/, val images in dev/):
   captions/cap.rc2.{train,val,test1}.json        test1 without target_hard / target_soft
@@ -42,7 +42,12 @@ def _name(shape: Shape, scene: list[Shape], rng: random.Random) -> str:
 
 
 def _modify(scene: list[Shape], rng: random.Random) -> tuple[list[Shape], str]:
-    """One random change of the scene and the text that states it."""
+    """One random change of the scene and the text that states it.
+
+    The texts say what is true of the target ("the red circle is blue", "with a small green square at the top",
+    "only the blue square"), in the words of data.synthetic's captions, so that a retrieval model trained on those
+    captions (`make demo`) knows every token of them.
+    """
     used_cells = {s.cell for s in scene}
     free_cells = sorted(set(LOCATIONS) - used_cells)
     free_colours = sorted(set(COLOURS) - {s.colour for s in scene})
@@ -52,28 +57,26 @@ def _modify(scene: list[Shape], rng: random.Random) -> tuple[list[Shape], str]:
     if op == "add":
         new = Shape(rng.choice(SHAPES), rng.choice(free_colours), rng.choice(sorted(SIZES)), rng.choice(free_cells))
         where = rng.choice(LOCATIONS[new.cell])
-        return scene + [new], f"add a {new.size} {new.colour} {new.kind} {where}"
+        article = "an" if new.size[0] in "aeiou" else "a"
+        return scene + [new], f"{rng.choice(['with', 'and'])} {article} {new.size} {new.colour} {new.kind} {where}"
     i = rng.randrange(len(scene))
     old = scene[i]
     name = _name(old, scene, rng)
     rest = scene[:i] + scene[i + 1 :]
     if op == "remove":
-        return rest, rng.choice([f"remove {name}", f"take away {name}", f"delete {name}"])
+        return rest, "only " + " and ".join(_name(s, rest, rng) for s in rest)
     if op == "recolour":
-        colour = rng.choice(free_colours)
-        new = Shape(old.kind, colour, old.size, old.cell)
-        text = rng.choice([f"make {name} {colour}", f"change {name} to {colour}", f"paint {name} {colour}"])
+        new = Shape(old.kind, rng.choice(free_colours), old.size, old.cell)
+        text = f"{name} is {new.colour}"
     elif op == "reshape":
-        kind = rng.choice([k for k in SHAPES if k != old.kind])
-        new = Shape(kind, old.colour, old.size, old.cell)
-        text = rng.choice([f"turn {name} into a {kind}", f"replace {name} with a {old.colour} {kind}"])
+        new = Shape(rng.choice([k for k in SHAPES if k != old.kind]), old.colour, old.size, old.cell)
+        text = f"{name} is a {new.kind}"
     elif op == "move":
         new = Shape(old.kind, old.colour, old.size, rng.choice(free_cells))
-        text = f"move {name} so it is {rng.choice(LOCATIONS[new.cell])}"
+        text = f"{name} is {rng.choice(LOCATIONS[new.cell])}"
     else:  # resize
-        size = "large" if old.size == "small" else "small"
-        new = Shape(old.kind, old.colour, size, old.cell)
-        text = rng.choice([f"make {name} {'bigger' if size == 'large' else 'smaller'}", f"make {name} {size}"])
+        new = Shape(old.kind, old.colour, "large" if old.size == "small" else "small", old.cell)
+        text = f"{name} is {new.size}"
     return rest[:i] + [new] + rest[i:], text
 
 
