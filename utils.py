@@ -135,6 +135,16 @@ DEFAULT_CONFIG: dict[str, Any] = {
             "decoder_heads": 8,
         },
     },
+    # Composed image retrieval on CIRR (train_cirr.py; CoVR's BLIP recipe; README "Composed image retrieval").
+    "cirr_ann_root": "",  # folder with captions/cap.rc2.{train,val,test1}.json and image_splits/split.rc2.*.json
+    "cirr_image_root": "",  # folder the split files' ./train/.., ./dev/.., ./test1/.. image paths start from
+    "cir_query": "multimodal",  # multimodal ([ENC] text over the reference image, CoVR) | text | image (baselines)
+    "cir_temp": 0.07,  # fixed HN-NCE temperature (CoVR)
+    "cir_hnnce_alpha": 1.0,  # HN-NCE weight of the positive term (CoVR: 1)
+    "cir_hnnce_beta": 0.5,  # HN-NCE concentration on hard negatives (CoVR: 0.5; 0 with alpha 1 = InfoNCE)
+    "cir_train_vit": False,  # train the ViT too (CoVR freezes it; vision_proj always stays frozen)
+    "cir_sampler": "random",  # training batches: random (CoVR) | contrastive (no two pairs of one subset) | similar
+    "cir_train_transform": "train",  # reference-image transform in training: train (BLIP augmentation, CoVR) | test
 }
 
 
@@ -177,6 +187,9 @@ _ENUMS: dict[str, tuple[str, ...]] = {
     "vit_ckpt_layer": ("auto",),
     "search_feature_dtype": ("float16", "float32"),
     "model": ("blip", "clip"),
+    "cir_query": ("multimodal", "text", "image"),
+    "cir_sampler": ("random", "contrastive", "similar"),
+    "cir_train_transform": ("train", "test"),
 }
 # Inclusive (low, high) bounds; None = unbounded.
 _BOUNDS: dict[str, tuple[float | None, float | None]] = {
@@ -221,6 +234,8 @@ _BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "gen_min_length": (0, None),
     **{k: (0, 1) for k in ("label_smoothing", "top_p")},
     **{k: (1e-6, None) for k in ("repetition_penalty", "sample_repetition_penalty")},
+    "cir_temp": (1e-4, None),
+    **{k: (0, None) for k in ("cir_hnnce_alpha", "cir_hnnce_beta")},
 }
 _VIT_KEYS: dict[str, tuple[type, ...]] = {
     "width": (int,),
