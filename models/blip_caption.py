@@ -14,10 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.blip_retrieval import init_tokenizer
+from models.blip_retrieval import build_from_config
 from models.med import BertLMHeadModel, MedConfig
 from models.vit import create_vit
-from utils import ConfigError
 
 
 class BlipCaption(nn.Module):
@@ -108,28 +107,11 @@ class BlipCaption(nn.Module):
 
 def build_caption_model(config: dict, tokenizer=None) -> BlipCaption:
     """Build the caption model from a resolved config (utils.DEFAULT_CONFIG keys, the captioning block included)."""
-    try:
-        if tokenizer is None:
-            tokenizer = init_tokenizer(config["text_encoder"])
-        med = config["med_config"]
-        if isinstance(med, dict):
-            med_config = MedConfig.from_dict({"vocab_size": len(tokenizer), **med}, source="config key med_config")
-        else:
-            med_config = MedConfig.from_json(med)
-        return BlipCaption(
-            med_config,
-            tokenizer,
-            vit=config["vit"],
-            image_size=config["image_size"],
-            vit_grad_ckpt=config["vit_grad_ckpt"],
-            vit_ckpt_layer=config["vit_ckpt_layer"],
-            vit_drop_path_rate=config["drop_path_rate"],
-            vit_layer_norm_eps=config["vit_layer_norm_eps"],
-            prompt=config["prompt"],
-            max_tokens=config["caption_max_tokens"],
-            label_smoothing=config["label_smoothing"],
-        )
-    except (OSError, ValueError) as err:
-        if isinstance(err, ConfigError):
-            raise
-        raise ConfigError(str(err)) from err
+    return build_from_config(
+        BlipCaption,
+        config,
+        tokenizer,
+        prompt=config["prompt"],
+        max_tokens=config["caption_max_tokens"],
+        label_smoothing=config["label_smoothing"],
+    )

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.blip_retrieval import init_tokenizer
+from models.blip_retrieval import build_from_config
 from models.checkpoint import (
     CheckpointError,
     LoadReport,
@@ -168,35 +168,19 @@ class BlipCir(nn.Module):
 
 def build_cir_model(config: dict, tokenizer=None) -> BlipCir:
     """Build BlipCir from a resolved config (keys: utils.DEFAULT_CONFIG). Bad values become ConfigError."""
-    try:
-        if tokenizer is None:
-            tokenizer = init_tokenizer(config["text_encoder"])
-        med = config["med_config"]
-        if isinstance(med, dict):
-            med_config = MedConfig.from_dict({"vocab_size": len(tokenizer), **med}, source="config key med_config")
-        else:
-            med_config = MedConfig.from_json(med)
-        if config["vit_ckpt_layer"] == "auto":
-            raise ValueError("vit_ckpt_layer: auto is not supported by train_cirr.py; set a number of ViT blocks")
-        return BlipCir(
-            med_config,
-            tokenizer,
-            vit=config["vit"],
-            image_size=config["image_size"],
-            vit_grad_ckpt=config["vit_grad_ckpt"] and config["cir_train_vit"],
-            vit_ckpt_layer=config["vit_ckpt_layer"],
-            vit_drop_path_rate=config["drop_path_rate"],
-            vit_layer_norm_eps=config["vit_layer_norm_eps"],
-            embed_dim=config["embed_dim"],
-            max_length=config["max_length"],
-            temp=config["cir_temp"],
-            train_vit=config["cir_train_vit"],
-            query_mode=config["cir_query"],
-        )
-    except (OSError, ValueError) as err:
-        if isinstance(err, ConfigError):
-            raise
-        raise ConfigError(str(err)) from err
+    if config["vit_ckpt_layer"] == "auto":
+        raise ConfigError("vit_ckpt_layer: auto is not supported by train_cirr.py; set a number of ViT blocks")
+    return build_from_config(
+        BlipCir,
+        config,
+        tokenizer,
+        vit_grad_ckpt=config["vit_grad_ckpt"] and config["cir_train_vit"],
+        embed_dim=config["embed_dim"],
+        max_length=config["max_length"],
+        temp=config["cir_temp"],
+        train_vit=config["cir_train_vit"],
+        query_mode=config["cir_query"],
+    )
 
 
 # Keys of BLIP retrieval / pre-trained checkpoints that composed retrieval does not use, and why.

@@ -415,11 +415,10 @@ def check_queue_size(queue_size: int, global_batch: int) -> None:
         )
 
 
-def build_model(config: dict, tokenizer=None) -> BlipRetrieval:
-    """Build the retrieval model from a resolved config (see utils.DEFAULT_CONFIG for the keys).
-
-    Every key is read, so a partial dict must be merged over the defaults first: `{**DEFAULT_CONFIG, **config}`.
-    """
+def build_from_config(model_cls: type[nn.Module], config: dict, tokenizer=None, **model_kwargs) -> nn.Module:
+    """`model_cls(med_config, tokenizer, <the ViT keys>, **model_kwargs)` with the tokenizer and the MED config read
+    from the config keys (`text_encoder`, `med_config`): the one path from a config to a BLIP network, shared by the
+    retrieval, caption and composed-retrieval models. `model_kwargs` may override a ViT argument."""
     # The tokenizer, the MED config and the model constructor raise OSError / ValueError on bad values; here, where
     # those values come from config keys, they become ConfigError (one line from the CLI, no traceback).
     try:
@@ -430,22 +429,33 @@ def build_model(config: dict, tokenizer=None) -> BlipRetrieval:
             med_config = MedConfig.from_dict({"vocab_size": len(tokenizer), **med}, source="config key med_config")
         else:
             med_config = MedConfig.from_json(med)
-        return BlipRetrieval(
-            med_config,
-            tokenizer,
-            vit=config["vit"],
-            image_size=config["image_size"],
-            vit_grad_ckpt=config["vit_grad_ckpt"],
-            vit_ckpt_layer=config["vit_ckpt_layer"],
-            vit_drop_path_rate=config["drop_path_rate"],
-            vit_layer_norm_eps=config["vit_layer_norm_eps"],
-            embed_dim=config["embed_dim"],
-            queue_size=config["queue_size"],
-            momentum=config["momentum"],
-            negative_all_rank=config["negative_all_rank"],
-            max_length=config["max_length"],
-        )
+        vit_kwargs = {
+            "vit": config["vit"],
+            "image_size": config["image_size"],
+            "vit_grad_ckpt": config["vit_grad_ckpt"],
+            "vit_ckpt_layer": config["vit_ckpt_layer"],
+            "vit_drop_path_rate": config["drop_path_rate"],
+            "vit_layer_norm_eps": config["vit_layer_norm_eps"],
+        }
+        return model_cls(med_config, tokenizer, **{**vit_kwargs, **model_kwargs})
     except (OSError, ValueError) as err:
         if isinstance(err, ConfigError):
             raise
         raise ConfigError(str(err)) from err
+
+
+def build_model(config: dict, tokenizer=None) -> BlipRetrieval:
+    """Build the retrieval model from a resolved config (see utils.DEFAULT_CONFIG for the keys).
+
+    Every key is read, so a partial dict must be merged over the defaults first: `{**DEFAULT_CONFIG, **config}`.
+    """
+    return build_from_config(
+        BlipRetrieval,
+        config,
+        tokenizer,
+        embed_dim=config["embed_dim"],
+        queue_size=config["queue_size"],
+        momentum=config["momentum"],
+        negative_all_rank=config["negative_all_rank"],
+        max_length=config["max_length"],
+    )
