@@ -16,6 +16,7 @@ import random
 import re
 import socket
 import sys
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -501,7 +502,7 @@ def load_config(path: str, overrides: list[str] | None = None) -> dict:
 
 def save_config(config: dict, path: str) -> None:
     """Write the config as YAML (keys in their order), atomically."""
-    _atomic_write(path, lambda f: f.write(yaml.safe_dump(config, sort_keys=False).encode()))
+    atomic_write(path, lambda f: f.write(yaml.safe_dump(config, sort_keys=False).encode()))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -744,10 +745,11 @@ def restore_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _atomic_write(path: str, write: Callable[[Any], Any]) -> None:
-    # Write beside the target, then rename: a crash never leaves a half-written file under `path`.
+def atomic_write(path: str, write: Callable[[Any], Any]) -> None:
+    """Write through `write(binary_file)` to a temporary name beside `path`, fsync, rename: a crash never leaves a
+    half-written file under `path` (it is whole or absent). The temporary name is unique per process and call."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"  # uuid4 reads os.urandom: the seeded RNGs stay untouched
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -761,7 +763,7 @@ def _atomic_write(path: str, write: Callable[[Any], Any]) -> None:
 
 def atomic_save(obj: Any, path: str) -> None:
     """torch.save to `path` atomically (temp file in the same directory, fsync, rename)."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 DOWNLOAD_TIMEOUT_S = 60  # seconds without data before a download fails

@@ -41,7 +41,17 @@ from data.image_folder import ImageFile, ImageFolderDataset, scan_image_folder
 from data.transforms import test_transform
 from engine.features import eval_autocast
 from models.blip_retrieval import BlipRetrieval
-from utils import UserError, barrier, get_rank, get_world_size, is_main_process, log, save_config, shard_range
+from utils import (
+    UserError,
+    atomic_write,
+    barrier,
+    get_rank,
+    get_world_size,
+    is_main_process,
+    log,
+    save_config,
+    shard_range,
+)
 
 FORMAT = "blip-search-index"
 FORMAT_VERSION = 1
@@ -128,22 +138,8 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: str, write: Callable) -> None:
-    """Write through `write(file)` to a temporary name beside `path`, fsync, rename: `path` is whole or absent."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _write_json(path: str, obj) -> None:
-    _write_atomic(path, lambda f: f.write(json.dumps(obj, separators=(",", ":")).encode()))
+    atomic_write(path, lambda f: f.write(json.dumps(obj, separators=(",", ":")).encode()))
 
 
 def read_manifest(index_dir: str) -> dict | None:
@@ -177,7 +173,7 @@ def _write_chunk(pending: str, model_id: str, rank: int, rows: list[tuple[ImageF
         "features": feats if feats is not None else np.zeros((len(rows), 0), np.float32),
     }
     name = f"chunk-{model_id}-r{rank}-{uuid.uuid4().hex[:12]}.npz"
-    _write_atomic(os.path.join(pending, name), lambda f: np.savez(f, **arrays))
+    atomic_write(os.path.join(pending, name), lambda f: np.savez(f, **arrays))
 
 
 def _read_chunks(pending: str, model_id: str) -> dict[str, tuple[int, int, np.ndarray | None, str]]:
