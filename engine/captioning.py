@@ -21,6 +21,7 @@ import utils
 from data.captions import CaptionEvalDataset
 from engine.caption_metrics import caption_metrics, format_caption_metrics
 from engine.generation import GenerationSettings, generate
+from engine.training import optimizer_step
 from utils import get_rank, get_world_size, is_main_process, log, shard_range
 
 
@@ -113,12 +114,7 @@ def train_caption_epoch(
         window_count += 1
         if not last_micro:
             continue
-        if config["clip_grad_norm"] > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, config["clip_grad_norm"])
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, scaler, params, config["clip_grad_norm"])
         global_step += 1
         if global_step % log_every == 0 or i == n - 1:
             mean = window_sum.item() / window_count  # the one host sync, every log_every steps

@@ -29,6 +29,7 @@ from tqdm import tqdm
 import utils
 from data import create_loader, pre_caption, test_transform
 from data.cirr import CIRR_VERSION, CirrImageDataset, CirrSplit
+from engine.training import optimizer_step
 from models.blip_cir import BlipCir
 from utils import JsonlLogger, gather_shards, get_rank, get_world_size, is_main_process, shard_range
 
@@ -248,12 +249,7 @@ def train_cir_epoch(
         with utils.autocast(device, config["amp"], config["amp_cpu"]):
             out = train_model(images, list(texts), target, config["cir_hnnce_alpha"], config["cir_hnnce_beta"])
         scaler.scale(out["loss"]).backward()
-        if config["clip_grad_norm"] > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, config["clip_grad_norm"])
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, scaler, params, config["clip_grad_norm"])
         global_step += 1
         stats = torch.stack([out["loss"].detach().float(), out["acc"].float()])
         sums += stats

@@ -178,6 +178,22 @@ def _stat_means(sums: list[float], count: int) -> dict:
     return means
 
 
+def optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    params: list[torch.nn.Parameter],
+    clip_grad_norm: float,
+) -> None:
+    """The end of an accumulation group, shared by every trainer: clip the unscaled gradients (clip_grad_norm > 0),
+    step through the grad scaler (a no-op scaler without fp16), clear the gradients."""
+    if clip_grad_norm > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train_one_epoch(
     model: torch.nn.Module,
     ddp: DistributedDataParallel | None,
@@ -227,12 +243,7 @@ def train_one_epoch(
         window_micro += 1
         if not last_micro:
             continue
-        if config["clip_grad_norm"] > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, config["clip_grad_norm"])
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, scaler, params, config["clip_grad_norm"])
         global_step += 1
         if global_step % log_every == 0 or i == n - 1:
             window = _stat_means(window_sum.tolist(), window_micro)  # the one host sync, every log_every steps
