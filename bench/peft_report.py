@@ -23,6 +23,7 @@ import gc
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +33,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 import yaml
 
-import train_retrieval
 from bench.bench_eval import (
     VIT_PRESETS,
     PeakMemory,
@@ -46,7 +46,7 @@ from bench.bench_eval import (
 from data import create_dataset
 from models.blip_retrieval import build_model
 from models.peft_methods import apply_finetune, parameter_counts
-from utils import DEFAULT_CONFIG, autocast, set_seed, validate_config
+from utils import DEFAULT_CONFIG, autocast, load_config, set_seed, validate_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
@@ -192,7 +192,7 @@ def measure_learning(args: argparse.Namespace) -> dict:
     runs = os.path.join(work, "runs")
     os.makedirs(runs)
     base_cfg = _demo_config(data, runs, max_epoch=args.base_epochs)
-    base = train_retrieval.main(["--config", base_cfg, "--output-dir", os.path.join(runs, "base")])
+    base = _train(base_cfg, os.path.join(runs, "base"))
     base_ckpt = os.path.join(runs, "base", "checkpoint_best.pth")
     rows = {"base": {"epochs": args.base_epochs, **_summary(base), "trainable": None}}
     for name, variant in VARIANTS.items():
@@ -200,9 +200,8 @@ def measure_learning(args: argparse.Namespace) -> dict:
         # A base that already learnt: continue at the schedule's end-of-base learning rate for every method.
         cfg = _demo_config(data, runs, max_epoch=args.epochs, pretrained=base_ckpt, finetune=finetune)
         start = time.perf_counter()
-        result = train_retrieval.main(["--config", cfg, "--output-dir", os.path.join(runs, name.replace(" ", "_"))])
-        counts = parameter_counts(result["model"])
-        rows[name] = {"epochs": args.epochs, **_summary(result), "trainable": counts["trainable"]}
+        val = _train(cfg, os.path.join(runs, name.replace(" ", "_")))
+        rows[name] = {"epochs": args.epochs, **_summary(val), "trainable": _trainable(cfg)}
         rows[name]["train_and_eval_s"] = time.perf_counter() - start
         print(f"{name:18s} val r_mean {rows[name]['val_r_mean']:.2f} (base {rows['base']['val_r_mean']:.2f})")
     return {"rows": rows, "work_dir": work}
@@ -241,8 +240,27 @@ def measure_fit(args: argparse.Namespace) -> dict:
     return {"steps": args.fit_steps, "lr": args.fit_lr, "rows": rows}
 
 
-def _summary(result: dict) -> dict:
-    val = result["best_val"]
+def _train(config_path: str, out_dir: str) -> dict:
+    """`train_retrieval.py` as a subprocess (bench/ imports the library, not the scripts); the val metrics of the
+    epoch it selected."""
+    subprocess.run(
+        [sys.executable, "train_retrieval.py", "--config", config_path, "--output-dir", out_dir],
+        cwd=REPO_ROOT,
+        check=True,
+    )
+    with open(os.path.join(out_dir, "metrics_val.json")) as f:
+        return json.load(f)
+
+
+def _trainable(config_path: str) -> int:
+    """Trainable parameters of the model that config builds (weights are not needed to count them)."""
+    config = load_config(config_path)
+    model = build_model(config)
+    apply_finetune(model, config, "")
+    return parameter_counts(model)["trainable"]
+
+
+def _summary(val: dict) -> dict:
     return {"val_r_mean": val["r_mean"], "val_itc_r_mean": val["itc_r_mean"], "val_txt_r1": val["txt_r1"]}
 
 
