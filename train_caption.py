@@ -26,7 +26,14 @@ from data import create_loader
 from data.captions import caption_references, create_caption_dataset
 from engine.caption_metrics import format_caption_metrics
 from engine.captioning import evaluate_captions, train_caption_epoch, write_caption_outputs
-from engine.training import TrainState, last_checkpoint, resolve_resume, restore_training, save_last_checkpoint
+from engine.training import (
+    TrainState,
+    last_checkpoint,
+    resolve_resume,
+    restore_training,
+    save_last_checkpoint,
+    training_arg_parser,
+)
 from models.caption_checkpoint import load_caption_model, load_caption_state_dict
 from models.checkpoint import CheckpointError
 from models.hf_blip import is_hf_directory
@@ -36,15 +43,11 @@ CKPT_FORMAT = "blip-caption-train-v1"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="YAML config (keys: utils.DEFAULT_CONFIG)")
-    parser.add_argument("--output-dir", required=True, help="where checkpoints, logs, captions and metrics go")
-    parser.add_argument(
-        "--resume", nargs="?", const="", default=None, metavar="CKPT", help="continue from CKPT (default: last)"
-    )
-    parser.add_argument("--evaluate", action="store_true", help="caption and score val and test with `pretrained`")
-    parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
-    return parser.parse_args(argv)
+    """The command line (see the module docstring)."""
+    description = __doc__.split("\n\n")[0]
+    writes = "checkpoints, logs, captions and metrics"
+    evaluate_help = "caption and score val and test with `pretrained`"
+    return training_arg_parser(description, writes, evaluate_help).parse_args(argv)
 
 
 def read_resume_checkpoint(path: str) -> dict:

@@ -40,6 +40,7 @@ from engine.training import (
     resolve_resume,
     restore_training,
     save_last_checkpoint,
+    training_arg_parser,
 )
 from models.blip_cir import check_cir_checkpoint, load_cir_model, load_cir_state_dict
 from utils import ConfigError, JsonlLogger, is_main_process, log
@@ -48,20 +49,11 @@ EVAL_SPLITS = ("val", "test1")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="YAML config (keys: utils.DEFAULT_CONFIG)")
-    parser.add_argument("--output-dir", required=True, help="where checkpoints, logs, metrics and submissions go")
-    parser.add_argument(
-        "--resume",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="CKPT",
-        help="continue (default: OUTPUT_DIR/checkpoint_last.pth)",
-    )
-    parser.add_argument("--evaluate", action="store_true", help="evaluate val and test1 with `pretrained`, no training")
-    parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
-    return parser.parse_args(argv)
+    """The command line (see the module docstring)."""
+    description = __doc__.split("\n\n")[0]
+    writes = "checkpoints, logs, metrics and submissions"
+    evaluate_help = "evaluate val and test1 with `pretrained`, no training"
+    return training_arg_parser(description, writes, evaluate_help).parse_args(argv)
 
 
 def check_config(config: dict, evaluate: bool) -> None:

@@ -42,6 +42,7 @@ from engine.training import (
     restore_training,
     save_last_checkpoint,
     train_one_epoch,
+    training_arg_parser,
 )
 from models.blip_retrieval import BlipRetrieval, check_queue_size
 from models.checkpoint import CheckpointError, load_model, load_state_dict_checked
@@ -53,26 +54,10 @@ from utils import ConfigError, JsonlLogger, is_main_process, log
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line (see the module docstring)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="YAML config (keys: utils.DEFAULT_CONFIG)")
-    parser.add_argument("--output-dir", required=True, help="where checkpoints, logs and metrics go")
-    parser.add_argument(
-        "--resume",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="CKPT",
-        help="continue from CKPT (default: OUTPUT_DIR/checkpoint_last.pth)",
-    )
-    parser.add_argument("--evaluate", action="store_true", help="evaluate val and test with `pretrained`, no training")
-    parser.add_argument(
-        "--options",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config overrides, YAML values, dotted keys (init_lr=5e-6 vit.depth=2)",
-    )
-    return parser.parse_args(argv)
+    description = __doc__.split("\n\n")[0]
+    writes = "checkpoints, logs and metrics"
+    evaluate_help = "evaluate val and test with `pretrained`, no training"
+    return training_arg_parser(description, writes, evaluate_help).parse_args(argv)
 
 
 def is_retrieval_finetuned(source: str) -> bool:

@@ -52,6 +52,7 @@ from bench.bench_eval import (
     write_json,
 )
 from data import create_dataset
+from engine.search_query import available_memory
 from utils import autocast
 
 
@@ -86,14 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def free_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return available_memory()
 
 
 @torch.no_grad()

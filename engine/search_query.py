@@ -94,7 +94,7 @@ class Searcher:
         if self.device.type == "cuda":
             return torch.from_numpy(index.features).to(self.device)
         need = index.features.shape[0] * index.features.shape[1] * 4
-        if index.features.dtype == np.float32 or need > 0.5 * _available_memory():
+        if index.features.dtype == np.float32 or need > 0.5 * available_memory():
             return index.features
         out = torch.empty(index.features.shape, dtype=torch.float32)
         block = self.config["search_block_rows"]
@@ -226,7 +226,7 @@ class Searcher:
             self.cache.popitem(last=False)
 
 
-def _available_memory() -> int:
+def available_memory() -> int:
     """MemAvailable from /proc/meminfo in bytes (Linux); 0 elsewhere, which keeps the memory map."""
     try:
         with open("/proc/meminfo") as f:

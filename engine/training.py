@@ -10,6 +10,7 @@ recreated workers differ).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import time
@@ -61,6 +62,31 @@ def gather_rng_states(distributed: bool) -> list[dict]:
     states: list = [None] * utils.get_world_size()
     dist.all_gather_object(states, state)
     return states
+
+
+def training_arg_parser(description: str, writes: str, evaluate_help: str) -> argparse.ArgumentParser:
+    """The command line every training script shares (--config, --output-dir, --resume, --evaluate, --options);
+    a script adds its own flags to the parser it gets. `writes` names what goes into the output directory."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="YAML config (keys: utils.DEFAULT_CONFIG)")
+    parser.add_argument("--output-dir", required=True, help=f"where {writes} go")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="CKPT",
+        help="continue from CKPT (default: OUTPUT_DIR/checkpoint_last.pth)",
+    )
+    parser.add_argument("--evaluate", action="store_true", help=evaluate_help)
+    parser.add_argument(
+        "--options",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides, YAML values, dotted keys (init_lr=5e-6 vit.depth=2)",
+    )
+    return parser
 
 
 def resolve_resume(output_dir: str, resume: str | None, evaluate: bool) -> str | None:
