@@ -93,8 +93,9 @@ def evaluate_split(
         return None
     result = evaluate(model, datasets[split], config, device, desc=split)
     m = result.metrics
+    official = f", official score {m['official_r_mean']:.2f}" if "official_r_mean" in m else ""
     log(
-        f"[{split}] r_mean {m['r_mean']:.2f} (ITC only {m['itc_r_mean']:.2f})  txt_r1 {m['txt_r1']:.2f}  "
+        f"[{split}] r_mean {m['r_mean']:.2f} (ITC only {m['itc_r_mean']:.2f}{official})  txt_r1 {m['txt_r1']:.2f}  "
         f"img_r1 {m['img_r1']:.2f}"
     )
     return result

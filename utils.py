@@ -67,9 +67,11 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "device": "auto",  # auto | cuda | cpu
     "seed": 42,  # base seed (each rank adds its rank)
     "num_workers": 4,  # DataLoader workers per process
+    "train_augment": "official",  # official (crop + flip + RandomAugment) | crop (crop only) | none (eval resize)
     "autocontrast": "official",  # official (uint8 wrap: channels with min > 0 turn white) | fixed (true stretch)
     "eval_mode": "fast",  # fast (cached cross-attention K/V, batched) | official (per-query, reference path)
     "itm_batch_size": 1024,  # max image-text pairs per ITM forward in fast evaluation (padding kept within 10%)
+    "rerank_score": "official",  # official (ITM match logit + cosine) | calibrated (log P_ITM(match) + cosine/temp)
     "itm_negatives": "hard",  # ITM negatives: hard (official) | uniform | warmup | anneal (see itm_hard_fraction)
     "itm_negatives_steps": 0,  # warmup: uniform negatives for this many optimizer steps; anneal: uniform -> hard
     "eval_every": 1,  # evaluate every N epochs (the last epoch is always evaluated)
@@ -128,6 +130,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "adapter": {
             "layers": [3, 6, 9, 12],  # 1-based ViT blocks read by the down-projections (DPAL)
             "reduction": 2,  # downsampling rate delta: each DPAL maps width -> width / delta
+            "gate": False,  # true: the UPAL output is scaled by a learned scalar that starts at 0 (not ContextBLIP)
             "itc_weight": 0.0,  # ContextBLIP trains ITM + TMIM only; > 0 adds the ITC loss
             "tmim_weight": 1.0,  # weight of the text-guided masked image modelling loss; 0 = ITM only
             "mask_ratio": 0.25,  # pi: share of patches masked, those with the highest text cross-attention
@@ -181,9 +184,11 @@ _ENUMS: dict[str, tuple[str, ...]] = {
     "amp": ("bf16", "fp16", "none"),
     "eval_amp": ("bf16", "fp16", "none"),
     "itm_negatives": ("hard", "uniform", "warmup", "anneal"),
+    "rerank_score": ("official", "calibrated"),
     "device": ("auto", "cuda", "cpu"),
     "eval_mode": ("fast", "official"),
     "autocontrast": ("official", "fixed"),
+    "train_augment": ("official", "crop", "none"),
     "vit": ("base", "large"),
     "vit_ckpt_layer": ("auto",),
     "search_feature_dtype": ("float16", "float32"),

@@ -2,18 +2,20 @@
 
     python -m bench.itm_negatives --out output/itm_negatives [--parallel 2] [--threads 1]
         [--schedules hard uniform warmup:150 anneal:300] [--datasets demo two_shapes] [--seeds 42 43 44]
-        [--epochs 20]
+        [--epochs 20] [--report-only]
 
 Each run is `train_retrieval.py --config configs/demo.yaml` (the demo recipe) with `itm_negatives` set to one
 schedule and seed, on generated data: `demo` is the demo's own dataset (`python -m data.synthetic` defaults) and
 `two_shapes` is one neither the demo nor the tests use (two shapes in every image, another seed, 240 train and 48
 val/test images). Runs go in parallel as subprocesses, `--threads` CPU threads each. Written to --out:
 - results.json: per run, the per-epoch train ITM loss and accuracies and val r_mean, and the test metrics of the
-  epoch selected by val (re-ranked and ITC-only);
+  epoch selected by val (re-ranked and ITC-only; with the demo's `rerank_score: calibrated`, also re-ranked with
+  the official score, `official_*`);
 - results.md: those test metrics, mean over the seeds (min and max of the re-ranking gain), then run by run;
 - itm_negatives.png: per dataset, the ITM loss per epoch (the dashed line is 0.6365, the loss of a head that
-  always answers the prior, 1 match in 3 pairs) and the val r_mean that re-ranking adds over ITC alone, both
-  averaged over the seeds.
+  always answers the prior, 1 match in 3 pairs) and the val r_mean that re-ranking adds over ITC alone (dashed:
+  with the official score), both averaged over the seeds.
+`--report-only` reads finished runs in --out (for instance seeds run in two batches) and writes the three files.
 """
 
 from __future__ import annotations
@@ -82,11 +84,21 @@ def read_run(run_dir: str) -> dict:
     epochs = [r for r in records if "train_loss_itm" in r]
     curves = {
         key: [r.get(key) for r in epochs]
-        for key in ("epoch", "train_loss_itm", "train_itm_acc_pos", "train_itm_acc_neg", "val_r_mean", "val_itc_r_mean")
+        for key in (
+            "epoch",
+            "train_loss_itm",
+            "train_itm_acc_pos",
+            "train_itm_acc_neg",
+            "val_r_mean",
+            "val_itc_r_mean",
+            "val_official_r_mean",  # only with rerank_score: calibrated (None otherwise)
+        )
     }
     with open(os.path.join(run_dir, "metrics_test.json")) as f:
         test = json.load(f)
     keep = ("r_mean", "itc_r_mean", "txt_r1", "img_r1", "itc_txt_r1", "itc_img_r1", "epoch")
+    # With rerank_score: calibrated the evaluation also reports the official score (official_*).
+    keep += tuple(k for k in ("official_r_mean", "official_txt_r1", "official_img_r1") if k in test)
     return {"curves": curves, "test": {k: test[k] for k in keep}}
 
 
@@ -128,10 +140,11 @@ def write_table(summary: dict, results: dict, path: str) -> None:
     ]
     for row in summary.values():
         gains = row["rerank_gains"]
+        official = f" (official score {row['official_r_mean']:.1f})" if "official_r_mean" in row else ""
         lines.append(
             f"| {row['dataset']} | {row['schedule']} | {row['seeds']} | {row['train_loss_itm']:.3f} | "
             f"{row['train_itm_acc_pos']:.2f} / {row['train_itm_acc_neg']:.2f} | {row['itc_r_mean']:.1f} | "
-            f"{row['r_mean']:.1f} | {_mean(gains):+.1f} ({min(gains):+.1f}, {max(gains):+.1f}) | "
+            f"{row['r_mean']:.1f}{official} | {_mean(gains):+.1f} ({min(gains):+.1f}, {max(gains):+.1f}) | "
             f"{row['itc_txt_r1']:.1f} / {row['itc_img_r1']:.1f} | {row['txt_r1']:.1f} / {row['img_r1']:.1f} |"
         )
     lines += [
@@ -143,9 +156,10 @@ def write_table(summary: dict, results: dict, path: str) -> None:
     ]
     for name, run in results.items():
         t = run["test"]
+        official = f" (official score {t['official_r_mean']:.1f})" if "official_r_mean" in t else ""
         lines.append(
             f"| {name} | {run['curves']['train_loss_itm'][-1]:.3f} | {t['itc_r_mean']:.1f} | "
-            f"{t['r_mean']:.1f} | {t['itc_txt_r1']:.1f} / {t['itc_img_r1']:.1f} | "
+            f"{t['r_mean']:.1f}{official} | {t['itc_txt_r1']:.1f} / {t['itc_img_r1']:.1f} | "
             f"{t['txt_r1']:.1f} / {t['img_r1']:.1f} |"
         )
     with open(path, "w") as f:
@@ -174,7 +188,19 @@ def plot(results: dict, datasets: list[str], path: str) -> bool:
             loss_ax.plot(epochs, loss, marker=".", label=f"{schedule} ({len(curves)} seeds)")
             evaluated = [i for i, v in enumerate(curves[0]["val_r_mean"]) if v is not None]
             gain = [_mean([c["val_r_mean"][i] - c["val_itc_r_mean"][i] for c in curves]) for i in evaluated]
-            gain_ax.plot([epochs[i] for i in evaluated], gain, marker="o", label=schedule)
+            line = gain_ax.plot([epochs[i] for i in evaluated], gain, marker="o", label=schedule)[0]
+            if all(c["val_official_r_mean"][i] is not None for c in curves for i in evaluated):
+                official = [
+                    _mean([c["val_official_r_mean"][i] - c["val_itc_r_mean"][i] for c in curves]) for i in evaluated
+                ]
+                evaluated_epochs = [epochs[i] for i in evaluated]
+                gain_ax.plot(
+                    evaluated_epochs,
+                    official,
+                    linestyle="--",
+                    color=line.get_color(),
+                    label=f"{schedule}, official score",
+                )
         loss_ax.axhline(PRIOR_LOSS, color="grey", linestyle="--", linewidth=1)
         loss_ax.set(
             title=f"{dataset}: train ITM loss (dashed: the prior, {PRIOR_LOSS:.4f})", xlabel="epoch", ylabel="loss_itm"
@@ -206,11 +232,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=1, help="CPU threads per run")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--options", nargs="*", default=[], help="extra config overrides for every run")
+    p.add_argument("--report-only", action="store_true", help="no training: tabulate and plot the runs in --out")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
 
     jobs = []
-    for dataset in args.datasets:
+    for dataset in [] if args.report_only else args.datasets:
         paths = make_synthetic_dataset(os.path.join(args.out, "data_" + dataset), **DATASETS[dataset])
         jobs += [(dataset, paths, schedule, seed) for schedule in args.schedules for seed in args.seeds]
     start, running, failed = time.perf_counter(), [], []

@@ -123,7 +123,12 @@ def create_dataset(config: dict[str, Any], split: str, transform: Any = None) ->
     size = int(config["image_size"])
     if split == "train":
         if transform is None:
-            transform = train_transform(size, min_scale=float(config["min_scale"]), autocontrast=config["autocontrast"])
+            transform = train_transform(
+                size,
+                min_scale=float(config["min_scale"]),
+                autocontrast=config["autocontrast"],
+                augment=config["train_augment"],
+            )
         return RetrievalTrainDataset(ann_file, config["image_root"], transform, max_words=max_words)
     transform = test_transform(size) if transform is None else transform
     return RetrievalEvalDataset(ann_file, config["image_root"], transform, max_words=max_words)

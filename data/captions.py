@@ -102,7 +102,9 @@ def create_caption_dataset(config: dict, split: str) -> Dataset:
     ann_file = annotation_path(config, split)
     size = config["image_size"]
     if split == "train":
-        transform = train_transform(size, min_scale=config["min_scale"], autocontrast=config["autocontrast"])
+        transform = train_transform(
+            size, min_scale=config["min_scale"], autocontrast=config["autocontrast"], augment=config["train_augment"]
+        )
         return CaptionTrainDataset(ann_file, config["image_root"], transform, config["prompt"], config["max_words"])
     return CaptionEvalDataset(
         ann_file, config["image_root"], test_transform(size), coco_ids=config["dataset"] == "coco"

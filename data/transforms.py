@@ -42,14 +42,30 @@ def test_transform(image_size: int) -> transforms.Compose:
 test_transform.__test__ = False  # type: ignore[attr-defined]
 
 
-def train_transform(image_size: int, min_scale: float = 0.5, autocontrast: str = "official") -> transforms.Compose:
+TRAIN_AUGMENTS = ("official", "crop", "none")  # config key `train_augment`
+
+
+def train_transform(
+    image_size: int, min_scale: float = 0.5, autocontrast: str = "official", augment: str = "official"
+) -> transforms.Compose:
     """Train transform: random resized crop, flip, RandomAugment(2, 5), tensor, normalise.
 
     ``autocontrast`` picks RandomAugment's AutoContrast: ``official`` or ``fixed`` (see ``auto_contrast``).
+    ``augment`` (config key ``train_augment``): ``official`` is the above; ``crop`` keeps only the random resized
+    crop; ``none`` is the eval transform. The official augmentation suits photos and their captions, which rarely
+    depend on left/right or exact colours; it falsifies captions that do (the generated shapes data: a flip swaps
+    "on the left" and "on the right", RandomAugment's colour ops repaint the shapes).
     """
+    if augment not in TRAIN_AUGMENTS:
+        raise ValueError(f"train_augment must be one of {TRAIN_AUGMENTS}, got {augment!r}")
+    if augment == "none":
+        return test_transform(image_size)
+    crop = transforms.RandomResizedCrop(image_size, scale=(min_scale, 1.0), interpolation=InterpolationMode.BICUBIC)
+    if augment == "crop":
+        return transforms.Compose([crop, transforms.ToTensor(), _normalize()])
     return transforms.Compose(
         [
-            transforms.RandomResizedCrop(image_size, scale=(min_scale, 1.0), interpolation=InterpolationMode.BICUBIC),
+            crop,
             transforms.RandomHorizontalFlip(),
             RandomAugment(num_ops=2, magnitude=5, autocontrast=autocontrast),
             transforms.ToTensor(),

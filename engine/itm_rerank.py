@@ -1,6 +1,7 @@
 """ITM re-ranking of the ITC top k: the official per-query algorithm and the fast one that gives the same scores.
 
-The score of a re-ranked pair is the ITM "match" logit plus the ITC cosine. Pairs outside a query's top k get
+The score of a re-ranked pair is the ITM "match" logit plus the ITC cosine (`rerank_score: official`), or
+log P_ITM(match) + cosine / temp (`rerank_score: calibrated`, see `rerank_score`). Pairs outside a query's top k get
 `cosine - 100`: every re-ranked pair stays above them, as with the official flat -100, and their ITC order is
 kept so that mean and median ranks mean something (the official ties make them arbitrary). R@K for K <= k_test
 is identical to the official definition.
@@ -33,6 +34,25 @@ KV_CHUNK = 32  # fast mode: images whose cross-attention keys/values are project
 # so texts of several images share a forward, in pieces of ITM_PIECE texts per image (see plan_itm_forwards).
 # On a CPU the arithmetic dominates, and each forward holds the texts of one image (no filler rows).
 ITM_PIECE = {"cuda": 16}
+RERANK_SCORES = ("official", "calibrated")  # config key `rerank_score`
+
+
+def rerank_score(itm_logits: torch.Tensor, cosines: torch.Tensor, mode: str, temp: float) -> torch.Tensor:
+    """The score of re-ranked pairs from their ITM logits (N, 2) and ITC cosines (N,).
+
+    official: the ITM match logit + the cosine. The cosine then only breaks near-ties: inside a top k its spread
+        is a few hundredths, the logit's several units, so the ITM head alone orders the shortlist. That suits a
+        pre-trained ITM head, which ranks better than ITC.
+    calibrated: log P_ITM(match) + cosine / temp, each head's log-score on the scale it was trained on (temp is
+        the ITC temperature): a product of the two experts. It helps where ITM knows something ITC does not
+        without being the better ranker on its own, as a head trained from scratch (README, "ITM re-ranking when
+        training from scratch"). An option, not the official score.
+    """
+    if mode == "official":
+        return itm_logits[:, 1].float() + cosines
+    if mode == "calibrated":
+        return torch.log_softmax(itm_logits.float(), dim=1)[:, 1] + cosines / temp
+    raise ValueError(f"rerank_score must be one of {RERANK_SCORES}, got {mode!r}")
 
 
 @dataclass
@@ -108,9 +128,12 @@ def rerank_official(
     k_test: int,
     device: torch.device,
     show_progress: bool = False,
+    score: str = "official",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference algorithm: one ITM batch of k_test pairs per query, queries split across ranks."""
+    """The reference algorithm: one ITM batch of k_test pairs per query, queries split across ranks. `score`:
+    see `rerank_score`."""
     rank, world = get_rank(), get_world_size()
+    temp = float(model.temp.detach())
     n_img, n_txt = sims.shape
     scores_i2t = torch.zeros(n_img, n_txt, device=device)  # summed across ranks: each row filled by one rank
     scores_t2i = torch.zeros(n_txt, n_img, device=device)
@@ -119,9 +142,9 @@ def rerank_official(
     for i in tqdm(range(start, end), desc="ITM i2t", disable=not show_progress):
         topk_sim, topk_idx = sims[i].topk(k_i2t)
         encoder_states = image_tokens[i].repeat(k_i2t, 1, 1).to(device)
-        itm = model.itm_logits(text_ids[topk_idx], text_atts[topk_idx], encoder_states, cls_only=False)[:, 1]
+        itm = model.itm_logits(text_ids[topk_idx], text_atts[topk_idx], encoder_states, cls_only=False)
         scores_i2t[i] = _fill_outside(sims[i])
-        scores_i2t[i, topk_idx] = itm + topk_sim
+        scores_i2t[i, topk_idx] = rerank_score(itm, topk_sim, score, temp)
     sims_t = sims.t()
     start, end = shard_range(n_txt, rank, world)
     for t in tqdm(range(start, end), desc="ITM t2i", disable=not show_progress):
@@ -129,9 +152,9 @@ def rerank_official(
         encoder_states = image_tokens[topk_idx.cpu()].to(device)
         itm = model.itm_logits(
             text_ids[t].repeat(k_t2i, 1), text_atts[t].repeat(k_t2i, 1), encoder_states, cls_only=False
-        )[:, 1]
+        )
         scores_t2i[t] = _fill_outside(sims_t[t])
-        scores_t2i[t, topk_idx] = itm + topk_sim
+        scores_t2i[t, topk_idx] = rerank_score(itm, topk_sim, score, temp)
     return all_reduce_sum_(scores_i2t), all_reduce_sum_(scores_t2i)
 
 
@@ -148,8 +171,11 @@ def rerank_fast(
     device: torch.device,
     config: dict,
     show_progress: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Score the union of both directions' top-k pairs once, grouped by image, with cached image K/V.
+    also_score: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Score the union of both directions' top-k pairs once, grouped by image, with cached image K/V; the score
+    is `config["rerank_score"]` (see `rerank_score`). `also_score` (a second score mode) appends that score's two
+    matrices, from the same ITM forwards.
 
     `image_tokens` holds this rank's images [image_offset, image_offset + len), on the device or in host memory
     (then streamed KV_CHUNK images at a time).
@@ -165,7 +191,7 @@ def rerank_fast(
     keys_t2i = (topk_t2i * n_txt + txt_of_t2i).flatten()
     pair_keys = torch.unique(torch.cat([keys_i2t, keys_t2i]))  # sorted
     pair_img, pair_txt = pair_keys // n_txt, pair_keys % n_txt
-    pair_scores = torch.zeros(len(pair_keys), device=device)
+    pair_logits = torch.zeros(len(pair_keys), 2, device=device)
 
     # Within each image, score its texts shortest first, so that a batch padded to its longest text carries
     # little padding. The order is computed on the host, so the loop below never waits for the device.
@@ -175,7 +201,7 @@ def rerank_fast(
     pair_txt_host = pair_txt_host[length_order]
     length_order = length_order.to(device)
     pair_txt_sorted = pair_txt[length_order]
-    sorted_scores = torch.zeros(len(pair_keys), device=device)
+    sorted_logits = torch.zeros(len(pair_keys), 2, device=device)
     first = int(torch.searchsorted(pair_img, torch.tensor(image_offset, device=device)))
     last = int(torch.searchsorted(pair_img, torch.tensor(image_offset + len(image_tokens), device=device)))
     counts = torch.bincount(pair_img[first:last] - image_offset, minlength=len(image_tokens)).tolist()
@@ -209,22 +235,23 @@ def rerank_fast(
                     image_kv = [(k[f_images], v[f_images]) for k, v in chunk_kv]
                 texts = pair_txt_sorted[f_rows]
                 ids, atts = text_ids[texts, : f.max_len], text_atts[texts, : f.max_len]  # pad to the longest, not 35
-                sorted_scores[f_rows[f_real]] = model.itm_logits(ids, atts, image_kv=image_kv)[f_real, 1]
+                sorted_logits[f_rows[f_real]] = model.itm_logits(ids, atts, image_kv=image_kv)[f_real]
                 at_row, at_image, at_real = at_row + len(f.rows), at_image + len(f.images), at_real + len(f.real)
                 progress.update(len(f.real))
     progress.close()
-    pair_scores[length_order] = sorted_scores
-    all_reduce_sum_(pair_scores)  # each pair was scored by the rank that owns its image
-    pair_scores += sims[pair_img, pair_txt]
-
-    def lookup(keys: torch.Tensor) -> torch.Tensor:
-        return pair_scores[torch.searchsorted(pair_keys, keys)]
-
-    scores_i2t = _fill_outside(sims.clone())
-    scores_i2t.scatter_(1, topk_i2t, lookup(keys_i2t).view(n_img, k_i2t))
-    scores_t2i = _fill_outside(sims.t().contiguous())
-    scores_t2i.scatter_(1, topk_t2i, lookup(keys_t2i).view(n_txt, k_t2i))
-    return scores_i2t, scores_t2i
+    pair_logits[length_order] = sorted_logits
+    all_reduce_sum_(pair_logits)  # each pair was scored by the rank that owns its image
+    pair_cosines = sims[pair_img, pair_txt].float()
+    i2t_at, t2i_at = torch.searchsorted(pair_keys, keys_i2t), torch.searchsorted(pair_keys, keys_t2i)
+    matrices = []
+    for mode in (config["rerank_score"], *([also_score] if also_score else [])):
+        pair_scores = rerank_score(pair_logits, pair_cosines, mode, float(model.temp.detach()))
+        scores_i2t = _fill_outside(sims.clone())
+        scores_i2t.scatter_(1, topk_i2t, pair_scores[i2t_at].view(n_img, k_i2t).to(scores_i2t.dtype))
+        scores_t2i = _fill_outside(sims.t().contiguous())
+        scores_t2i.scatter_(1, topk_t2i, pair_scores[t2i_at].view(n_txt, k_t2i).to(scores_t2i.dtype))
+        matrices += [scores_i2t, scores_t2i]
+    return tuple(matrices)
 
 
 @torch.no_grad()
@@ -236,7 +263,7 @@ def itm_match_one_text(
     device: torch.device,
     config: dict,
 ) -> torch.Tensor:
-    """ITM match logits (K,) of one text (ids starting with [ENC], (1, L), cut to its length) against K images.
+    """ITM logits (K, 2) of one text (ids starting with [ENC], (1, L), cut to its length) against K images.
 
     The fast path for one query (the search index): the images' cross-attention keys/values are projected
     KV_CHUNK images at a time, which bounds their memory (about 20 MB per image for ViT-B at 384 px in bf16),
@@ -248,5 +275,5 @@ def itm_match_one_text(
             tokens = image_tokens[start : start + KV_CHUNK].to(device, non_blocking=True)
             kv = model.text_encoder.cross_attention_kv(tokens)
             n = len(tokens)
-            logits.append(model.itm_logits(enc_ids.expand(n, -1), atts.expand(n, -1), image_kv=kv)[:, 1])
-    return torch.cat(logits) if logits else torch.zeros(0, device=device)
+            logits.append(model.itm_logits(enc_ids.expand(n, -1), atts.expand(n, -1), image_kv=kv))
+    return torch.cat(logits) if logits else torch.zeros(0, 2, device=device)

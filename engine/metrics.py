@@ -70,9 +70,13 @@ def format_metrics_table(metrics: dict) -> str:
     """Paper-style recall table: TR (image->text) and IR (text->image) at R@1/5/10, plus r_mean.
 
     When the metrics also hold the ITC-only recalls (`itc_*` keys, written by every evaluation), they are shown
-    first, beside the re-ranked ones, so the table says what ITM re-ranking adds (not for an ITC-only model).
+    first, beside the re-ranked ones, so the table says what ITM re-ranking adds (not for an ITC-only model); the
+    `official_*` keys (the official score, reported when `rerank_score` is another) get a column of their own.
     """
     columns = [("ITM re-ranked", "")]
+    # With `rerank_score: calibrated` the evaluation also scores the official way (official_* keys): both shown.
+    if "official_txt_r1" in metrics:
+        columns = [("re-ranked, official", "official_"), ("re-ranked, calibrated", "")]
     # A dual encoder (eval_mode itc, e.g. CLIP) has one ranking: its itc_* keys repeat the main ones.
     if "itc_txt_r1" in metrics and metrics.get("eval_mode") != "itc":
         columns.insert(0, ("ITC only", "itc_"))

@@ -3,7 +3,7 @@
 A text query is answered as the evaluation answers it (engine/evaluation.py): the ITC cosine of the query's
 [CLS] feature with every indexed image, the top K by cosine, then each of those K scored by ITM match logit +
 cosine, with [ENC] in place of [CLS]. Results beyond the K re-ranked ones keep their ITC order with
-score = cosine - 100, as in evaluation.
+score = cosine - 100, as in evaluation (`rerank_score: calibrated` scores log P_ITM(match) + cosine / temp instead).
 
 The index holds only ITC vectors; the image tokens that ITM attends to are recomputed on demand for the
 shortlist (ViT forward of K images read from disk) and kept in a bounded LRU cache (`search_cache_images`),
@@ -28,7 +28,7 @@ from data.image_folder import is_inside
 from data.retrieval import DataError, load_image
 from data.transforms import test_transform
 from engine.features import eval_autocast, text_features, token_dtype
-from engine.itm_rerank import OUTSIDE_TOP_K, itm_match_one_text
+from engine.itm_rerank import OUTSIDE_TOP_K, itm_match_one_text, rerank_score
 from engine.search_index import (
     SearchIndex,
     SearchIndexError,
@@ -143,10 +143,14 @@ class Searcher:
             tokens, kept, missing = self._image_tokens(rows[:n_rerank])
             timings["image_tokens"] = _ms(t0)
             t0 = time.perf_counter()
-            itm = itm_match_one_text(self.model, enc_ids, atts, tokens, self.device, self.config).float().cpu()
+            logits = itm_match_one_text(self.model, enc_ids, atts, tokens, self.device, self.config).float().cpu()
             timings["itm"] = _ms(t0)
+            kept_cos = torch.tensor([cos[i] for i in kept], dtype=torch.float32)
+            scores = rerank_score(
+                logits, kept_cos, self.config["rerank_score"], float(self.model.temp.detach())
+            ).tolist()
             reranked = [
-                Hit(self.index.paths[rows[i]], itm[j].item() + cos[i], cos[i], itm[j].item(), rows[i])
+                Hit(self.index.paths[rows[i]], scores[j], cos[i], logits[j, 1].item(), rows[i])
                 for j, i in enumerate(kept)
             ]
             reranked.sort(key=lambda h: -h.score)

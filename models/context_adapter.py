@@ -37,7 +37,7 @@ from utils import ConfigError
 class MultiScaleAdapter(nn.Module):
     """DPALs on the chosen blocks + one shared UPAL; forward(final_tokens, block_outputs) -> adapted tokens."""
 
-    def __init__(self, width: int, layers: list[int], reduction: int):
+    def __init__(self, width: int, layers: list[int], reduction: int, gate: bool = False):
         super().__init__()
         if width % reduction:
             raise ConfigError(f"config key 'finetune.adapter.reduction': {reduction} does not divide width {width}")
@@ -45,10 +45,15 @@ class MultiScaleAdapter(nn.Module):
         hidden = width // reduction
         self.down = nn.ModuleList(nn.Linear(width, hidden, bias=False) for _ in layers)
         self.up = nn.Linear(hidden * len(layers), width, bias=False)
+        # `finetune.adapter.gate`: a learned scalar on the UPAL output, initialised to 0, so that training starts
+        # from the base model's exact outputs (as LoRA does). Without it the randomly initialised UPAL adds a
+        # positive offset to every token from the first step. Not in ContextBLIP's description: an option.
+        self.gate = nn.Parameter(torch.zeros(())) if gate else None
 
     def forward(self, x: torch.Tensor, taps: list[torch.Tensor]) -> torch.Tensor:
         latent = torch.cat([F.relu(down(t)) for down, t in zip(self.down, taps, strict=True)], dim=-1)
-        return x + F.relu(self.up(latent))
+        update = F.relu(self.up(latent))
+        return x + (update if self.gate is None else self.gate * update)
 
 
 def select_masked_patches(attention: torch.Tensor, mask_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,7 +187,7 @@ def attach_context_adapter(model, cfg: dict) -> None:
     if bad:
         raise ConfigError(f"config key 'finetune.adapter.layers' {cfg['layers']}: the ViT has only {depth} blocks")
     for encoder in (model.visual_encoder, model.visual_encoder_m):
-        encoder.adapter = MultiScaleAdapter(width, cfg["layers"], cfg["reduction"])
+        encoder.adapter = MultiScaleAdapter(width, cfg["layers"], cfg["reduction"], cfg["gate"])
     model.visual_encoder_m.adapter.load_state_dict(model.visual_encoder.adapter.state_dict())
     model.itc_weight = cfg["itc_weight"]
     model.tmim_weight = cfg["tmim_weight"]

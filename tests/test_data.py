@@ -120,6 +120,33 @@ def test_train_transform_shape_and_determinism() -> None:
     assert tf.transforms[0].scale == (0.5, 1.0)
 
 
+def test_train_augment_modes(synth: dict[str, str]) -> None:
+    """train_augment: official is the default pipeline; crop keeps only the crop; none is the eval transform
+    (same output as the val/test images get), reached from the config key."""
+    config = {
+        **DEFAULT_CONFIG,
+        "dataset": "custom",
+        "image_root": synth["image_root"],
+        "train_file": synth["train_file"],
+        "image_size": 16,
+    }
+    assert DEFAULT_CONFIG["train_augment"] == "official"
+
+    def names(augment: str) -> list[str]:
+        transform = create_dataset({**config, "train_augment": augment}, "train").transform
+        return [type(t).__name__ for t in transform.transforms]
+
+    assert names("official") == ["RandomResizedCrop", "RandomHorizontalFlip", "RandomAugment", "ToTensor", "Normalize"]
+    assert names("crop") == ["RandomResizedCrop", "ToTensor", "Normalize"]
+    assert names("none") == ["Resize", "ToTensor", "Normalize"]
+    img = _gradient_image()
+    assert torch.equal(T.train_transform(16, augment="none")(img), T.test_transform(16)(img))
+    with pytest.raises(ValueError, match="train_augment must be one of"):
+        T.train_transform(16, augment="flip")
+    with pytest.raises(ConfigError, match=r"'train_augment'.*official, crop, none"):
+        validate_config(dict(DEFAULT_CONFIG, train_augment="flip"))
+
+
 @pytest.mark.parametrize("name", list(T.AUGMENT_OPS))
 @pytest.mark.parametrize("mode", ["RGB", "L"])
 def test_each_augment_op_returns_same_size_pil(name: str, mode: str) -> None:

@@ -76,12 +76,19 @@ def _cfg(config: dict, **overrides) -> dict:
     return {**config, **overrides}
 
 
-@torch.no_grad()
 def _brute_force(model, dataset) -> tuple[np.ndarray, np.ndarray]:
-    """ITC cosines and ITM match logits of EVERY (image, text) pair, computed independently of eval_retrieval:
-    all images in one batch, all texts in one batch, and the ITM of each pair as its own row with the image
-    tokens passed as encoder hidden states (no cached keys/values, no top-k). Returns (cos, itm), both
+    """ITC cosines and ITM match logits of EVERY (image, text) pair (see `_brute_force_logits`), both
     (N_img, N_txt) float64."""
+    cos, logits = _brute_force_logits(model, dataset)
+    return cos, logits[..., 1]
+
+
+@torch.no_grad()
+def _brute_force_logits(model, dataset) -> tuple[np.ndarray, np.ndarray]:
+    """ITC cosines and both ITM logits of EVERY (image, text) pair, computed independently of eval_retrieval:
+    all images in one batch, all texts in one batch, and the ITM of each pair as its own row with the image
+    tokens passed as encoder hidden states (no cached keys/values, no top-k). Returns cos (N_img, N_txt) and
+    logits (N_img, N_txt, 2), float64."""
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     image_tokens, image_feat = model.encode_image(images)
     ids, atts = model.tokenize(dataset.text, CPU)
@@ -89,10 +96,10 @@ def _brute_force(model, dataset) -> tuple[np.ndarray, np.ndarray]:
     enc_ids = ids.clone()
     enc_ids[:, 0] = model.tokenizer.convert_tokens_to_ids("[ENC]")
     n_img, n_txt = len(images), len(dataset.text)
-    itm = torch.empty(n_img, n_txt)
+    itm = torch.empty(n_img, n_txt, 2)
     for i in range(n_img):
         pair_images = image_tokens[i : i + 1].expand(n_txt, -1, -1)  # one (image i, text t) pair per row
-        itm[i] = model.itm_logits(enc_ids, atts, pair_images)[:, 1]
+        itm[i] = model.itm_logits(enc_ids, atts, pair_images)
     cos = image_feat @ text_feat.t()
     return cos.double().numpy(), itm.double().numpy()
 
@@ -105,16 +112,16 @@ def _topk_columns(row: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-row, kind="stable")[:k]
 
 
-def _expected_scores(cos: np.ndarray, itm: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Reference score matrices built row by row: top-k by cosine get itm + cos, the rest cos - 100."""
+def _expected_scores(cos: np.ndarray, itm: np.ndarray, k: int, cos_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Reference score matrices built row by row: top-k by cosine get itm + cos * cos_scale, the rest cos - 100."""
     i2t = cos - 100.0
     for i in range(cos.shape[0]):
         top = _topk_columns(cos[i], k)
-        i2t[i, top] = itm[i, top] + cos[i, top]
+        i2t[i, top] = itm[i, top] + cos[i, top] * cos_scale
     t2i = cos.T - 100.0
     for t in range(cos.shape[1]):
         top = _topk_columns(cos[:, t], k)
-        t2i[t, top] = itm[top, t] + cos[top, t]
+        t2i[t, top] = itm[top, t] + cos[top, t] * cos_scale
     return i2t, t2i
 
 
@@ -303,6 +310,37 @@ def test_evaluate_matches_brute_force(model, test_ds, config, brute_test, mode, 
     assert result.metrics["k_test"] == k_test and result.metrics["num_images"] == 12
     assert result.metrics["num_texts"] == 60
     assert not model.training
+
+
+@pytest.mark.parametrize("mode", ["fast", "official"])
+def test_calibrated_score_matches_brute_force(model, test_ds, config, mode):
+    """rerank_score: calibrated scores the top k by log P_ITM(match) + cosine / temp, in both modes; fast mode
+    also reports the official score's metrics (official_*) from the same forwards."""
+    cos, logits = _brute_force_logits(model, test_ds)
+    log_p_match = logits[..., 1] - np.logaddexp(logits[..., 0], logits[..., 1])
+    temp = float(model.temp.detach())
+    exp_i2t, exp_t2i = _expected_scores(cos, log_p_match, 7, cos_scale=1.0 / temp)
+    cfg = _cfg(config, eval_mode=mode, k_test=7, rerank_score="calibrated")
+    result = evaluation.evaluate(model, test_ds, cfg, CPU)
+    np.testing.assert_allclose(result.scores_i2t, exp_i2t, atol=1e-3, rtol=0)
+    np.testing.assert_allclose(result.scores_t2i, exp_t2i, atol=1e-3, rtol=0)
+    expected = compute_metrics(exp_i2t, exp_t2i, test_ds.txt2img, test_ds.img2txt)
+    official_i2t, official_t2i = _expected_scores(cos, logits[..., 1], 7)
+    official = compute_metrics(official_i2t, official_t2i, test_ds.txt2img, test_ds.img2txt)
+    # Guard: the two scores order the shortlists differently on this data, so a mix-up would fail.
+    assert (np.argsort(-exp_t2i, axis=1)[:, :7] != np.argsort(-official_t2i, axis=1)[:, :7]).any()
+    for key in RECALL_KEYS:
+        assert result.metrics[key] == pytest.approx(expected[key]), key
+        if mode == "fast":
+            assert result.metrics[f"official_{key}"] == pytest.approx(official[key]), key
+    assert ("official_r_mean" in result.metrics) == (mode == "fast")
+    table = format_metrics_table(result.metrics)
+    assert ("re-ranked, official" in table) == (mode == "fast") and "ITC only" in table
+
+
+def test_rerank_score_rejects_an_unknown_mode():
+    with pytest.raises(ValueError, match="rerank_score must be one of"):
+        itm_rerank.rerank_score(torch.zeros(2, 2), torch.zeros(2), "sum", 0.07)
 
 
 def test_itm_changes_the_ranking(test_ds, brute_test):

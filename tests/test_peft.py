@@ -275,6 +275,27 @@ def test_adapter_reads_the_chosen_blocks_and_adds_to_the_vit_output(tmp_path):
     assert all(n.startswith(("visual_encoder.adapter.", "tmim.")) for n in trainable_names(model))
 
 
+def test_gated_adapter_starts_as_the_base_model_and_its_gate_trains(tmp_path):
+    """finetune.adapter.gate: the UPAL output is scaled by a scalar that starts at 0, so the adapted model starts
+    as the base model (every score unchanged), and the gate gets a gradient from the first step."""
+    base, _ = _model(tmp_path)
+    gated = copy.deepcopy(METHODS["adapter"])
+    gated["adapter"] = {**gated.get("adapter", {}), "gate": True}
+    model, config = _model(tmp_path, gated)
+    images = torch.randn(4, 3, 32, 32)
+    before = _scores(base, images)
+    apply_finetune(model, config, "")
+    after = _scores(model, images)
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], rtol=0, atol=1e-6)
+    assert "visual_encoder.adapter.gate" in trainable_names(model)
+    vit = model.visual_encoder
+    vit(images).square().sum().backward()
+    assert vit.adapter.gate.grad is not None and vit.adapter.gate.grad.abs() > 0
+    with pytest.raises(ConfigError, match="finetune.adapter.gate"):
+        utils.validate_config({**config, "finetune": {**config["finetune"], "adapter": {"gate": "yes"}}})
+
+
 def test_vit_on_kept_patches_equals_the_same_tokens_selected_up_front(tmp_path):
     model, _ = _model(tmp_path)
     vit = model.visual_encoder

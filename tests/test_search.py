@@ -92,9 +92,12 @@ def index_features(index_dir) -> dict[str, np.ndarray]:
 
 
 @torch.no_grad()
-def _independent_ranking(model, image_root: str, paths: list[str], caption: str, k: int, image_size: int):
-    """ITC top k then ITM + cosine, from the model's own calls: official text padding (35), full last layer,
-    image tokens as encoder_hidden_states (no cached K/V), images loaded here with PIL."""
+def _independent_ranking(
+    model, image_root: str, paths: list[str], caption: str, k: int, image_size: int, calibrated: bool = False
+):
+    """ITC top k then ITM + cosine (calibrated: log P(match) + cosine / temp), from the model's own calls:
+    official text padding (35), full last layer, image tokens as encoder_hidden_states (no cached K/V), images
+    loaded here with PIL."""
     from PIL import Image
 
     transform = test_transform(image_size)
@@ -105,23 +108,28 @@ def _independent_ranking(model, image_root: str, paths: list[str], caption: str,
     cos = (image_feat @ text_feat[0]).float()
     top_cos, top = cos.topk(k)
     enc = model.with_enc_token(ids)
-    itm = model.itm_logits(enc.repeat(k, 1), atts.repeat(k, 1), image_embeds[top], cls_only=False)[:, 1]
-    score = itm + top_cos
+    logits = model.itm_logits(enc.repeat(k, 1), atts.repeat(k, 1), image_embeds[top], cls_only=False)
+    if calibrated:
+        match = logits[:, 1] - torch.logsumexp(logits, dim=1)
+        score = match + top_cos / model.temp
+    else:
+        score = logits[:, 1] + top_cos
     order = score.argsort(descending=True)
     return [paths[i] for i in top[order].tolist()], score[order], [paths[i] for i in top.tolist()]
 
 
-def test_query_matches_independent_computation_and_reranking_changes_the_order(synth, tmp_path):
+@pytest.mark.parametrize("rerank_score", ["official", "calibrated"])
+def test_query_matches_independent_computation_and_reranking_changes_the_order(synth, tmp_path, rerank_score):
     photos = make_photos(synth, tmp_path / "photos")
     build_index(synth["model"], cfg(synth), synth["checkpoint"], photos, str(tmp_path / "idx"), CPU, False)
     index = SearchIndex.load(str(tmp_path / "idx"))
     assert len(index) == 12 and index.features.dtype == np.float32
-    searcher = Searcher(synth["model"], index, cfg(synth), CPU)
+    searcher = Searcher(synth["model"], index, {**cfg(synth), "rerank_score": rerank_score}, CPU)
     k, reordered = 6, 0
     for caption in synth["captions"][::5][:8]:
         result = searcher.search_text(caption, top=k, rerank_k=k)
         ref_paths, ref_scores, ref_itc = _independent_ranking(
-            synth["model"], photos, index.paths, caption, k, synth["config"]["image_size"]
+            synth["model"], photos, index.paths, caption, k, synth["config"]["image_size"], rerank_score == "calibrated"
         )
         assert [h.path for h in result.hits] == ref_paths
         np.testing.assert_allclose([h.score for h in result.hits], ref_scores.numpy(), atol=1e-4)
