@@ -42,8 +42,9 @@ from models.blip_retrieval import BlipRetrieval
 
 @dataclass
 class Hit:
-    """One result: `path` relative to the image root, `score` (ITM + cosine if re-ranked, else the cosine, or
-    cosine - 100 beyond the re-ranked K), its parts, and the index row."""
+    """One result: `path` relative to the image root, `score` (if re-ranked, the `rerank_score` of its ITM logits
+    and cosine; else the cosine, or cosine - 100 beyond the re-ranked K), its parts (`itm`: the match logit), and
+    the index row."""
 
     path: str
     score: float

@@ -440,6 +440,15 @@ def test_delta_checkpoints_resume_exactly_and_evaluate(data_root, tmp_path, monk
     for key in ("txt_r1", "img_r1", "r_mean", "itc_r_mean"):
         assert metrics[key] == pytest.approx(expected[key]), key
 
+    if method == "adapter":  # a checkpoint written before adapter.gate existed loads with its default (no gate)
+        best = torch.load(straight / "checkpoint_best.pth", weights_only=True)
+        del best["finetune"]["config"]["adapter"]["gate"]
+        torch.save(best, tmp_path / "before_gate.pth")
+        old = eval_retrieval.main(
+            ["--config", config_path, "--checkpoint", str(tmp_path / "before_gate.pth"), "--output-dir", str(tmp_path)]
+        )
+        assert old["r_mean"] == pytest.approx(expected["r_mean"])
+
 
 def test_a_delta_on_the_wrong_base_is_refused(data_root, tmp_path):
     config_path = _config_file(data_root, tmp_path, METHODS["prompt"])
