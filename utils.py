@@ -345,7 +345,7 @@ def _merge_checked(value: Any, default: Any, name: str, where: str) -> Any:
     return float(value) if isinstance(default, float) else value
 
 
-def _check_finetune(finetune: Any, where: str) -> dict:
+def check_finetune(finetune: Any, where: str) -> dict:
     """The `finetune` mapping merged over its defaults and checked (method, sub-keys, types, bounds, layers)."""
     merged = _merge_checked(finetune, DEFAULT_CONFIG["finetune"], "finetune", where)
     if merged["method"] not in FINETUNE_METHODS:
@@ -428,7 +428,7 @@ def validate_config(config: dict, origins: dict[str, str] | str | None = None) -
                 f"config key 'amp_cpu' {where('amp_cpu')}: CPU autocast is bf16 only, but {amp_key} "
                 f"is {config[amp_key]!r}; set {amp_key}: bf16 or amp_cpu: false"
             )
-    config["finetune"] = _check_finetune(config["finetune"], where("finetune"))
+    config["finetune"] = check_finetune(config["finetune"], where("finetune"))
     if config["model"] == "clip" and config["finetune"]["method"] != "full":
         # The methods hook into BLIP's modules (ViT blocks, MED attention, the momentum towers).
         raise ConfigError(

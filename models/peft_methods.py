@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from models.blip_retrieval import BlipRetrieval
-from utils import DEFAULT_CONFIG, UserError, log
+from utils import UserError, check_finetune, log
 
 DELTA_FORMAT = "blip-retrieval-delta-v1"
 MOMENTUM_SUFFIX = "_m"  # visual_encoder -> visual_encoder_m, ...
@@ -273,22 +273,15 @@ def resume_base(ckpt: dict, config: dict, resume_path: str) -> str | None:
     return config["finetune"]["base"] or ckpt["finetune"]["base"]["source"] or None
 
 
-def _with_defaults(stored: dict) -> dict:
-    """A checkpoint's finetune settings over today's defaults: a method key added after the checkpoint was
-    written (e.g. adapter.gate) takes its default, which is the behaviour the checkpoint was trained with."""
-    defaults = DEFAULT_CONFIG["finetune"]
-    return {
-        key: {**value, **stored.get(key, {})} if isinstance(value, dict) else stored.get(key, value)
-        for key, value in defaults.items()
-    }
-
-
 def load_delta_checkpoint(config: dict, ckpt: dict, source: str) -> tuple[BlipRetrieval, Any]:
     """Build base + delta from a delta checkpoint (what load_model does with one): the method's settings come
     from the checkpoint (written into `config['finetune']`), the base from finetune.base or the recorded source."""
     from models.checkpoint import CheckpointError, load_model
 
-    config["finetune"] = {**_with_defaults(ckpt["finetune"]["config"]), "base": config["finetune"]["base"]}
+    # Merged over today's defaults and checked: a key added after the checkpoint was written (e.g. adapter.gate)
+    # takes its default, which is the behaviour the checkpoint was trained with.
+    stored = check_finetune(ckpt["finetune"]["config"], f"in checkpoint {source}")
+    config["finetune"] = {**stored, "base": config["finetune"]["base"]}
     base = config["finetune"]["base"] or ckpt["finetune"]["base"]["source"]
     if base and not os.path.exists(os.path.expanduser(base)) and "://" not in base:
         raise CheckpointError(
