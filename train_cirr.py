@@ -21,7 +21,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import utils
-from data import test_transform, train_transform
+from data import config_train_transform, test_transform
 from data.cirr import CirrTrainDataset, load_cirr_split
 from data.cirr_sampler import CirrBatchSampler
 from engine.cir import (
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
 def train(model, config: dict, info: utils.DistInfo, out_dir: str, jsonl: JsonlLogger, eval_splits, ckpt, resume_path):
     train_split = load_cirr_split(config["cirr_ann_root"], config["cirr_image_root"], "train")
     transform = (
-        train_transform(config["image_size"], config["min_scale"], config["autocontrast"])
+        config_train_transform(config)
         if config["cir_train_transform"] == "train"
         else test_transform(config["image_size"])
     )

@@ -148,7 +148,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "cir_hnnce_beta": 0.5,  # HN-NCE concentration on hard negatives (CoVR: 0.5; 0 with alpha 1 = InfoNCE)
     "cir_train_vit": False,  # train the ViT too (CoVR freezes it; vision_proj always stays frozen)
     "cir_sampler": "random",  # training batches: random (CoVR) | contrastive (no two pairs of one subset) | similar
-    "cir_train_transform": "train",  # reference-image transform in training: train (BLIP augmentation, CoVR) | test
+    "cir_train_transform": "train",  # reference-image transform in training: train (BLIP's, per train_augment) | test
 }
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "RetrievalTrainDataset",
     "SPLITS",
     "annotation_path",
+    "config_train_transform",
     "create_dataset",
     "create_loader",
     "load_image",
@@ -109,6 +110,17 @@ def annotation_path(config: dict[str, Any], split: str, download: bool = True, u
     return path
 
 
+def config_train_transform(config: dict[str, Any]) -> Any:
+    """BLIP's training transform from the config keys image_size, min_scale, autocontrast and train_augment: the
+    one place those keys become a transform (retrieval, captioning and CIR training)."""
+    return train_transform(
+        int(config["image_size"]),
+        min_scale=float(config["min_scale"]),
+        autocontrast=config["autocontrast"],
+        augment=config["train_augment"],
+    )
+
+
 def create_dataset(config: dict[str, Any], split: str, transform: Any = None) -> Dataset:
     """Build the train dataset (augmented) for split 'train', else the eval dataset for 'val'/'test'.
 
@@ -123,12 +135,7 @@ def create_dataset(config: dict[str, Any], split: str, transform: Any = None) ->
     size = int(config["image_size"])
     if split == "train":
         if transform is None:
-            transform = train_transform(
-                size,
-                min_scale=float(config["min_scale"]),
-                autocontrast=config["autocontrast"],
-                augment=config["train_augment"],
-            )
+            transform = config_train_transform(config)
         return RetrievalTrainDataset(ann_file, config["image_root"], transform, max_words=max_words)
     transform = test_transform(size) if transform is None else transform
     return RetrievalEvalDataset(ann_file, config["image_root"], transform, max_words=max_words)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from data import ANNOTATION_URL_PREFIX, annotation_path, test_transform, train_transform
+from data import ANNOTATION_URL_PREFIX, annotation_path, config_train_transform, test_transform
 from data.retrieval import DataError, RetrievalEvalDataset, RetrievalTrainDataset, load_image
 from utils import download_file
 
@@ -102,9 +102,7 @@ def create_caption_dataset(config: dict, split: str) -> Dataset:
     ann_file = annotation_path(config, split)
     size = config["image_size"]
     if split == "train":
-        transform = train_transform(
-            size, min_scale=config["min_scale"], autocontrast=config["autocontrast"], augment=config["train_augment"]
-        )
+        transform = config_train_transform(config)
         return CaptionTrainDataset(ann_file, config["image_root"], transform, config["prompt"], config["max_words"])
     return CaptionEvalDataset(
         ann_file, config["image_root"], test_transform(size), coco_ids=config["dataset"] == "coco"

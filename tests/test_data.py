@@ -26,6 +26,7 @@ from data import (
     create_loader,
 )
 from data import transforms as T
+from data.captions import create_caption_dataset
 from data.synthetic import SPECIAL_TOKENS, make_synthetic_dataset
 from data.synthetic import main as synthetic_main
 from data.utils import pre_caption
@@ -139,6 +140,9 @@ def test_train_augment_modes(synth: dict[str, str]) -> None:
     assert names("official") == ["RandomResizedCrop", "RandomHorizontalFlip", "RandomAugment", "ToTensor", "Normalize"]
     assert names("crop") == ["RandomResizedCrop", "ToTensor", "Normalize"]
     assert names("none") == ["Resize", "ToTensor", "Normalize"]
+    # captioning and CIR training build theirs from the same keys (data.config_train_transform)
+    caption_transform = create_caption_dataset({**config, "train_augment": "crop"}, "train").transform
+    assert [type(t).__name__ for t in caption_transform.transforms] == ["RandomResizedCrop", "ToTensor", "Normalize"]
     img = _gradient_image()
     assert torch.equal(T.train_transform(16, augment="none")(img), T.test_transform(16)(img))
     with pytest.raises(ValueError, match="train_augment must be one of"):
