@@ -48,7 +48,14 @@ from models.blip_retrieval import BlipRetrieval, check_queue_size
 from models.checkpoint import CheckpointError, load_model, load_state_dict_checked
 from models.clip import dataset_transform, load_clip_state
 from models.hf_blip import is_hf_directory
-from models.peft_methods import apply_finetune, is_delta_checkpoint, load_delta, model_payload, resume_base
+from models.peft_methods import (
+    apply_finetune,
+    is_delta_checkpoint,
+    load_delta,
+    model_payload,
+    parameter_counts,
+    resume_base,
+)
 from utils import ConfigError, JsonlLogger, is_main_process, log
 
 
@@ -167,6 +174,12 @@ def build_run(
     if report is not None and report.config_updates:
         config.update(report.config_updates)  # an HF directory fixes the architecture (e.g. image_size)
     apply_finetune(model, config, source)  # finetune.method: adapters in, frozen weights out of training
+    if config["finetune"]["method"] != "full":
+        counts = parameter_counts(model)
+        log(
+            f"finetune.method {config['finetune']['method']}: {counts['trainable']:,} trainable parameters of "
+            f"{counts['online']:,} (momentum copies not counted)"
+        )
     if ckpt and config["model"] == "clip":
         load_clip_state(model, ckpt["model"], resume_path)  # strict: every key must match
     elif delta:

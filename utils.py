@@ -126,7 +126,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
                 "crossattention.self.value",
             ],
         },
-        "prompt": {"text_tokens": 8},  # learnable text tokens inserted after [CLS]/[ENC]
+        # learnable tokens: text ones inserted after [CLS]/[ENC]; vision ones after the ViT's class token (VPT)
+        "prompt": {"text_tokens": 8, "vision_tokens": 0},
         "adapter": {
             "layers": [3, 6, 9, 12],  # 1-based ViT blocks read by the down-projections (DPAL)
             "reduction": 2,  # downsampling rate delta: each DPAL maps width -> width / delta
@@ -309,7 +310,8 @@ _FINETUNE_BOUNDS: dict[str, tuple[float, float | None]] = {
     "lora.rank": (1, None),
     "lora.alpha": (0, None),
     "lora.dropout": (0, 0.99),
-    "prompt.text_tokens": (1, None),
+    "prompt.text_tokens": (0, None),
+    "prompt.vision_tokens": (0, None),
     "adapter.reduction": (1, None),
     "adapter.itc_weight": (0, None),
     "adapter.tmim_weight": (0, None),
@@ -359,6 +361,11 @@ def check_finetune(finetune: Any, where: str) -> dict:
         if value < lo or (hi is not None and value > hi):
             expected = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
             raise ConfigError(f"config key 'finetune.{dotted}' {where}: expected a value {expected}, got {value!r}")
+    if merged["prompt"]["text_tokens"] + merged["prompt"]["vision_tokens"] < 1:
+        raise ConfigError(
+            f"config keys 'finetune.prompt.text_tokens' and 'finetune.prompt.vision_tokens' {where}: both are 0; "
+            "prompt tuning needs at least one prompt token"
+        )
     layers = merged["adapter"]["layers"]
     if not layers or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in layers):
         raise ConfigError(

@@ -1,17 +1,18 @@
-"""Parameter-efficient fine-tuning report: what each finetune.method trains, costs and learns, in one run.
+"""Parameter-efficient fine-tuning report: what each finetune.method trains and costs, and whether it fits a batch.
 
-    python -m bench.peft_report [--part cost|learn|both] [--device auto|cuda|cpu] [--vit base|large|tiny]
-        [--text base|tiny] [--image-size N] [--batch-size B] [--steps M] [--epochs E] [--out-dir DIR]
+    python -m bench.peft_report [--part cost|fit] [--device auto|cuda|cpu] [--vit base|large|tiny]
+        [--text base|tiny] [--image-size N] [--batch-size B] [--steps M] [--out-dir DIR]
 
-cost: for full, lora, prompt, adapter (ITM + TMIM) and adapter without TMIM, from the SAME random-init weights and
-    the SAME batch: trainable parameters, AdamW state, peak memory (CUDA max allocated, or the host peak RSS of
-    the block on CPU) and the median time of a training step (BlipRetrieval.forward + backward + AdamW step, as
-    train_retrieval.py), each also as a ratio to full fine-tuning measured in the same process.
-learn: a demo-sized run per method on generated data (configs/demo.yaml sizes): a base is trained with full
-    fine-tuning for --base-epochs, saved, and each method then continues from that base for --epochs; val r_mean
-    (ITC + ITM re-ranking) of the base and after each method, and the ITC-only r_mean.
+cost: for full, lora, prompt (8 text tokens), prompt (vision: 8 visual tokens), adapter (ITM + TMIM) and adapter
+    without TMIM, from the SAME random-init weights and the SAME batch: trainable parameters, AdamW state, peak
+    memory (CUDA max allocated, or the host peak RSS of the block on CPU) and the median time of a training step
+    (BlipRetrieval.forward + backward + AdamW step, as train_retrieval.py), each also as a ratio to full
+    fine-tuning measured in the same process.
+fit: each method fits one fixed batch of 16 generated pairs from the same random-init demo-sized model; the loss it
+    optimises at the first and the last of --fit-steps AdamW steps. Whether each method adapts a trained model to
+    new data, held out: bench/peft_adapt.py.
 
-Writes DIR/peft_cost.json, DIR/peft_learn.json and DIR/peft_report.md (the tables).
+Writes DIR/peft_cost.json or DIR/peft_fit.json, and DIR/peft_report.md (the table).
 Defaults on CPU: ViT-B/16 + BERT-base at 128 px, batch 4, 1 warm-up + 2 timed steps; on CUDA 384 px, batch 32.
 """
 
@@ -23,7 +24,6 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,13 +46,14 @@ from bench.bench_eval import (
 from data import create_dataset
 from models.blip_retrieval import build_model
 from models.peft_methods import apply_finetune, parameter_counts
-from utils import DEFAULT_CONFIG, autocast, load_config, set_seed, validate_config
+from utils import DEFAULT_CONFIG, autocast, set_seed, validate_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
     "full": {"method": "full"},
     "lora": {"method": "lora"},
     "prompt": {"method": "prompt"},
+    "prompt (vision)": {"method": "prompt", "prompt": {"text_tokens": 0, "vision_tokens": 8}},
     "adapter": {"method": "adapter"},
     "adapter (no TMIM)": {"method": "adapter", "adapter": {"tmim_weight": 0.0}},
 }
@@ -159,52 +160,8 @@ def measure_cost(args: argparse.Namespace, device: torch.device) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Learn: a demo-sized run per method
+# Fit: does each method lower its loss?
 # ----------------------------------------------------------------------------------------------------
-
-
-def _demo_config(data: dict, out: str, **overrides) -> str:
-    with open(os.path.join(REPO_ROOT, "configs", "demo.yaml")) as f:
-        config = yaml.safe_load(f)
-    config.update(
-        image_root=data["image_root"],
-        train_file=data["train_file"],
-        val_file=data["val_file"],
-        test_file=data["test_file"],
-        text_encoder=data["vocab_file"],
-        num_workers=0,
-        eval_every=1000,  # evaluate the last epoch only
-        **overrides,
-    )
-    path = os.path.join(out, f"config_{len(os.listdir(out))}.yaml")
-    with open(path, "w") as f:
-        yaml.safe_dump(config, f)
-    return path
-
-
-def measure_learning(args: argparse.Namespace) -> dict:
-    from data.synthetic import make_synthetic_dataset
-
-    work = tempfile.mkdtemp(prefix="peft_learn_")
-    data = make_synthetic_dataset(
-        os.path.join(work, "data"), num_train_images=args.num_train_images, num_val_images=50, num_test_images=50
-    )
-    runs = os.path.join(work, "runs")
-    os.makedirs(runs)
-    base_cfg = _demo_config(data, runs, max_epoch=args.base_epochs)
-    base = _train(base_cfg, os.path.join(runs, "base"))
-    base_ckpt = os.path.join(runs, "base", "checkpoint_best.pth")
-    rows = {"base": {"epochs": args.base_epochs, **_summary(base), "trainable": None}}
-    for name, variant in VARIANTS.items():
-        finetune = _finetune(variant, 2, small_decoder=True)
-        # A base that already learnt: continue at the schedule's end-of-base learning rate for every method.
-        cfg = _demo_config(data, runs, max_epoch=args.epochs, pretrained=base_ckpt, finetune=finetune)
-        start = time.perf_counter()
-        val = _train(cfg, os.path.join(runs, name.replace(" ", "_")))
-        rows[name] = {"epochs": args.epochs, **_summary(val), "trainable": _trainable(cfg)}
-        rows[name]["train_and_eval_s"] = time.perf_counter() - start
-        print(f"{name:18s} val r_mean {rows[name]['val_r_mean']:.2f} (base {rows['base']['val_r_mean']:.2f})")
-    return {"rows": rows, "work_dir": work}
 
 
 def measure_fit(args: argparse.Namespace) -> dict:
@@ -240,30 +197,6 @@ def measure_fit(args: argparse.Namespace) -> dict:
     return {"steps": args.fit_steps, "lr": args.fit_lr, "rows": rows}
 
 
-def _train(config_path: str, out_dir: str) -> dict:
-    """`train_retrieval.py` as a subprocess (bench/ imports the library, not the scripts); the val metrics of the
-    epoch it selected."""
-    subprocess.run(
-        [sys.executable, "train_retrieval.py", "--config", config_path, "--output-dir", out_dir],
-        cwd=REPO_ROOT,
-        check=True,
-    )
-    with open(os.path.join(out_dir, "metrics_val.json")) as f:
-        return json.load(f)
-
-
-def _trainable(config_path: str) -> int:
-    """Trainable parameters of the model that config builds (weights are not needed to count them)."""
-    config = load_config(config_path)
-    model = build_model(config)
-    apply_finetune(model, config, "")
-    return parameter_counts(model)["trainable"]
-
-
-def _summary(val: dict) -> dict:
-    return {"val_r_mean": val["r_mean"], "val_itc_r_mean": val["itc_r_mean"], "val_txt_r1": val["txt_r1"]}
-
-
 # ----------------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------------
@@ -273,7 +206,7 @@ def _gib(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 2**30:.2f}"
 
 
-def markdown(cost: dict | None, learn: dict | None, header: str) -> str:
+def markdown(cost: dict | None, header: str) -> str:
     lines = [header, ""]
     if cost:
         peak = "CUDA max allocated" if cost["peak_key"] == "device_peak_bytes" else "host peak RSS"
@@ -290,24 +223,12 @@ def markdown(cost: dict | None, learn: dict | None, header: str) -> str:
                 f"{r['step_s']:.2f} | {r[cost['time_key']]:.2f} | {r['step_time_vs_full']:.2f} |"
             )
         lines.append("")
-    if learn:
-        lines += [
-            "| run | epochs | trainable params | val r_mean | val ITC-only r_mean | val TR R@1 |",
-            "|---|---|---|---|---|---|",
-        ]
-        for name, r in learn["rows"].items():
-            trainable = "all" if r["trainable"] is None else f"{r['trainable']:,}"
-            lines.append(
-                f"| {name} | {r['epochs']} | {trainable} | {r['val_r_mean']:.2f} | {r['val_itc_r_mean']:.2f} | "
-                f"{r['val_txt_r1']:.2f} |"
-            )
-        lines.append("")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", default="both", choices=["cost", "learn", "both", "fit"])
+    p.add_argument("--part", default="cost", choices=["cost", "fit"])
     p.add_argument("--fit-steps", type=int, default=30, help="fit: AdamW steps on one fixed batch")
     p.add_argument("--fit-lr", type=float, default=1e-3, help="fit: learning rate of every method")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
@@ -318,9 +239,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"], help="training autocast on CUDA")
-    p.add_argument("--base-epochs", type=int, default=6, help="learn: full fine-tuning epochs of the base")
-    p.add_argument("--epochs", type=int, default=6, help="learn: epochs of each method on top of the base")
-    p.add_argument("--num-train-images", type=int, default=200, help="learn: generated training images (5 captions)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default on CPU: 1)")
     p.add_argument("--out-dir", default=None)
@@ -338,11 +256,10 @@ def main(argv: list[str] | None = None) -> dict:
     if not cuda:  # one thread: the process CPU time of a step is then a clean measure of its work
         torch.set_num_threads(args.threads or 1)
     env = {**environment(), "device": device_description(device), "args": vars(args)}  # threads of the cost part
-    cost = measure_cost(args, device) if args.part in ("cost", "both") else None
+    cost = measure_cost(args, device) if args.part == "cost" else None
     torch.set_num_threads(threads)
-    learn = measure_learning(args) if args.part in ("learn", "both") else None
     fit = measure_fit(args) if args.part == "fit" else None
-    for name, payload in (("peft_cost.json", cost), ("peft_learn.json", learn), ("peft_fit.json", fit)):
+    for name, payload in (("peft_cost.json", cost), ("peft_fit.json", fit)):
         if payload is not None:
             with open(os.path.join(out_dir, name), "w") as f:
                 json.dump({"environment": env, **payload}, f, indent=2, default=str)
@@ -351,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"cost: ViT {args.vit}, text {args.text}, {args.image_size} px, batch {args.batch_size}, "
         f"median of {args.steps} steps after {args.warmup} warm-up"
     )
-    report = markdown(cost, learn, header)
+    report = markdown(cost, header)
     if fit:
         report += (
             f"\n| fit: one batch of 16, {fit['steps']} steps, lr {fit['lr']:g} | trainable | loss first | loss last "
@@ -367,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
     with open(os.path.join(out_dir, "peft_report.md"), "w") as f:
         f.write(report + "\n")
     print(report)
-    return {"cost": cost, "learn": learn, "fit": fit, "out_dir": out_dir}
+    return {"cost": cost, "fit": fit, "out_dir": out_dir}
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from data.retrieval import DataError, load_image
-from data.synthetic import SPECIAL_TOKENS, _captions, _render, _sample_scene, _tokens
+from data.synthetic import SPECIAL_TOKENS, STYLES, _captions, _render, _sample_scene, _tokens
 from data.transforms import test_transform
 from data.utils import pre_caption
 
@@ -117,13 +117,17 @@ def make_imagecode_sample(
     descriptions_per_set: int = 2,
     image_size: int = 32,
     seed: int = 0,
+    style: str = "filled",
 ) -> dict[str, str]:
     """Write `image-sets/`, `valid_data.json`, `test_data_unlabeled.json` and a `vocab.txt` under `out_dir`.
 
     Video sets: 10 "frames" of one scene whose shapes move between grid cells, named like MSR-VTT sets, with
     frame numbers that sort differently as strings and as numbers. Static sets (`open-images-*`): 10 unrelated
-    scenes. Each description is a generated caption of its target image. Returns the paths.
+    scenes. Each description is a generated caption of its target image. `style`: filled shapes or their outline
+    (data.synthetic STYLES). Returns the paths.
     """
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
     rng = random.Random(f"imagecode-{seed}")
     np_rng = np.random.default_rng(seed)
     image_root = os.path.join(out_dir, "image-sets")
@@ -144,7 +148,7 @@ def make_imagecode_sample(
                 scene = [type(s)(s.kind, s.colour, s.size, cell) for s, cell in zip(base, cells, strict=True)]
             else:
                 scene = _sample_scene(rng)
-            _render(scene, image_size, rng, np_rng).save(os.path.join(set_dir, f"img{frame}.jpg"), quality=95)
+            _render(scene, image_size, rng, np_rng, style).save(os.path.join(set_dir, f"img{frame}.jpg"), quality=95)
             captions.append(_captions(scene, 1, rng)[0])
         targets = rng.sample(range(IMAGES_PER_SET), descriptions_per_set)
         valid[name] = {str(t): captions[t] for t in targets}
@@ -174,9 +178,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--descriptions-per-set", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--style", default="filled", choices=STYLES, help="filled shapes, or their outline only")
     args = parser.parse_args(argv)
     paths = make_imagecode_sample(
-        args.out, args.num_video_sets, args.num_static_sets, args.descriptions_per_set, args.image_size, args.seed
+        args.out,
+        args.num_video_sets,
+        args.num_static_sets,
+        args.descriptions_per_set,
+        args.image_size,
+        args.seed,
+        args.style,
     )
     print(json.dumps(paths, indent=1))
 

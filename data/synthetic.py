@@ -108,31 +108,46 @@ def _groups(scene: list[Shape]) -> list[Group]:
     return [Group(k, c, z, tuple(cells)) for (k, c, z), cells in order.items()]
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape, side: int, rng: random.Random) -> None:
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape, side: int, rng: random.Random, style: str = "filled") -> None:
+    """`style` filled: solid shapes; outline: only their contours, `side` / 32 pixels wide (the same scene and the
+    same RNG draws either way, so a dataset and its outline twin show the very same shapes)."""
     cell_w = side / 3
     jitter = 0.02 * side  # small enough that neighbouring large shapes never overlap
     cx = (shape.cell[1] + 0.5) * cell_w + rng.uniform(-jitter, jitter)
     cy = (shape.cell[0] + 0.5) * cell_w + rng.uniform(-jitter, jitter)
     r = SIZES[shape.size] * side
-    fill = COLOURS[shape.colour]
+    colour = COLOURS[shape.colour]
+    # Filled: fill the shape. Outline: draw its contour only (PIL's outline/width), the cross as one 12-gon.
+    paint = {"fill": colour} if style == "filled" else {"outline": colour, "width": max(1, round(side / 32))}
     if shape.kind == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], **paint)
     elif shape.kind == "square":
         h = 0.85 * r  # a square of half-side r looks bigger than a circle of radius r
-        draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
+        draw.rectangle([cx - h, cy - h, cx + h, cy + h], **paint)
     elif shape.kind == "triangle":
-        draw.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=fill)
+        draw.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], **paint)
     elif shape.kind == "diamond":
-        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], **paint)
     elif shape.kind == "cross":
         t = 0.3 * r
-        draw.rectangle([cx - r, cy - t, cx + r, cy + t], fill=fill)
-        draw.rectangle([cx - t, cy - r, cx + t, cy + r], fill=fill)
+        if style == "filled":
+            draw.rectangle([cx - r, cy - t, cx + r, cy + t], **paint)
+            draw.rectangle([cx - t, cy - r, cx + t, cy + r], **paint)
+        else:
+            # The contour's upper-right quarter, then that quarter turned by 90 degrees three times.
+            quarter = [(t, -r), (t, -t), (r, -t)]
+            points = []
+            for _ in range(4):
+                points += [(cx + x, cy + y) for x, y in quarter]
+                quarter = [(-y, x) for x, y in quarter]
+            draw.polygon(points, **paint)
     else:  # pragma: no cover - SHAPES and this function are edited together
         raise ValueError(f"unknown shape {shape.kind}")
 
 
-def _render(scene: list[Shape], side: int, rng: random.Random, np_rng: np.random.Generator) -> Image.Image:
+def _render(
+    scene: list[Shape], side: int, rng: random.Random, np_rng: np.random.Generator, style: str = "filled"
+) -> Image.Image:
     grey = rng.randint(105, 150)
     background = np.full((side, side, 3), grey, dtype=np.int16)
     if rng.random() < 0.5:
@@ -140,7 +155,7 @@ def _render(scene: list[Shape], side: int, rng: random.Random, np_rng: np.random
     img = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8), mode="RGB")
     draw = ImageDraw.Draw(img)
     for shape in scene:
-        _draw_shape(draw, shape, side, rng)
+        _draw_shape(draw, shape, side, rng, style)
     return img
 
 
@@ -295,15 +310,19 @@ def make_synthetic_dataset(
     image_size: int = 64,
     seed: int = 0,
     num_shapes: int | None = None,
+    style: str = "filled",
 ) -> dict[str, str]:
     """Write a synthetic retrieval dataset under ``out_dir`` and return its paths.
 
     Returns a dict with ``image_root``, ``ann_root``, ``train_file``, ``val_file``, ``test_file`` and
     ``vocab_file``. The output depends only on the arguments (same seed, same bytes). ``num_shapes`` fixes
-    the number of shapes per image (1-3); by default it varies.
+    the number of shapes per image (1-3); by default it varies. ``style``: ``filled`` shapes or their ``outline``
+    only (the same scenes and captions for the same seed: a visual domain shift with nothing else changed).
     """
     if num_shapes is not None and not 1 <= num_shapes <= 3:
         raise ValueError(f"num_shapes must be 1, 2 or 3, got {num_shapes}")
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
     if captions_per_image < 1:
         raise ValueError(f"captions_per_image must be >= 1, got {captions_per_image}")
     if image_size < 24:
@@ -320,6 +339,7 @@ def make_synthetic_dataset(
         "image_size": image_size,
         "captions_per_image": captions_per_image,
         "counts": counts,
+        "style": style,
     }
     for split in counts:
         os.makedirs(os.path.join(image_root, split), exist_ok=True)
@@ -360,6 +380,7 @@ def config_keys(paths: dict[str, str]) -> dict[str, str]:
 
 
 GENERATOR_FILE = "generator.json"
+STYLES = ("filled", "outline")
 SPLITS = ("train", "val", "test")
 
 
@@ -371,7 +392,8 @@ def generate_split(generator: dict, split: str) -> Iterator[tuple[list[Shape], I
     np_rng = np.random.default_rng([generator["seed"], SPLITS.index(split)])
     for _ in range(generator["counts"][split]):
         scene = _sample_scene(rng, generator["num_shapes"])
-        image = _render(scene, generator["image_size"], rng, np_rng)
+        # generator.json files written before `style` existed hold filled shapes
+        image = _render(scene, generator["image_size"], rng, np_rng, generator.get("style", "filled"))
         yield scene, image, _captions(scene, generator["captions_per_image"], rng)
 
 
@@ -398,6 +420,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--num-shapes", type=int, default=None, choices=[1, 2, 3], help="shapes per image (default: 1-3, varying)"
     )
+    parser.add_argument(
+        "--style",
+        default="filled",
+        choices=STYLES,
+        help="filled shapes, or their outline only: the same scenes and captions (a visual domain shift)",
+    )
     args = parser.parse_args(argv)
     paths = make_synthetic_dataset(
         args.out,
@@ -408,6 +436,7 @@ def main(argv: list[str] | None = None) -> None:
         image_size=args.image_size,
         seed=args.seed,
         num_shapes=args.num_shapes,
+        style=args.style,
     )
     print(json.dumps(paths, indent=2))
 

@@ -5,8 +5,9 @@
 - lora: low-rank adapters injected with the `peft` library (`inject_adapter_in_model`, LoraConfig) into the
   modules named by `finetune.lora.target_modules` (suffixes: ViT `attn.qkv`, `attn.proj`, `mlp.fc1`, `mlp.fc2`;
   MED `attention.self.{query,key,value}`, `crossattention.self.{query,key,value}`, ...).
-- prompt: learnable text tokens inserted after [CLS]/[ENC] (written here; peft's prompt tuning assumes a
-  transformers language model and does not fit BLIP's image-text forward).
+- prompt: learnable text tokens inserted after [CLS]/[ENC], and/or visual prompt tokens inserted after the ViT's
+  class token (VPT-shallow, Jia et al. 2022) (written here; peft's prompt tuning assumes a transformers language
+  model and does not fit BLIP's image-text forward).
 - adapter: ContextBLIP's multi-scale adapter on the ViT, trained with ITM + TMIM (models/context_adapter.py).
 
 The momentum encoders. The online and momentum towers get identical adapters; after injection the momentum
@@ -58,6 +59,24 @@ class TextPrompt(nn.Module):
             ones = attention_mask.new_ones(batch, self.tokens.shape[0])
             attention_mask = torch.cat([attention_mask[:, :1], ones, attention_mask[:, 1:]], dim=1)
         return hidden, attention_mask
+
+
+class VisionPrompt(nn.Module):
+    """`num_tokens` learnable vectors inserted after the ViT's class token, after the position embeddings (they
+    have no position), before the first block (VPT-shallow). Every block attends to them; `drop` removes their
+    outputs after the last block, so the image tokens keep their shape (B, 1 + patches, width) for ITC, ITM's
+    cross-attention and TMIM. Initialised from a normal distribution with std 0.02 (timm's position embeddings)."""
+
+    def __init__(self, init: torch.Tensor):
+        super().__init__()
+        self.tokens = nn.Parameter(init.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        prompts = self.tokens.to(x.dtype)[None].expand(x.shape[0], -1, -1)
+        return torch.cat([x[:, :1], prompts, x[:, 1:]], dim=1)
+
+    def drop(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x[:, :1], x[:, 1 + self.tokens.shape[0] :]], dim=1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -121,6 +140,15 @@ def _inject_lora(model: BlipRetrieval, cfg: dict) -> None:
 
 
 def _add_prompts(model: BlipRetrieval, cfg: dict) -> None:
+    if cfg["vision_tokens"]:
+        # A generator of its own, as for the text prompts: the global RNG (batches, negatives) is left as it was.
+        generator = torch.Generator().manual_seed(0)
+        init = 0.02 * torch.randn(cfg["vision_tokens"], model.visual_encoder.embed_dim, generator=generator)
+        init = init.to(model.visual_encoder.cls_token.device)
+        model.visual_encoder.prompt = VisionPrompt(init)
+        model.visual_encoder_m.prompt = VisionPrompt(init)
+    if not cfg["text_tokens"]:
+        return
     encoder = model.text_encoder
     with torch.no_grad():
         generator = torch.Generator().manual_seed(0)
@@ -137,7 +165,7 @@ def _is_method_param(name: str, method: str) -> bool:
     if method == "lora":
         return ".lora_A." in name or ".lora_B." in name
     if method == "prompt":
-        return name.startswith("text_encoder.prompt.")
+        return name.startswith(("text_encoder.prompt.", "visual_encoder.prompt."))
     if method == "adapter":
         return name.startswith(("visual_encoder.adapter.", "tmim."))
     return False
@@ -247,9 +275,19 @@ def load_delta(model: BlipRetrieval, ckpt: dict, source: str) -> None:
             f"has sha256 {expected[:12]}; point finetune.base (or pretrained) at the checkpoint it was trained from"
         )
     want = delta_state_dict(model)
-    state = ckpt["model"]
+    state = dict(ckpt["model"])
     missing, unexpected = sorted(want.keys() - state.keys()), sorted(state.keys() - want.keys())
     mismatched = [k for k in want.keys() & state.keys() if want[k].shape != state[k].shape]
+    # Another queue_size (as for full checkpoints, models/checkpoint.py): the model keeps its fresh queues.
+    queues = ("image_queue", "text_queue", "idx_queue")
+    if mismatched and set(mismatched) <= set(queues) and state["idx_queue"].shape[0] == want["idx_queue"].shape[0]:
+        log(
+            f"{source}: queue length {state['idx_queue'].shape[1]} in the checkpoint vs queue_size "
+            f"{want['idx_queue'].shape[1]}: the model keeps its fresh queues"
+        )
+        for key in (*queues, "ptr_queue"):
+            del state[key]
+        mismatched = []
     if missing or unexpected or mismatched:
         raise CheckpointError(
             f"{source}: the delta checkpoint does not match the model built from the config (method "

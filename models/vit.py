@@ -69,6 +69,9 @@ class VisionTransformer(TimmVisionTransformer):
         # ContextBLIP's multi-scale adapter (models/context_adapter.py), set by finetune.method adapter: it reads
         # the outputs of some blocks and adds its result to the final output.
         self.adapter: nn.Module | None = None
+        # Visual prompt tokens (models/peft_methods.VisionPrompt), set by finetune.method prompt with
+        # prompt.vision_tokens > 0: inserted after the class token before the blocks, dropped from the output.
+        self.prompt: nn.Module | None = None
 
     @property
     def num_patches(self) -> int:
@@ -84,6 +87,8 @@ class VisionTransformer(TimmVisionTransformer):
             patches = x[:, 1:].gather(1, keep[:, :, None].expand(-1, -1, x.shape[-1]))
             x = torch.cat([x[:, :1], patches], dim=1)
         x = self.pos_drop(x)
+        if self.prompt is not None:
+            x = self.prompt(x)
         first_ckpt = len(self.blocks) - self.ckpt_layer
         taps = []
         for i, block in enumerate(self.blocks):
@@ -96,6 +101,8 @@ class VisionTransformer(TimmVisionTransformer):
             if self.adapter is not None and i in self.adapter.block_indices:
                 taps.append(self.norm(x))
         x = self.norm(x)
+        if self.prompt is not None:  # the output keeps the shape (B, 1 + patches, width) that every consumer reads
+            x = self.prompt.drop(x)
         return x if self.adapter is None else self.adapter(x, taps)
 
 

@@ -617,3 +617,36 @@ def test_generate_split_replays_the_written_scenes_and_true_captions_cover_them(
     assert [captions for _, _, captions in replayed] == written
     for scene, _, captions in replayed:
         assert set(captions) <= true_captions(scene)
+
+
+def test_outline_style_draws_the_same_scenes_as_contours(tmp_path) -> None:
+    """--style outline: the same captions (same scenes, same RNG draws) as the filled twin, fewer shape pixels, the
+    style recorded for replay; an unknown style is refused."""
+    from data.synthetic import GENERATOR_FILE, generate_split
+
+    kwargs = {"num_train_images": 3, "num_val_images": 4, "num_test_images": 4, "image_size": 64, "seed": 2}
+    filled = make_synthetic_dataset(str(tmp_path / "filled"), **kwargs)
+    outline = make_synthetic_dataset(str(tmp_path / "outline"), style="outline", **kwargs)
+    for split in ("train", "val", "test"):
+        with open(filled[f"{split}_file"]) as f, open(outline[f"{split}_file"]) as g:
+            assert json.load(f) == json.load(g)
+
+    def shape_pixels(root: str, rel: str) -> int:
+        # Background pixels are grey (R = G = B, up to the light noise); the shape colours but white are far from grey.
+        pixels = np.asarray(Image.open(os.path.join(root, rel)), dtype=np.int16)
+        return int((pixels.max(axis=2) - pixels.min(axis=2) > 40).sum())
+
+    rels = [f"test/{i:05d}.png" for i in range(4)]
+    drawn = sum(shape_pixels(filled["image_root"], rel) for rel in rels)
+    contour = sum(shape_pixels(outline["image_root"], rel) for rel in rels)
+    assert 0 < contour < 0.8 * drawn, (contour, drawn)
+    with open(os.path.join(tmp_path / "outline", GENERATOR_FILE)) as f:
+        generator = json.load(f)
+    assert generator["style"] == "outline"
+    replayed = [np.asarray(image) for _, image, _ in generate_split(generator, "val")]
+    assert np.array_equal(replayed[0], np.asarray(Image.open(os.path.join(outline["image_root"], "val/00000.png"))))
+    del generator["style"]  # generator.json written before the option existed: filled shapes
+    replayed = [np.asarray(image) for _, image, _ in generate_split(generator, "val")]
+    assert np.array_equal(replayed[0], np.asarray(Image.open(os.path.join(filled["image_root"], "val/00000.png"))))
+    with pytest.raises(ValueError, match="style must be one of"):
+        make_synthetic_dataset(str(tmp_path / "bad"), style="dotted", **kwargs)

@@ -6,8 +6,10 @@ import copy
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import eval_retrieval
 import train_retrieval
@@ -33,7 +35,7 @@ from utils import ConfigError, UserError, save_config
 TINY_ADAPTER = {"layers": [1, 2], "decoder_width": 32, "decoder_depth": 1, "decoder_heads": 2}
 METHODS = {
     "lora": {"method": "lora", "lora": {"rank": 4}},
-    "prompt": {"method": "prompt", "prompt": {"text_tokens": 3}},
+    "prompt": {"method": "prompt", "prompt": {"text_tokens": 3, "vision_tokens": 2}},  # text and visual prompts
     "adapter": {"method": "adapter", "adapter": TINY_ADAPTER},
 }
 CAPTIONS = ["a red ball", "a dog on grass", "two cats", "a man in the street"]
@@ -224,7 +226,7 @@ def test_merge_refuses_methods_that_cannot_merge(tmp_path):
 
 
 def test_text_prompts_keep_position_zero_and_only_the_prompts_train(tmp_path):
-    model, config = _model(tmp_path, METHODS["prompt"])
+    model, config = _model(tmp_path, {"method": "prompt", "prompt": {"text_tokens": 3}})
     ids, atts = model.tokenize(CAPTIONS)
     plain = model.text_encoder(ids, atts, mode="text")
     apply_finetune(model, config, "")
@@ -238,6 +240,45 @@ def test_text_prompts_keep_position_zero_and_only_the_prompts_train(tmp_path):
     hidden_p, mask_p = model.text_encoder.prompt(hidden, atts)
     assert torch.equal(hidden_p[:, 0], hidden[:, 0]) and torch.equal(hidden_p[:, 4:], hidden[:, 1:])
     assert torch.equal(mask_p[:, 1:4], torch.ones(4, 3, dtype=mask_p.dtype))
+
+
+def test_vision_prompts_keep_the_image_token_shape_and_only_the_prompts_train(tmp_path):
+    finetune = {"method": "prompt", "prompt": {"text_tokens": 0, "vision_tokens": 2}}
+    model, config = _model(tmp_path, finetune)
+    images = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        plain = model.visual_encoder(images)
+        apply_finetune(model, config, "")
+        prompted = model.visual_encoder(images)
+    assert prompted.shape == plain.shape  # the prompts' outputs are dropped after the last block
+    assert not torch.allclose(prompted, plain)  # every token attended to the prompts
+    assert trainable_names(model) == ["visual_encoder.prompt.tokens"]
+    assert model.text_encoder.prompt is None  # text_tokens 0: the text side is untouched
+    assert torch.equal(model.visual_encoder_m.prompt.tokens, model.visual_encoder.prompt.tokens)
+    # Brute force: the ViT's own layers run on [CLS, prompts, patches] by hand, prompts then removed.
+    vit = model.visual_encoder
+    with torch.no_grad():
+        x = torch.cat([vit.cls_token.expand(2, -1, -1), vit.patch_embed(images)], dim=1) + vit.pos_embed
+        x = torch.cat([x[:, :1], vit.prompt.tokens[None].expand(2, -1, -1), x[:, 1:]], dim=1)
+        for block in vit.blocks:
+            x = block(x)
+        x = vit.norm(x)
+    assert torch.allclose(prompted, torch.cat([x[:, :1], x[:, 3:]], dim=1), atol=1e-6)
+    # trains: one step moves the prompts and nothing else (their momentum copy moves by EMA)
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss = model(images, CAPTIONS[:2], 0.4, torch.tensor([0, 1]))["loss"]
+    loss.backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert "visual_encoder.prompt.tokens" in changed
+    assert set(changed) <= {"visual_encoder.prompt.tokens", "visual_encoder_m.prompt.tokens"}
+
+
+def test_prompt_tuning_needs_at_least_one_token(tmp_path):
+    with pytest.raises(ConfigError, match="both are 0"):
+        utils.check_finetune({"method": "prompt", "prompt": {"text_tokens": 0}}, "in test")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -455,6 +496,13 @@ def test_a_delta_on_the_wrong_base_is_refused(data_root, tmp_path):
     out = tmp_path / "run"
     train_retrieval.main(["--config", config_path, "--output-dir", str(out), "--options", "max_epoch=1"])
     config = utils.load_config(config_path)
+    # Another queue_size (say, eval with the default config) loads: the queues are the one shape that may differ.
+    resized = copy.deepcopy(config)
+    resized["queue_size"] = 2 * config["queue_size"]
+    model, _ = load_model(resized, str(out / "checkpoint_best.pth"))
+    saved = torch.load(out / "checkpoint_best.pth", weights_only=True)["model"]
+    assert torch.equal(model.text_encoder.prompt.tokens, saved["text_encoder.prompt.tokens"])
+    assert model.image_queue.shape[1] == resized["queue_size"]
     other = tmp_path / "other_base.pth"
     torch.manual_seed(5)
     torch.save({"model": build_model(config).state_dict()}, other)
@@ -523,6 +571,21 @@ def test_imagecode_sample_follows_the_release_format(imagecode_data):
         numbers = [int(os.path.basename(p)[3:-4]) for p in files]
         assert numbers == sorted(numbers) and len(numbers) == 10  # numeric order (img7 before img15)
         assert isinstance(test[name], list)
+
+
+def test_imagecode_outline_style_keeps_the_sets_and_redraws_the_images(imagecode_data, tmp_path):
+    outline = make_imagecode_sample(str(tmp_path), num_video_sets=3, num_static_sets=2, style="outline")
+    for key in ("valid_file", "test_file"):
+        with open(imagecode_data[key]) as f, open(outline[key]) as g:
+            assert json.load(f) == json.load(g)
+    name = sorted(os.listdir(outline["image_root"]))[0]
+    first = [
+        sorted_set_images(os.path.join(root, name))[0] for root in (imagecode_data["image_root"], outline["image_root"])
+    ]
+    assert os.path.basename(first[0]) == os.path.basename(first[1])
+    assert not np.array_equal(*(np.asarray(Image.open(path)) for path in first))
+    with pytest.raises(ValueError, match="style must be one of"):
+        make_imagecode_sample(str(tmp_path / "bad"), 1, 1, style="dotted")
 
 
 def test_imagecode_accuracy_equals_brute_force(imagecode_data, tmp_path):
@@ -601,8 +664,43 @@ def test_peft_report_cost_part_runs_on_tiny_towers(tmp_path):
     finally:
         torch.set_num_threads(threads)
     rows = out["cost"]["rows"]
-    assert list(rows) == ["full", "lora", "prompt", "adapter", "adapter (no TMIM)"]
+    assert list(rows) == ["full", "lora", "prompt", "prompt (vision)", "adapter", "adapter (no TMIM)"]
     assert rows["full"]["trainable_vs_full"] == 1.0
-    assert all(rows[m]["trainable"] < rows["full"]["trainable"] for m in ("lora", "prompt", "adapter (no TMIM)"))
+    smaller = ("lora", "prompt", "prompt (vision)", "adapter (no TMIM)")
+    assert all(rows[m]["trainable"] < rows["full"]["trainable"] for m in smaller)
     assert rows["adapter (no TMIM)"]["method"] == rows["adapter (no TMIM)"]["trainable"]
-    assert (tmp_path / "peft_report.md").read_text().count("\n| ") == 6  # header + 5 methods
+    assert (tmp_path / "peft_report.md").read_text().count("\n| ") == 7  # header + 6 methods
+
+
+def test_peft_adapt_bench_runs_every_step_and_tabulates_gains_over_zero_shot(tmp_path):
+    """bench.peft_adapt end to end on a few images: the zero-shot run, two methods, their IMAGECODE scores, and a
+    table whose gains are the runs' own numbers minus zero-shot; --report-only rebuilds the same summary."""
+    from bench import peft_adapt
+    from data.synthetic import make_synthetic_dataset
+    from models.blip_retrieval import build_model
+
+    vocab = make_synthetic_dataset(str(tmp_path / "vocab_data"), 20, 1, 1)["vocab_file"]
+    base = str(tmp_path / "base.pth")
+    torch.manual_seed(0)
+    torch.save(
+        {"model": build_model(utils.load_config("configs/demo.yaml", [f"text_encoder={vocab}"])).state_dict()}, base
+    )
+    out = str(tmp_path / "bench")
+    args = ["--out", out, "--base", base, "--base-vocab", vocab, "--methods", "full", "adapter_gate_itc"]
+    args += ["--epochs", "1", "--num-train", "8", "--num-eval", "6", "--imagecode-sets", "1"]
+    args += ["--options", "batch_size_train=8", "batch_size_test=6", "k_test=3", "queue_size=8"]
+    result = peft_adapt.main(args)
+    summary, runs = result["summary"], result["runs"]
+    assert set(runs) == {"zero_shot", "full_seed0", "adapter_gate_itc_seed0"}
+    assert all(run["imagecode"]["num_descriptions"] == 6 for run in runs.values())  # 2 sets x 3 descriptions
+    assert len(runs["full_seed0"]["curves"]["val_r_mean"]) == 1
+    assert summary["full"]["test_r_mean"] == runs["full_seed0"]["test"]["r_mean"]
+    table = (tmp_path / "bench" / "results.md").read_text()
+    zero = summary["zero_shot"]["test_r_mean"]
+    gain = summary["adapter_gate_itc"]["test_r_mean"] - zero
+    assert (
+        "| adapter_gate_itc | " in table and f"{summary['adapter_gate_itc']['test_r_mean']:.1f} ({gain:+.1f})" in table
+    )
+    assert (tmp_path / "bench" / "peft_adapt.png").stat().st_size > 10_000
+    again = peft_adapt.main([*args, "--report-only"])
+    assert again["summary"] == summary
