@@ -361,7 +361,7 @@ def check_finetune(finetune: Any, where: str) -> dict:
         if value < lo or (hi is not None and value > hi):
             expected = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
             raise ConfigError(f"config key 'finetune.{dotted}' {where}: expected a value {expected}, got {value!r}")
-    if merged["prompt"]["text_tokens"] + merged["prompt"]["vision_tokens"] < 1:
+    if merged["method"] == "prompt" and merged["prompt"]["text_tokens"] + merged["prompt"]["vision_tokens"] < 1:
         raise ConfigError(
             f"config keys 'finetune.prompt.text_tokens' and 'finetune.prompt.vision_tokens' {where}: both are 0; "
             "prompt tuning needs at least one prompt token"

@@ -62,10 +62,11 @@ class TextPrompt(nn.Module):
 
 
 class VisionPrompt(nn.Module):
-    """`num_tokens` learnable vectors inserted after the ViT's class token, after the position embeddings (they
-    have no position), before the first block (VPT-shallow). Every block attends to them; `drop` removes their
-    outputs after the last block, so the image tokens keep their shape (B, 1 + patches, width) for ITC, ITM's
-    cross-attention and TMIM. Initialised from a normal distribution with std 0.02 (timm's position embeddings)."""
+    """Learnable vectors (`init`: (num_tokens, width)) inserted after the ViT's class token, after the position
+    embeddings (they have no position), before the first block (VPT-shallow). Every block attends to them; `drop`
+    removes their outputs after the last block, so the image tokens keep their shape (B, 1 + patches, width) for
+    ITC, ITM's cross-attention and TMIM. `_add_prompts` draws `init` from a normal distribution with std 0.02
+    (the scale of timm's position embeddings)."""
 
     def __init__(self, init: torch.Tensor):
         super().__init__()
@@ -280,7 +281,8 @@ def load_delta(model: BlipRetrieval, ckpt: dict, source: str) -> None:
     mismatched = [k for k in want.keys() & state.keys() if want[k].shape != state[k].shape]
     # Another queue_size (as for full checkpoints, models/checkpoint.py): the model keeps its fresh queues.
     queues = ("image_queue", "text_queue", "idx_queue")
-    if mismatched and set(mismatched) <= set(queues) and state["idx_queue"].shape[0] == want["idx_queue"].shape[0]:
+    only_length = all(k in queues and state[k].shape[0] == want[k].shape[0] for k in mismatched)
+    if mismatched and only_length and all(k in state for k in queues):
         log(
             f"{source}: queue length {state['idx_queue'].shape[1]} in the checkpoint vs queue_size "
             f"{want['idx_queue'].shape[1]}: the model keeps its fresh queues"

@@ -39,6 +39,7 @@ METHODS = {
     "adapter": {"method": "adapter", "adapter": TINY_ADAPTER},
 }
 CAPTIONS = ["a red ball", "a dog on grass", "two cats", "a man in the street"]
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
 
 
 def _model(tmp_path, finetune: dict | None = None, seed: int = 0):
@@ -682,9 +683,7 @@ def test_peft_adapt_bench_runs_every_step_and_tabulates_gains_over_zero_shot(tmp
     vocab = make_synthetic_dataset(str(tmp_path / "vocab_data"), 20, 1, 1)["vocab_file"]
     base = str(tmp_path / "base.pth")
     torch.manual_seed(0)
-    torch.save(
-        {"model": build_model(utils.load_config("configs/demo.yaml", [f"text_encoder={vocab}"])).state_dict()}, base
-    )
+    torch.save({"model": build_model(utils.load_config(DEMO_CONFIG, [f"text_encoder={vocab}"])).state_dict()}, base)
     out = str(tmp_path / "bench")
     args = ["--out", out, "--base", base, "--base-vocab", vocab, "--methods", "full", "adapter_gate_itc"]
     args += ["--epochs", "1", "--num-train", "8", "--num-eval", "6", "--imagecode-sets", "1"]
