@@ -415,11 +415,11 @@ def _classify_keys(
             mismatched.append((key, tuple(value.shape), tuple(model_state[key].shape)))
         else:
             to_load[key] = value
-    _accept_queue_resize(to_load, mismatched, report)
+    accept_queue_resize(to_load, mismatched, report)
     return to_load, mismatched
 
 
-def _accept_queue_resize(
+def accept_queue_resize(
     to_load: dict[str, torch.Tensor], mismatched: list[tuple[str, tuple, tuple]], report: LoadReport
 ) -> None:
     """Move a different queue length out of `mismatched`: the one harmless shape difference.

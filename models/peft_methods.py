@@ -265,7 +265,7 @@ def is_delta_checkpoint(obj: object) -> bool:
 def load_delta(model: BlipRetrieval, ckpt: dict, source: str) -> None:
     """Load a delta checkpoint into `model` (base loaded, method applied): the base must be the one the delta
     was trained on (SHA-256), and the delta must hold exactly the model's non-frozen tensors."""
-    from models.checkpoint import CheckpointError
+    from models.checkpoint import CheckpointError, LoadReport, accept_queue_resize
 
     expected = model.finetune["base"]["sha256"]
     recorded = ckpt["finetune"]["base"]
@@ -278,18 +278,17 @@ def load_delta(model: BlipRetrieval, ckpt: dict, source: str) -> None:
     want = delta_state_dict(model)
     state = dict(ckpt["model"])
     missing, unexpected = sorted(want.keys() - state.keys()), sorted(state.keys() - want.keys())
-    mismatched = [k for k in want.keys() & state.keys() if want[k].shape != state[k].shape]
-    # Another queue_size (as for full checkpoints, models/checkpoint.py): the model keeps its fresh queues.
-    queues = ("image_queue", "text_queue", "idx_queue")
-    only_length = all(k in queues and state[k].shape[0] == want[k].shape[0] for k in mismatched)
-    if mismatched and only_length and all(k in state for k in queues):
-        log(
-            f"{source}: queue length {state['idx_queue'].shape[1]} in the checkpoint vs queue_size "
-            f"{want['idx_queue'].shape[1]}: the model keeps its fresh queues"
-        )
-        for key in (*queues, "ptr_queue"):
-            del state[key]
-        mismatched = []
+    mismatched = [
+        (k, tuple(state[k].shape), tuple(want[k].shape))
+        for k in want.keys() & state.keys()
+        if want[k].shape != state[k].shape
+    ]
+    # Another queue_size is harmless, as for full checkpoints: the model keeps its fresh queues (and pointer).
+    report = LoadReport(source)
+    accept_queue_resize(state, mismatched, report)
+    if report.expected_mismatched:  # the first entry is a resized queue's own reason
+        log(f"{source}: {next(iter(report.expected_mismatched.values()))}")
+    mismatched = [key for key, _, _ in mismatched]
     if missing or unexpected or mismatched:
         raise CheckpointError(
             f"{source}: the delta checkpoint does not match the model built from the config (method "
