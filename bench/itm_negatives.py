@@ -47,7 +47,10 @@ def run_name(dataset: str, schedule: str, seed: int) -> str:
     return f"{dataset}_{schedule.replace(':', '')}_seed{seed}"
 
 
-def launch(out: str, dataset: str, paths: dict, schedule: str, seed: int, args: argparse.Namespace) -> subprocess.Popen:
+def train_job(
+    out: str, dataset: str, paths: dict, schedule: str, seed: int, args: argparse.Namespace
+) -> tuple[str, list[str], str]:
+    """(run name, train_retrieval.py command, log path) of one run, for run_jobs."""
     name, steps = parse_schedule(schedule)
     options = [
         *(f"{key}={value}" for key, value in config_keys(paths).items()),
@@ -61,7 +64,6 @@ def launch(out: str, dataset: str, paths: dict, schedule: str, seed: int, args: 
         *args.options,
     ]
     run_dir = os.path.join(out, run_name(dataset, schedule, seed))
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     cmd = [
         sys.executable,
         "train_retrieval.py",
@@ -72,9 +74,27 @@ def launch(out: str, dataset: str, paths: dict, schedule: str, seed: int, args: 
         "--options",
         *options,
     ]
-    # The child inherits its own copy of the log's file descriptor, so ours can be closed at once.
-    with open(run_dir + ".log", "w") as log:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    return run_name(dataset, schedule, seed), cmd, run_dir + ".log"
+
+
+def run_jobs(jobs: list[tuple[str, list[str], str]], parallel: int, threads: int) -> None:
+    """Run (name, command, log path) jobs as subprocesses, `parallel` at a time; exit naming the failed ones."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    start, running, failed = time.perf_counter(), [], []
+    jobs = list(jobs)
+    while jobs or running:
+        while jobs and len(running) < parallel:
+            name, cmd, log_path = jobs.pop(0)
+            with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
+                running.append((name, log_path, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
+        time.sleep(0.5)
+        for job in [j for j in running if j[2].poll() is not None]:
+            running.remove(job)
+            print(f"[{time.perf_counter() - start:6.0f}s] {job[0]} exited {job[2].returncode}", flush=True)
+            if job[2].returncode:
+                failed.append(f"{job[0]} ({job[1]})")
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
 
 
 def read_run(run_dir: str) -> dict:
@@ -239,20 +259,8 @@ def main(argv: list[str] | None = None) -> dict:
     jobs = []
     for dataset in [] if args.report_only else args.datasets:
         paths = make_synthetic_dataset(os.path.join(args.out, "data_" + dataset), **DATASETS[dataset])
-        jobs += [(dataset, paths, schedule, seed) for schedule in args.schedules for seed in args.seeds]
-    start, running, failed = time.perf_counter(), [], []
-    while jobs or running:
-        while jobs and len(running) < args.parallel:
-            dataset, paths, schedule, seed = jobs.pop(0)
-            running.append((dataset, schedule, seed, launch(args.out, dataset, paths, schedule, seed, args)))
-        time.sleep(1)
-        for job in [j for j in running if j[3].poll() is not None]:
-            running.remove(job)
-            print(f"[{time.perf_counter() - start:6.0f}s] {run_name(*job[:3])} exited {job[3].returncode}", flush=True)
-            if job[3].returncode:
-                failed.append(run_name(*job[:3]))
-    if failed:
-        sys.exit(f"failed runs (see their .log in {args.out}): {', '.join(failed)}")
+        jobs += [train_job(args.out, dataset, paths, s, seed, args) for s in args.schedules for seed in args.seeds]
+    run_jobs(jobs, args.parallel, args.threads)
 
     results = {}
     for dataset in args.datasets:

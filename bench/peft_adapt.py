@@ -24,13 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.itm_negatives import read_run
+from bench.itm_negatives import read_run, run_jobs
 from data.imagecode import make_imagecode_sample
 from data.synthetic import STYLES, config_keys, make_synthetic_dataset
 from models.blip_retrieval import build_model
@@ -70,26 +68,6 @@ METHODS: dict[str, list[str]] = {
     ],
 }
 ZERO_SHOT = "zero_shot"
-
-
-def run_jobs(jobs: list[tuple[str, list[str], str]], parallel: int, threads: int) -> None:
-    """Run (name, command, log path) jobs as subprocesses, `parallel` at a time; exit naming the failed ones."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    start, running, failed = time.perf_counter(), [], []
-    jobs = list(jobs)
-    while jobs or running:
-        while jobs and len(running) < parallel:
-            name, cmd, log_path = jobs.pop(0)
-            with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
-                running.append((name, log_path, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
-        time.sleep(0.5)
-        for job in [j for j in running if j[2].poll() is not None]:
-            running.remove(job)
-            print(f"[{time.perf_counter() - start:6.0f}s] {job[0]} exited {job[2].returncode}", flush=True)
-            if job[2].returncode:
-                failed.append(f"{job[0]} ({job[1]})")
-    if failed:
-        sys.exit(f"failed: {', '.join(failed)}")
 
 
 def train_command(config_keys_: dict, run_dir: str, options: list[str], evaluate: bool = False) -> list[str]:
