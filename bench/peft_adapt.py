@@ -10,13 +10,15 @@ is the same kind of scene drawn another way: `data.synthetic --style outline` (o
 captions' language is unchanged; another seed, so other scenes), 240 train and 100 val / 100 test images. Each
 method continues from the base for --epochs at its own learning rate (METHODS), evaluated every epoch on the
 target's val split; the test split is scored at the epoch val selects. Each run's checkpoint is also scored on
-generated IMAGECODE-style sets of outline drawings (`data.imagecode --style outline`, ITM scoring, chance 10%):
-ContextBLIP's task. The zero-shot row is the base evaluated on the same splits and sets.
+generated IMAGECODE-style sets of outline drawings (`data.imagecode --style outline`, ITM scoring, chance 10%;
+1,800 descriptions by default): ContextBLIP's task. The zero-shot row is the base evaluated on the same splits and
+sets; IMAGECODE gains come with their paired standard error (`paired_gain`).
 
 Written to --out: results.json (per run: per-epoch val r_mean and ITC-only r_mean, the selected epoch's test
-metrics, the IMAGECODE accuracies), results.md (mean over seeds and run by run) and peft_adapt.png (val r_mean
-per epoch; test r_mean and IMAGECODE accuracy minus zero-shot, per method). Runs are subprocesses of
-train_retrieval.py and eval_imagecode.py, --parallel at a time with --threads CPU threads each.
+metrics, the IMAGECODE accuracies and which descriptions the run got right), results.md (mean over seeds and run
+by run) and peft_adapt.png (val r_mean per epoch; test r_mean and IMAGECODE accuracy minus zero-shot, per method).
+Runs are subprocesses of train_retrieval.py and eval_imagecode.py, --parallel at a time with --threads CPU threads
+each.
 """
 
 from __future__ import annotations
@@ -97,10 +99,36 @@ def read_zero_shot(run_dir: str) -> dict:
     return {"val_r_mean": val["r_mean"], "val_itc_r_mean": val["itc_r_mean"], "test": {k: test[k] for k in keys}}
 
 
-def read_imagecode(out_dir: str) -> dict:
+def read_imagecode(out_dir: str, ann_file: str) -> dict:
+    """eval_imagecode.py's accuracies, plus `correct`: one "1" or "0" per description of `ann_file`, in file order
+    (its leaderboard predictions against the labels), so runs can be compared description by description."""
     with open(os.path.join(out_dir, "imagecode_metrics.json")) as f:
         metrics = json.load(f)
-    return {k: metrics[k] for k in ("accuracy", "accuracy_video", "accuracy_static", "num_descriptions")}
+    with open(os.path.join(out_dir, "imagecode_predictions.json")) as f:
+        predictions = json.load(f)
+    with open(ann_file) as f:
+        labels = json.load(f)
+    correct = "".join(
+        "1" if predictions[name][k] == int(index) else "0"
+        for name, entries in labels.items()
+        for k, index in enumerate(entries)
+    )
+    result = {k: metrics[k] for k in ("accuracy", "accuracy_video", "accuracy_static", "num_descriptions")}
+    return {**result, "correct": correct}
+
+
+def paired_gain(zero_correct: str, runs_correct: list[str]) -> dict:
+    """Accuracy gain over zero-shot on the same descriptions, in points, and its standard error. Each description's
+    difference is the seeds' mean correctness minus zero-shot's (-1 to 1); the error is their standard deviation
+    over sqrt(descriptions). Pairing removes the descriptions both get right or both get wrong, so it is much
+    tighter than two independent binomial errors; it measures the description sample, not the seeds."""
+    n = len(zero_correct)
+    if n < 2 or any(len(c) != n for c in runs_correct):
+        raise ValueError(f"paired_gain: every run needs the same {n} (>= 2) descriptions as zero-shot")
+    diffs = [sum(c[i] == "1" for c in runs_correct) / len(runs_correct) - (zero_correct[i] == "1") for i in range(n)]
+    mean = sum(diffs) / n
+    variance = sum((d - mean) ** 2 for d in diffs) / (n - 1)
+    return {"gain": 100.0 * mean, "se": 100.0 * (variance / n) ** 0.5}
 
 
 def trainable_parameters(run_dir: str) -> int:
@@ -126,6 +154,7 @@ def summarise(results: dict, methods: list[str], seeds: list[int]) -> dict:
             "test_r_mean": zero["test"]["r_mean"],
             "test_itc_r_mean": zero["test"]["itc_r_mean"],
             "imagecode_accuracy": zero["imagecode"]["accuracy"],
+            "imagecode_descriptions": zero["imagecode"]["num_descriptions"],
         }
     }
     for method in methods:
@@ -139,6 +168,9 @@ def summarise(results: dict, methods: list[str], seeds: list[int]) -> dict:
         }
         summary[method] = {k: _mean(v) for k, v in values.items()}
         summary[method]["trainable"] = runs[0]["trainable"]
+        summary[method]["imagecode_paired"] = paired_gain(
+            zero["imagecode"]["correct"], [r["imagecode"]["correct"] for r in runs]
+        )
         summary[method]["range"] = {k: [min(v), max(v)] for k, v in values.items()}
     return summary
 
@@ -151,7 +183,8 @@ def write_table(summary: dict, results: dict, args: argparse.Namespace, path: st
         "",
         f"`python -m bench.peft_adapt {command}`; {len(args.seeds)} seed(s) {args.seeds}, "
         f"{args.epochs} epochs per method. Mean over seeds (min..max where more than one); in brackets the "
-        "difference to zero-shot.",
+        "difference to zero-shot, for IMAGECODE with its paired standard error over the "
+        f"{summary[ZERO_SHOT]['imagecode_descriptions']} descriptions (`paired_gain`).",
         "",
         "| run | trainable | val r_mean, last epoch | best | test r_mean at the selected epoch | test, ITC only | "
         "IMAGECODE-style accuracy (ITM) |",
@@ -162,7 +195,9 @@ def write_table(summary: dict, results: dict, args: argparse.Namespace, path: st
         value = summary[method][key]
         text = f"{value:.1f}"
         if method != ZERO_SHOT:
-            text += f" ({value - zero[key]:+.1f})"
+            paired = summary[method]["imagecode_paired"]
+            error = f" ± {paired['se']:.1f}" if key == "imagecode_accuracy" else ""
+            text += f" ({value - zero[key]:+.1f}{error})"
             low, high = summary[method]["range"][key]
             text += f" {low:.1f}..{high:.1f}" if len(args.seeds) > 1 else ""
         return text
@@ -211,8 +246,17 @@ def plot(summary: dict, results: dict, args: argparse.Namespace, path: str) -> b
         for j, (key, label) in enumerate((("test_r_mean", "test r_mean"), ("imagecode_accuracy", "IMAGECODE acc"))):
             x = i + (j - 0.5) * width
             gain = summary[method][key] - summary[ZERO_SHOT][key]
+            # IMAGECODE: +-2 paired standard errors (the description sample; the dots show the seeds)
+            error = 2 * summary[method]["imagecode_paired"]["se"] if key == "imagecode_accuracy" else None
             gains.bar(
-                x, gain, width, color=colours[method], alpha=1.0 if j == 0 else 0.5, label=label if i == 0 else None
+                x,
+                gain,
+                width,
+                yerr=error,
+                capsize=3,
+                color=colours[method],
+                alpha=1.0 if j == 0 else 0.5,
+                label=label if i == 0 else None,
             )
             for seed in args.seeds:  # each seed as a dot
                 run = results[run_name(method, seed)]
@@ -221,7 +265,7 @@ def plot(summary: dict, results: dict, args: argparse.Namespace, path: str) -> b
     gains.axhline(0, color="black", linewidth=0.8)
     gains.set_xticks(range(len(args.methods)), args.methods, fontsize=8)
     gains.set_ylabel("minus zero-shot (points)")
-    gains.set_title("test r_mean (solid) and IMAGECODE-style accuracy (light)")
+    gains.set_title("test r_mean (solid), IMAGECODE-style accuracy (light, ±2 paired s.e.)", fontsize=10)
     gains.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -241,7 +285,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--style", default="outline", choices=STYLES, help="data.synthetic --style of the target")
     p.add_argument("--num-train", type=int, default=240, help="target train images (5 captions each)")
     p.add_argument("--num-eval", type=int, default=100, help="target val and test images")
-    p.add_argument("--imagecode-sets", type=int, default=60, help="video and static IMAGECODE-style sets, each")
+    p.add_argument(
+        "--imagecode-sets", type=int, default=300, help="video and static IMAGECODE-style sets, each (3 descriptions)"
+    )
     p.add_argument("--parallel", type=int, default=2, help="runs at a time")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per run")
     p.add_argument("--options", nargs="*", default=[], help="extra config overrides for every run")
@@ -314,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
         results[name] = read_zero_shot(run_dir) if name == ZERO_SHOT else read_run(run_dir)
         if name != ZERO_SHOT:
             results[name]["trainable"] = trainable_parameters(run_dir)
-        results[name]["imagecode"] = read_imagecode(run_dir + "_imagecode")
+        results[name]["imagecode"] = read_imagecode(run_dir + "_imagecode", sets["valid_file"])
     summary = summarise(results, args.methods, args.seeds)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"args": vars(args), "methods": METHODS, "summary": summary, "runs": results}, f, indent=1)

@@ -19,14 +19,28 @@ import json
 import os
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from data.retrieval import DataError, load_image
-from data.synthetic import SPECIAL_TOKENS, STYLES, _captions, _render, _sample_scene, _tokens
+from data.synthetic import (
+    LOCATIONS,
+    SPECIAL_TOKENS,
+    STYLES,
+    Shape,
+    Template,
+    _captions,
+    _groups,
+    _render,
+    _sample_scene,
+    _t_colour_positions,
+    _t_list_positions,
+    _t_location_first,
+    _tokens,
+)
 from data.transforms import test_transform
 from data.utils import pre_caption
 
@@ -110,6 +124,42 @@ class ImagecodeSet(Dataset):
 # ----------------------------------------------------------------------------------------------------
 
 
+# The caption templates that name the cell of every shape. The frames of a generated video set show the same shapes
+# in different cells, so only these tell one frame from the others: a video target is described with one of them,
+# as IMAGECODE's annotators wrote each description to single out its frame among similar ones.
+POSITIONAL_TEMPLATES: tuple[Template, ...] = (_t_list_positions, _t_colour_positions, _t_location_first)
+
+
+def placement(scene: list[Shape]) -> tuple:
+    """What a frame shows: each shape with its cell, identical shapes interchangeable."""
+    return tuple(sorted((s.kind, s.colour, s.size, s.cell) for s in scene))
+
+
+def sample_set_scenes(rng: random.Random, video: bool) -> list[list[Shape]]:
+    """The 10 scenes of a set. Video: 2 shapes moving between grid cells, every frame a different placement (two
+    equal frames could not be told apart by any description). Static: 10 unrelated scenes."""
+    if not video:
+        return [_sample_scene(rng) for _ in range(IMAGES_PER_SET)]
+    shapes = _sample_scene(rng, 2)
+    scenes: list[list[Shape]] = []
+    seen: set[tuple] = set()
+    while len(scenes) < IMAGES_PER_SET:  # 36 to 72 placements of 2 shapes in 9 cells, so this ends quickly
+        cells = rng.sample(sorted(LOCATIONS), len(shapes))
+        scene = [replace(shape, cell=cell) for shape, cell in zip(shapes, cells, strict=True)]
+        if placement(scene) not in seen:
+            seen.add(placement(scene))
+            scenes.append(scene)
+    return scenes
+
+
+def describe_target(scene: list[Shape], video: bool, rng: random.Random) -> str:
+    """A description of `scene`: for a video frame a positional one (POSITIONAL_TEMPLATES), which fits no other
+    frame of its set; for a static image any generated caption, as its 9 neighbours are other scenes."""
+    if video:
+        return rng.choice(POSITIONAL_TEMPLATES)(scene, _groups(scene), rng)
+    return _captions(scene, 1, rng)[0]
+
+
 def make_imagecode_sample(
     out_dir: str,
     num_video_sets: int = 4,
@@ -121,10 +171,11 @@ def make_imagecode_sample(
 ) -> dict[str, str]:
     """Write `image-sets/`, `valid_data.json`, `test_data_unlabeled.json` and a `vocab.txt` under `out_dir`.
 
-    Video sets: 10 "frames" of one scene whose shapes move between grid cells, named like MSR-VTT sets, with
-    frame numbers that sort differently as strings and as numbers. Static sets (`open-images-*`): 10 unrelated
-    scenes. Each description is a generated caption of its target image. `style`: filled shapes or their outline
-    (data.synthetic STYLES). Returns the paths.
+    Video sets: 10 "frames" of one scene whose 2 shapes move between grid cells (no two frames alike), named like
+    MSR-VTT sets, with frame numbers that sort differently as strings and as numbers; each description names where
+    every shape is, the only thing that tells the frames apart. Static sets (`open-images-*`): 10 unrelated scenes,
+    each description a generated caption of its target. `style`: filled shapes or their outline (data.synthetic
+    STYLES). Returns the paths.
     """
     if style not in STYLES:
         raise ValueError(f"style must be one of {STYLES}, got {style!r}")
@@ -139,21 +190,15 @@ def make_imagecode_sample(
         name = f"MSR-VTT-videoTrainValVideo_video{k}-shot1_0" if video else f"open-images-{k}_{rng.getrandbits(32):08x}"
         set_dir = os.path.join(image_root, name)
         os.makedirs(set_dir, exist_ok=True)
-        base = _sample_scene(rng, 2)
-        captions = []
+        scenes = sample_set_scenes(rng, video)
         frames = sorted(rng.sample(range(0, 200), IMAGES_PER_SET)) if video else list(range(IMAGES_PER_SET))
-        for frame in frames:
-            if video:  # the same shapes, moved to new cells
-                cells = rng.sample(sorted({(r, c) for r in range(3) for c in range(3)}), len(base))
-                scene = [type(s)(s.kind, s.colour, s.size, cell) for s, cell in zip(base, cells, strict=True)]
-            else:
-                scene = _sample_scene(rng)
+        for frame, scene in zip(frames, scenes, strict=True):
             _render(scene, image_size, rng, np_rng, style).save(os.path.join(set_dir, f"img{frame}.jpg"), quality=95)
-            captions.append(_captions(scene, 1, rng)[0])
         targets = rng.sample(range(IMAGES_PER_SET), descriptions_per_set)
-        valid[name] = {str(t): captions[t] for t in targets}
-        test[name] = [captions[t] for t in targets]
-        for text in captions:
+        descriptions = [describe_target(scenes[t], video, rng) for t in targets]
+        valid[name] = {str(t): text for t, text in zip(targets, descriptions, strict=True)}
+        test[name] = descriptions
+        for text in descriptions:
             vocab.update(_tokens(pre_caption(text)))
     paths = {"image_root": image_root}
     for split, content in (("valid", valid), ("test", test)):

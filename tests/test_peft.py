@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
+import random
+import re
 
 import numpy as np
 import pytest
@@ -14,9 +17,17 @@ from PIL import Image
 import eval_retrieval
 import train_retrieval
 import utils
-from data.imagecode import ImagecodeSet, is_static, make_imagecode_sample, sorted_set_images
+from data.imagecode import (
+    POSITIONAL_TEMPLATES,
+    ImagecodeSet,
+    is_static,
+    make_imagecode_sample,
+    placement,
+    sample_set_scenes,
+    sorted_set_images,
+)
 from data.retrieval import DataError, load_image
-from data.synthetic import make_synthetic_dataset
+from data.synthetic import COLOURS, LOCATIONS, _groups, _t_picture_of, make_synthetic_dataset
 from data.transforms import test_transform
 from engine.imagecode import imagecode_accuracy, imagecode_scores
 from models.blip_retrieval import build_model
@@ -572,6 +583,70 @@ def test_imagecode_sample_follows_the_release_format(imagecode_data):
         numbers = [int(os.path.basename(p)[3:-4]) for p in files]
         assert numbers == sorted(numbers) and len(numbers) == 10  # numeric order (img7 before img15)
         assert isinstance(test[name], list)
+        if not is_static(name):  # a video frame is described by where its shapes are
+            phrases = [p for options in LOCATIONS.values() for p in options]
+            assert all(any(p in text for p in phrases) for text in entries.values())
+
+
+def test_video_set_descriptions_fit_only_their_own_frame():
+    """The frames of a generated video set are distinct placements of the same shapes, and no wording a positional
+    template gives one frame (30 draws each) is a wording it gives another frame of the set: the description
+    singles out its target. A template without positions fails this, so the check can fail."""
+
+    def wordings(template, scene) -> set[str]:
+        return {template(scene, _groups(scene), random.Random(k)) for k in range(30)}
+
+    rng = random.Random(0)
+    for _ in range(20):
+        scenes = sample_set_scenes(rng, video=True)
+        assert len({placement(scene) for scene in scenes}) == 10
+        assert len({(s.kind, s.colour, s.size) for scene in scenes for s in scene}) <= 2  # the same shapes move
+        for template in POSITIONAL_TEMPLATES:
+            per_frame = [wordings(template, scene) for scene in scenes]
+            assert all(not per_frame[i] & per_frame[j] for i, j in itertools.combinations(range(10), 2))
+        unpositioned = [wordings(_t_picture_of, scene) for scene in scenes]
+        assert unpositioned[0] & unpositioned[1]
+
+
+def _cells_in_pixels(path: str) -> set[tuple[str, tuple[int, int]]]:
+    """(colour name, cell) of every shape a filled image shows, read from its pixels: a cell is taken when its
+    centre differs from the background, and its colour is the nearest named one."""
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    side = pixels.shape[0]
+    is_shape = np.abs(pixels - np.median(pixels.reshape(-1, 3), axis=0)).max(-1) > 45
+    found = set()
+    for row, col in LOCATIONS:
+        window = (slice(int((row + 0.25) * side / 3), int((row + 0.75) * side / 3)),)
+        window += (slice(int((col + 0.25) * side / 3), int((col + 0.75) * side / 3)),)
+        if is_shape[window].sum() >= 4:
+            mean = pixels[window][is_shape[window]].mean(0)
+            found.add((min(COLOURS, key=lambda c: np.sum((np.array(COLOURS[c]) - mean) ** 2)), (row, col)))
+    return found
+
+
+def _cells_in_words(text: str) -> set[tuple[str, tuple[int, int]]]:
+    """(colour, cell) pairs a positional description states: per clause its place, with the clause's colour or,
+    for "two red circles, one at the top and one on the left", the last colour named."""
+    phrases = sorted(((p, cell) for cell, options in LOCATIONS.items() for p in options), key=lambda x: -len(x[0]))
+    stated, colour = set(), None
+    for clause in re.split(r", | and ", text):
+        colour = next((w for w in clause.split() if w in COLOURS), colour)
+        cell = next((cell for phrase, cell in phrases if phrase in clause), None)
+        if cell is not None:
+            stated.add((colour, cell))
+    return stated
+
+
+def test_generated_video_descriptions_match_their_frame_pixels_and_no_other(tmp_path):
+    """Read back from the files: the shapes' colours and cells in each frame's pixels, and the colours and places
+    each description states. The labelled frame is the one, and the only one, that shows what its text says."""
+    paths = make_imagecode_sample(str(tmp_path), num_video_sets=12, num_static_sets=0, descriptions_per_set=3)
+    with open(paths["valid_file"]) as f:
+        valid = json.load(f)
+    for name, entries in valid.items():
+        frames = [_cells_in_pixels(p) for p in sorted_set_images(os.path.join(paths["image_root"], name))]
+        for index, text in entries.items():
+            assert [i for i, shown in enumerate(frames) if shown == _cells_in_words(text)] == [int(index)], text
 
 
 def test_imagecode_outline_style_keeps_the_sets_and_redraws_the_images(imagecode_data, tmp_path):
@@ -673,6 +748,21 @@ def test_peft_report_cost_part_runs_on_tiny_towers(tmp_path):
     assert (tmp_path / "peft_report.md").read_text().count("\n| ") == 7  # header + 6 methods
 
 
+def test_paired_gain_averages_seeds_per_description_then_takes_the_standard_error():
+    import statistics
+
+    from bench.peft_adapt import paired_gain
+
+    # description 0: both right; 1: one seed of two lost it; 2: both seeds gained it; 3: all wrong
+    result = paired_gain("1100", ["1010", "1110"])
+    diffs = [0.0, -0.5, 1.0, 0.0]
+    assert result["gain"] == pytest.approx(100 * statistics.mean(diffs))
+    assert result["se"] == pytest.approx(100 * statistics.stdev(diffs) / 2)
+    assert paired_gain("10", ["10"]) == {"gain": 0.0, "se": 0.0}
+    with pytest.raises(ValueError, match="same 4"):
+        paired_gain("1100", ["110"])
+
+
 def test_peft_adapt_bench_runs_every_step_and_tabulates_gains_over_zero_shot(tmp_path):
     """bench.peft_adapt end to end on a few images: the zero-shot run, two methods, their IMAGECODE scores, and a
     table whose gains are the runs' own numbers minus zero-shot; --report-only rebuilds the same summary."""
@@ -692,6 +782,12 @@ def test_peft_adapt_bench_runs_every_step_and_tabulates_gains_over_zero_shot(tmp
     summary, runs = result["summary"], result["runs"]
     assert set(runs) == {"zero_shot", "full_seed0", "adapter_gate_itc_seed0"}
     assert all(run["imagecode"]["num_descriptions"] == 6 for run in runs.values())  # 2 sets x 3 descriptions
+    for run in runs.values():  # per description, from the predictions file = the evaluator's accuracy
+        correct = run["imagecode"]["correct"]
+        assert len(correct) == 6 and 100.0 * correct.count("1") / 6 == pytest.approx(run["imagecode"]["accuracy"])
+    for method in ("full", "adapter_gate_itc"):  # one seed: the paired gain is the difference of accuracies
+        gain = summary[method]["imagecode_accuracy"] - summary["zero_shot"]["imagecode_accuracy"]
+        assert summary[method]["imagecode_paired"]["gain"] == pytest.approx(gain)
     assert len(runs["full_seed0"]["curves"]["val_r_mean"]) == 1
     assert summary["full"]["test_r_mean"] == runs["full_seed0"]["test"]["r_mean"]
     table = (tmp_path / "bench" / "results.md").read_text()
