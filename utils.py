@@ -180,7 +180,8 @@ _TYPES.update(
     vit_ckpt_layer=(int, str),
     **dict.fromkeys(("train_file", "val_file", "test_file"), (str, type(None))),
 )
-_ENUMS: dict[str, tuple[str, ...]] = {
+# The accepted values of each string-valued key; the modules that act on a key take its tuple from here.
+CONFIG_CHOICES: dict[str, tuple[str, ...]] = {
     "dataset": ("flickr", "coco", "custom"),
     "amp": ("bf16", "fp16", "none"),
     "eval_amp": ("bf16", "fp16", "none"),
@@ -413,9 +414,9 @@ def validate_config(config: dict, origins: dict[str, str] | str | None = None) -
             )
         if float in types and isinstance(value, int):
             config[key] = value = float(value)
-        if key in _ENUMS and isinstance(value, str) and value not in _ENUMS[key]:
+        if key in CONFIG_CHOICES and isinstance(value, str) and value not in CONFIG_CHOICES[key]:
             raise ConfigError(
-                f"config key {key!r} {where(key)}: expected one of {', '.join(_ENUMS[key])}, got {value!r}"
+                f"config key {key!r} {where(key)}: expected one of {', '.join(CONFIG_CHOICES[key])}, got {value!r}"
             )
         lo, hi = _BOUNDS.get(key, (None, None))
         if isinstance(value, (int, float)) and ((lo is not None and value < lo) or (hi is not None and value > hi)):

@@ -23,8 +23,9 @@ from collections.abc import Iterator
 from torch.utils.data import Sampler
 
 from data.retrieval import DataError
+from utils import CONFIG_CHOICES
 
-SAMPLERS = ("random", "contrastive", "similar")
+SAMPLERS = CONFIG_CHOICES["cir_sampler"]
 
 
 def subset_groups(members: list[list[str]]) -> list[int]:

@@ -15,6 +15,8 @@ from PIL import Image, ImageEnhance, ImageOps
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
+from utils import CONFIG_CHOICES
+
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
@@ -42,7 +44,7 @@ def test_transform(image_size: int) -> transforms.Compose:
 test_transform.__test__ = False  # type: ignore[attr-defined]
 
 
-TRAIN_AUGMENTS = ("official", "crop", "none")  # config key `train_augment`
+TRAIN_AUGMENTS = CONFIG_CHOICES["train_augment"]
 
 
 def train_transform(

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from engine.features import MAX_PADDING, eval_autocast, length_batches
 from models.blip_retrieval import BlipRetrieval
-from utils import all_reduce_sum_, get_rank, get_world_size, shard_range
+from utils import CONFIG_CHOICES, all_reduce_sum_, get_rank, get_world_size, shard_range
 
 OUTSIDE_TOP_K = -100.0
 KV_CHUNK = 32  # fast mode: images whose cross-attention keys/values are projected (and streamed) together
@@ -34,7 +34,7 @@ KV_CHUNK = 32  # fast mode: images whose cross-attention keys/values are project
 # so texts of several images share a forward, in pieces of ITM_PIECE texts per image (see plan_itm_forwards).
 # On a CPU the arithmetic dominates, and each forward holds the texts of one image (no filler rows).
 ITM_PIECE = {"cuda": 16}
-RERANK_SCORES = ("official", "calibrated")  # config key `rerank_score`
+RERANK_SCORES = CONFIG_CHOICES["rerank_score"]
 
 
 def rerank_score(itm_logits: torch.Tensor, cosines: torch.Tensor, mode: str, temp: float) -> torch.Tensor:
