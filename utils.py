@@ -10,7 +10,6 @@ import copy
 import difflib
 import http.client
 import json
-import math
 import os
 import random
 import re
@@ -693,38 +692,6 @@ def autocast(device: torch.device, amp: str, amp_cpu: bool = False):
     """
     dtype = autocast_dtype(device, amp, amp_cpu)
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
-
-
-def cosine_lr(epoch: int, max_epoch: int, init_lr: float, min_lr: float) -> float:
-    """Official per-epoch cosine schedule (no warmup)."""
-    if max_epoch <= 0:
-        return init_lr
-    return min_lr + (init_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * epoch / max_epoch))
-
-
-def alpha_at(step_in_epoch: int, steps_per_epoch: int, epoch: int, alpha: float) -> float:
-    """Distillation weight: ramps linearly from 0 to alpha over epoch 0, then stays at alpha."""
-    if epoch > 0:
-        return alpha
-    return alpha * min(1.0, step_in_epoch / max(steps_per_epoch, 1))
-
-
-def itm_hard_fraction(step: int, schedule: str, steps: int) -> float:
-    """Share of hard ITM negatives at optimizer step `step` (0-based), the rest drawn uniformly among other images.
-
-    hard: 1 (official). uniform: 0. warmup: 0 for the first `steps` steps, then 1. anneal: rises linearly from 0
-    at step 0 to 1 at step `steps`. From scratch, the hardest negatives arrive before ITM can tell anything
-    apart and the head collapses to the prior; easy negatives first let it learn (README, "ITM negatives").
-    """
-    if schedule == "hard":
-        return 1.0
-    if schedule == "uniform":
-        return 0.0
-    if schedule == "warmup":
-        return 0.0 if step < steps else 1.0
-    if schedule == "anneal":
-        return min(1.0, step / steps)
-    raise ValueError(f"unknown ITM negative schedule {schedule!r}")
 
 
 def set_seed(seed: int) -> None:

@@ -1,4 +1,4 @@
-"""Captioning at dataset scale: caption a split (sharded across ranks), score it, and the LM training epoch.
+"""Captioning at dataset scale: caption a split (sharded across ranks) and score it.
 
 `caption_split` splits the images into one contiguous shard per rank, so every image is captioned exactly once
 (the official evaluation relies on a DistributedSampler and de-duplicates afterwards). `evaluate_captions`
@@ -7,7 +7,6 @@ writes the official results format `[{"image_id": ..., "caption": ...}]` and the
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -21,7 +20,6 @@ import utils
 from data.captions import CaptionEvalDataset
 from engine.caption_metrics import caption_metrics, format_caption_metrics
 from engine.generation import GenerationSettings, generate
-from engine.training import optimizer_step
 from utils import get_rank, get_world_size, is_main_process, log, shard_range
 
 
@@ -76,57 +74,6 @@ def write_caption_outputs(metrics: dict, results: list[dict], output_dir: str, s
         json.dump({**metrics, **(extra or {})}, f, indent=2)
     with open(os.path.join(output_dir, f"captions_{split}.json"), "w") as f:
         json.dump(results, f, indent=1)
-
-
-def train_caption_epoch(
-    train_model: torch.nn.Module,
-    ddp,
-    loader: DataLoader,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    config: dict,
-    epoch: int,
-    global_step: int,
-    device: torch.device,
-    jsonl: utils.JsonlLogger,
-) -> tuple[dict, int]:
-    """One pass of LM training. Returns ({'loss': mean over all ranks}, updated global step)."""
-    train_model.train()
-    lr = optimizer.param_groups[0]["lr"]
-    accum, log_every, n = config["grad_accum_steps"], config["log_every"], len(loader)
-    params = [p for p in train_model.parameters() if p.requires_grad]
-    epoch_sum = torch.zeros(1, device=device)
-    window_sum, window_count, window_start = torch.zeros(1, device=device), 0, time.perf_counter()
-    images_per_micro = config["batch_size_train"] * get_world_size()
-    bar = tqdm(loader, desc=f"train epoch {epoch}", disable=not is_main_process(), dynamic_ncols=True)
-    for i, (images, captions) in enumerate(bar):
-        images = images.to(device, non_blocking=True)
-        group_start = i - i % accum
-        group_size = min(accum, n - group_start)
-        last_micro = i - group_start == group_size - 1
-        sync = ddp.no_sync() if (ddp is not None and not last_micro) else contextlib.nullcontext()
-        with sync:
-            with utils.autocast(device, config["amp"], config["amp_cpu"]):
-                loss = train_model(images, list(captions))
-            scaler.scale(loss / group_size).backward()
-        epoch_sum += loss.detach().float()
-        window_sum += loss.detach().float()
-        window_count += 1
-        if not last_micro:
-            continue
-        optimizer_step(optimizer, scaler, params, config["clip_grad_norm"])
-        global_step += 1
-        if global_step % log_every == 0 or i == n - 1:
-            mean = window_sum.item() / window_count  # the one host sync, every log_every steps
-            elapsed = time.perf_counter() - window_start
-            images_per_s = window_count * images_per_micro / max(elapsed, 1e-9)
-            jsonl.log({"epoch": epoch, "step": global_step, "loss": mean, "lr": lr, "images_per_s": images_per_s})
-            bar.set_postfix(loss=f"{mean:.3f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
-            window_sum.zero_()
-            window_count, window_start = 0, time.perf_counter()
-    bar.close()
-    total = utils.all_reduce_sum_(epoch_sum).item()
-    return {"loss": total / (n * get_world_size())}, global_step
 
 
 @torch.no_grad()

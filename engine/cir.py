@@ -1,5 +1,4 @@
-"""Composed image retrieval on CIRR: gallery and query features, CIRR's metrics, the test1 submission files, and
-the HN-NCE training epoch.
+"""Composed image retrieval on CIRR: gallery and query features, CIRR's metrics and the test1 submission files.
 
 Protocol (CIRR, as its evaluation server computes it):
 - the gallery of a split is the image names of `image_splits/split.rc2.<split>.json` (not every image on disk);
@@ -22,16 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import utils
 from data import create_loader, pre_caption, test_transform
 from data.cirr import CIRR_VERSION, CirrImageDataset, CirrSplit
-from engine.training import optimizer_step
 from models.blip_cir import BlipCir
-from utils import JsonlLogger, gather_shards, get_rank, get_world_size, is_main_process, shard_range
+from utils import gather_shards, get_rank, get_world_size, is_main_process, shard_range
 
 RECALL_KS = (1, 5, 10, 50)
 SUBSET_KS = (1, 2, 3)
@@ -214,63 +210,3 @@ def write_cirr_outputs(result: CirResult, output_dir: str, extra: dict) -> list[
                 json.dump(content, f)
             written.append(path)
     return written
-
-
-# ----------------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------------
-
-
-def train_cir_epoch(
-    model: BlipCir,
-    ddp: DistributedDataParallel | None,
-    loader: DataLoader,
-    target_feats: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    config: dict,
-    epoch: int,
-    global_step: int,
-    device: torch.device,
-    jsonl: JsonlLogger,
-) -> tuple[dict, int]:
-    """One pass of HN-NCE over the loader. target_feats: (num_train_images, embed_dim) unit features, indexed by
-    the loader's target indices. Returns (averages over all ranks, updated global step)."""
-    model.train()
-    train_model = ddp if ddp is not None else model
-    params = model.trainable_parameters()
-    lr = optimizer.param_groups[0]["lr"]
-    sums = torch.zeros(2, device=device)
-    window, window_n, window_start = torch.zeros(2, device=device), 0, time.perf_counter()
-    bar = tqdm(loader, desc=f"train epoch {epoch}", disable=not is_main_process(), dynamic_ncols=True)
-    for images, texts, target_idx in bar:
-        images = images.to(device, non_blocking=True)
-        target = target_feats[target_idx.to(device)]
-        with utils.autocast(device, config["amp"], config["amp_cpu"]):
-            out = train_model(images, list(texts), target, config["cir_hnnce_alpha"], config["cir_hnnce_beta"])
-        scaler.scale(out["loss"]).backward()
-        optimizer_step(optimizer, scaler, params, config["clip_grad_norm"])
-        global_step += 1
-        stats = torch.stack([out["loss"].detach().float(), out["acc"].float()])
-        sums += stats
-        window += stats
-        window_n += 1
-        if global_step % config["log_every"] == 0:
-            loss, acc = (window / window_n).tolist()
-            elapsed = time.perf_counter() - window_start
-            jsonl.log(
-                {
-                    "epoch": epoch,
-                    "step": global_step,
-                    "loss": loss,
-                    "batch_acc": acc,
-                    "lr": lr,
-                    "pairs_per_s": window_n * len(texts) * get_world_size() / max(elapsed, 1e-9),
-                }
-            )
-            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}", lr=f"{lr:.2e}")
-            window.zero_()
-            window_n, window_start = 0, time.perf_counter()
-    bar.close()
-    loss, acc = (utils.all_reduce_sum_(sums) / max(len(loader) * get_world_size(), 1)).tolist()
-    return {"loss": loss, "batch_acc": acc}, global_step

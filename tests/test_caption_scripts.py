@@ -15,7 +15,7 @@ import train_caption
 from data.captions import coco_image_id, load_coco_gt
 from data.retrieval import DataError
 from data.synthetic import make_synthetic_dataset
-from engine import caption_metrics, captioning
+from engine import caption_metrics, captioning, trainer
 from tests.dist_helpers import run_distributed
 from tests.helpers import synthetic_config
 from utils import ConfigError, UserError, save_config
@@ -81,18 +81,16 @@ def test_outputs(straight: str) -> None:
 def test_resume_equals_straight_run(data: dict, straight: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Epoch 0 of the 2-epoch schedule, stopped there (as if killed), then --resume: the same weights as the
     straight run, bit for bit (one process, fp32, num_workers 0)."""
-    original, calls = train_caption.train_caption_epoch, []
+    save = trainer.save_last_checkpoint
 
-    def stop_after_first_epoch(*args, **kwargs):
-        if calls:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return original(*args, **kwargs)
+    def save_then_crash(contents: dict, path: str) -> None:  # the job dies right after epoch 0 is saved
+        save(contents, path)
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_caption, "train_caption_epoch", stop_after_first_epoch)
+    monkeypatch.setattr(trainer, "save_last_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         _train(data, tmp_path)
-    monkeypatch.setattr(train_caption, "train_caption_epoch", original)
+    monkeypatch.setattr(trainer, "save_last_checkpoint", save)
     _train(data, tmp_path, "--resume")
     a = torch.load(os.path.join(straight, "checkpoint_last.pth"), weights_only=True)
     b = torch.load(os.path.join(tmp_path, "checkpoint_last.pth"), weights_only=True)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import models.blip_retrieval as br
 import utils
+from engine.retrieval_task import itm_hard_fraction
 from models.blip_retrieval import sample_hard_negatives
 from tests.helpers import TINY_MED, tiny_model
 
@@ -302,7 +303,7 @@ def test_uniform_negatives_count_no_fallback_rows():
     ],
 )
 def test_itm_negative_schedule_switches_at_the_right_step(schedule, steps, expected):
-    assert [utils.itm_hard_fraction(step, schedule, steps) for step in range(6)] == expected
+    assert [itm_hard_fraction(step, schedule, steps) for step in range(6)] == expected
 
 
 def test_official_hard_negatives_are_the_default_and_in_every_paper_config():

@@ -29,6 +29,7 @@ from data.imagecode import (
 from data.retrieval import DataError, load_image
 from data.synthetic import COLOURS, LOCATIONS, _groups, _t_picture_of, make_synthetic_dataset
 from data.transforms import test_transform
+from engine import trainer
 from engine.imagecode import imagecode_accuracy, imagecode_scores
 from models.blip_retrieval import build_model
 from models.checkpoint import CheckpointError, load_model
@@ -468,16 +469,16 @@ def test_delta_checkpoints_resume_exactly_and_evaluate(data_root, tmp_path, monk
 
     # resume: crash after epoch 0, resume, and get the straight run's weights and losses bit for bit
     resumed = tmp_path / "resumed"
-    save = train_retrieval.save_last_checkpoint
+    save = trainer.save_last_checkpoint
 
     def save_then_crash(state: dict, path: str) -> None:
         save(state, path)
         raise _Interrupted
 
-    monkeypatch.setattr(train_retrieval, "save_last_checkpoint", save_then_crash)
+    monkeypatch.setattr(trainer, "save_last_checkpoint", save_then_crash)
     with pytest.raises(_Interrupted):
         train_retrieval.main(["--config", config_path, "--output-dir", str(resumed)])
-    monkeypatch.setattr(train_retrieval, "save_last_checkpoint", save)
+    monkeypatch.setattr(trainer, "save_last_checkpoint", save)
     train_retrieval.main(["--config", config_path, "--output-dir", str(resumed), "--resume"])
     again = torch.load(resumed / "checkpoint_last.pth", weights_only=True)
     assert last["model"].keys() == again["model"].keys()

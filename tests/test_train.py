@@ -14,8 +14,9 @@ import eval_retrieval
 import train_retrieval
 import utils
 from data.synthetic import make_synthetic_dataset
-from engine import memory
-from engine.training import TrainState
+from engine import memory, retrieval_task, trainer
+from engine.retrieval_task import is_retrieval_finetuned
+from engine.trainer import TrainState
 from models.blip_retrieval import build_model
 from models.checkpoint import CheckpointError
 from tests.dist_helpers import run_distributed
@@ -129,16 +130,16 @@ class _Interrupted(Exception):
 
 def test_resume_is_bitwise_identical_to_a_straight_run(config_path, straight_run, tmp_path, monkeypatch):
     out = tmp_path / "resumed"
-    save = train_retrieval.save_last_checkpoint
+    save = trainer.save_last_checkpoint
 
     def save_then_crash(state: dict, path: str) -> None:  # the job dies right after epoch 0 is saved
         save(state, path)
         raise _Interrupted
 
-    monkeypatch.setattr(train_retrieval, "save_last_checkpoint", save_then_crash)
+    monkeypatch.setattr(trainer, "save_last_checkpoint", save_then_crash)
     with pytest.raises(_Interrupted):
         _train(config_path, out)
-    monkeypatch.setattr(train_retrieval, "save_last_checkpoint", save)
+    monkeypatch.setattr(trainer, "save_last_checkpoint", save)
     _train(config_path, out, "--resume")
 
     a = torch.load(os.path.join(straight_run, "checkpoint_last.pth"), weights_only=True)
@@ -325,7 +326,7 @@ def test_missing_tensorboard_is_a_clear_error(config_path, tmp_path, monkeypatch
     ],
 )
 def test_retrieval_finetuned_checkpoints_are_recognised(name, finetuned):
-    assert train_retrieval.is_retrieval_finetuned(name) is finetuned
+    assert is_retrieval_finetuned(name) is finetuned
 
 
 # ----------------------------------------------------------------------------- vit_ckpt_layer: auto
@@ -417,14 +418,14 @@ def test_compiled_training_keeps_the_tokenizer_eager_and_matches_eager(config_pa
         def __getattr__(self, name):
             return getattr(self.tokenizer, name)
 
-    load_model = train_retrieval.load_model
+    load_model = retrieval_task.load_model
 
     def load_with_spy(*args, **kwargs):
         model, report = load_model(*args, **kwargs)
         model.tokenizer = SpyTokenizer(model.tokenizer)
         return model, report
 
-    monkeypatch.setattr(train_retrieval, "load_model", load_with_spy)
+    monkeypatch.setattr(retrieval_task, "load_model", load_with_spy)
     options = ["max_epoch=1", "med_config.hidden_dropout_prob=0.0", "med_config.attention_probs_dropout_prob=0.0"]
     _train(config_path, tmp_path / "eager", "--options", *options)
     _train(config_path, tmp_path / "compiled", "--options", *options, "compile=true")

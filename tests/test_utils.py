@@ -12,6 +12,8 @@ import torch
 import yaml
 
 import utils
+from engine.retrieval_task import alpha_at
+from engine.trainer import cosine_lr
 from tests.dist_helpers import run_distributed
 from utils import ConfigError, load_config
 
@@ -154,17 +156,17 @@ def test_autocast_is_cuda_only_unless_amp_cpu():
 
 def test_cosine_lr_matches_official_values():
     expected = [1.0e-5, 9.330e-6, 7.5e-6, 5.0e-6, 2.5e-6, 6.70e-7]
-    got = [utils.cosine_lr(e, 6, 1e-5, 0.0) for e in range(6)]
+    got = [cosine_lr(e, 6, 1e-5, 0.0) for e in range(6)]
     assert got == pytest.approx(expected, rel=1e-3)
-    assert utils.cosine_lr(6, 6, 1e-5, 1e-6) == pytest.approx(1e-6)
+    assert cosine_lr(6, 6, 1e-5, 1e-6) == pytest.approx(1e-6)
 
 
 def test_alpha_ramp():
-    assert utils.alpha_at(0, 100, 0, 0.4) == 0.0
-    assert utils.alpha_at(50, 100, 0, 0.4) == pytest.approx(0.2)
-    assert utils.alpha_at(99, 100, 0, 0.4) == pytest.approx(0.396)
-    assert utils.alpha_at(150, 100, 0, 0.4) == pytest.approx(0.4)  # capped
-    assert utils.alpha_at(0, 100, 1, 0.4) == 0.4 and utils.alpha_at(3, 0, 0, 0.4) == pytest.approx(0.4)
+    assert alpha_at(0, 100, 0, 0.4) == 0.0
+    assert alpha_at(50, 100, 0, 0.4) == pytest.approx(0.2)
+    assert alpha_at(99, 100, 0, 0.4) == pytest.approx(0.396)
+    assert alpha_at(150, 100, 0, 0.4) == pytest.approx(0.4)  # capped
+    assert alpha_at(0, 100, 1, 0.4) == 0.4 and alpha_at(3, 0, 0, 0.4) == pytest.approx(0.4)
 
 
 # ---------------------------------------------------------------------------------------------------
