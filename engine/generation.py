@@ -231,8 +231,3 @@ def generate(
         return _greedy_or_sample(_Decoder(model, image_embeds, 1, use_cache), prompt, settings, eos, pad)
     decoder = _Decoder(model, image_embeds, settings.num_beams, use_cache)
     return _beam_search(decoder, prompt, settings, eos, pad)
-
-
-def caption_images(model, images: torch.Tensor, settings: GenerationSettings) -> list[str]:
-    """One caption per image (the prompt removed, as the official code does)."""
-    return model.decode(generate(model, images, settings))
