@@ -17,7 +17,7 @@ per image before its beams are spread.
 
 One deliberate difference from the official numbers' environment: BLIP ran transformers 4.15, whose beam search
 divided by the full length (prompt included, final [SEP] excluded). Current transformers, and this module, divide
-by the generated length; the choice of the best finished beam can differ between the two (README).
+by the generated length; the choice of the best finished beam can differ between the two (docs/captioning.md).
 """
 
 from __future__ import annotations

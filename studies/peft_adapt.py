@@ -47,7 +47,7 @@ DEMO_ADAPTER = [
     "finetune.adapter.decoder_heads=2",
 ]
 # Per method: config overrides, learning rate included (cosine down to a tenth). The rates of full, lora, prompt and
-# adapter come from the earlier demo-data runs (README "What it costs and what it learns"); the gated adapter's 1e-3
+# adapter come from the earlier demo-data runs (docs/notes/peft_cost_and_learning.md); the gated adapter's 1e-3
 # was picked on this target's val split (at 5e-3 and 2e-2 its val r_mean fell after the first epoch).
 METHODS: dict[str, list[str]] = {
     "full": ["init_lr=1e-3", "min_lr=1e-4"],
