@@ -1,9 +1,10 @@
 """The documentation's references exist: every relative link, and every script, module, config file and Makefile
 target that a command in README.md, docs/ or a folder's README names.
 
-Commands are read from fenced code blocks and from inline code that starts with `python`, `torchrun` or `make`.
-Prose is not read (a layout description may name modules that are being written), so a file name only counts
-when a command uses it. `check_markdown` is also run on a page with one broken reference of each kind, so that a
+Commands are read from fenced code blocks and from inline code that starts with `python`, `torchrun` or `make`;
+a `configs/` path counts anywhere in a code block except a ```text block. Prose and ```text blocks are not read
+(a layout description may name modules that are being written), so a file name there only counts when a command
+uses it. `check_markdown` is also run on a page with one broken reference of each kind, so that a
 checker that finds nothing cannot pass.
 """
 
@@ -20,7 +21,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = sorted(
-    {ROOT / "README.md", *ROOT.glob("docs/**/*.md"), *(ROOT / d / "README.md" for d in ("bench", "studies", "results"))}
+    {
+        ROOT / "README.md",
+        *ROOT.glob("docs/**/*.md"),
+        *ROOT.glob("results/*.md"),
+        *(ROOT / d / "README.md" for d in ("bench", "studies", "results")),
+    }
 )
 
 FENCE = re.compile(r"^```(\w*)\s*$")
@@ -163,6 +169,8 @@ def check_markdown(page: Path) -> list[str]:
         if language == "python":
             problems += check_python_block(lines)
             continue
+        if language == "text":
+            continue
         commands += shell_commands(lines)
         for line in lines:
             problems += [
@@ -199,7 +207,8 @@ def test_the_checker_reports_each_kind_of_broken_reference(tmp_path):
         "torchrun --nproc_per_node=2 eval_retrieval.py --config configs/retrieval_flickr.yaml\n"
         "make demo && make no-such-target\n"
         "```\n\n"
-        "```python\nfrom models.checkpoint import load_model, no_such_function\n```\n"
+        "```python\nfrom models.checkpoint import load_model, no_such_function\n```\n\n"
+        "```text\nconfigs/planned_module.py   layout prose is not checked\n```\n"
     )
     problems = "\n".join(check_markdown(page))
     for expected in (
@@ -213,4 +222,5 @@ def test_the_checker_reports_each_kind_of_broken_reference(tmp_path):
         "'no_such_function' not defined in models/checkpoint.py",
     ):
         assert expected in problems, f"{expected!r} not reported in:\n{problems}"
+    assert "planned_module" not in problems
     assert len(problems.splitlines()) == 9  # the config is named twice: by --config and as a configs/ path
