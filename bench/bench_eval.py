@@ -258,10 +258,6 @@ def make_model(config: dict, seed: int, device: torch.device) -> BlipRetrieval:
     return build_model(config, tokenizer).to(device)
 
 
-def fmt_bytes(n: int | None) -> str:
-    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
-
-
 def write_json(path: str | None, payload: dict) -> None:
     if not path:
         return

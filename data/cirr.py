@@ -30,7 +30,6 @@ from data.utils import pre_caption
 CIRR_VERSION = "rc2"
 CIRR_SPLITS = ("train", "val", "test1")
 LABELLED_SPLITS = ("train", "val")  # test1 has no targets
-SUBSET_SIZE = 6  # img_set.members of the release
 
 
 def captions_path(ann_root: str, split: str) -> str:

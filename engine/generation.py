@@ -17,7 +17,7 @@ per image before its beams are spread.
 
 One deliberate difference from the official numbers' environment: BLIP ran transformers 4.15, whose beam search
 divided by the full length (prompt included, final [SEP] excluded). Current transformers, and this module, divide
-by the generated length; the choice of the best finished beam can differ between the two (README).
+by the generated length; the choice of the best finished beam can differ between the two (docs/captioning.md).
 """
 
 from __future__ import annotations
@@ -231,8 +231,3 @@ def generate(
         return _greedy_or_sample(_Decoder(model, image_embeds, 1, use_cache), prompt, settings, eos, pad)
     decoder = _Decoder(model, image_embeds, settings.num_beams, use_cache)
     return _beam_search(decoder, prompt, settings, eos, pad)
-
-
-def caption_images(model, images: torch.Tensor, settings: GenerationSettings) -> list[str]:
-    """One caption per image (the prompt removed, as the official code does)."""
-    return model.decode(generate(model, images, settings))

@@ -45,8 +45,8 @@ def rerank_score(itm_logits: torch.Tensor, cosines: torch.Tensor, mode: str, tem
         pre-trained ITM head, which ranks better than ITC.
     calibrated: log P_ITM(match) + cosine / temp, each head's log-score on the scale it was trained on (temp is
         the ITC temperature): a product of the two experts. It helps where ITM knows something ITC does not
-        without being the better ranker on its own, as a head trained from scratch (README, "ITM re-ranking when
-        training from scratch"). An option, not the official score.
+        without being the better ranker on its own, as a head trained from scratch
+        (docs/notes/itm_from_scratch.md). An option, not the official score.
     """
     if mode == "official":
         return itm_logits[:, 1].float() + cosines

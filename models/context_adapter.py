@@ -15,7 +15,7 @@ Retrieval from Linguistically Complex Descriptions", Findings of ACL 2024); its 
   decoder (self-attention over all positions, cross-attention to the text) reconstructs the masked patches'
   pixels; the loss is the MSE on the masked patches.
 
-Choices where the paper is silent (see the README):
+Choices where the paper is silent (see docs/peft.md):
 - attention map: cross-attention probabilities averaged over heads, over every text-encoder layer, and over the
   non-padding text tokens, detached; ties broken by patch index (no noise);
 - reconstruction targets: the normalised input pixels of each masked patch (no per-patch normalisation);

@@ -7,9 +7,10 @@ import os
 import pytest
 import torch
 
-from bench import caption_baselines, caption_decode_speed
+from bench import caption_decode_speed
 from data.synthetic import make_synthetic_dataset
 from models.blip_caption import build_caption_model
+from studies import caption_baselines
 from tests.helpers import synthetic_config
 from utils import save_config
 

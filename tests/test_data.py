@@ -605,7 +605,7 @@ def test_synthetic_cli(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_generate_split_replays_the_written_scenes_and_true_captions_cover_them(tmp_path) -> None:
     """generator.json + generate_split give back the very captions written, and every written caption is among
-    the true captions of its own scene (the basis of bench/itm_topk_auc.py's label check)."""
+    the true captions of its own scene (the basis of studies/itm_topk_auc.py's label check)."""
     from data.synthetic import GENERATOR_FILE, generate_split, true_captions
 
     paths = make_synthetic_dataset(str(tmp_path), num_train_images=3, num_val_images=4, num_test_images=5, seed=3)

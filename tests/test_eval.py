@@ -430,7 +430,7 @@ def test_image_tokens_leave_the_gpu_when_they_take_over_half_its_free_memory(mon
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # autocast("cuda") on a machine without CUDA warns
 def test_fast_mode_keeps_attention_off_cudnn_on_cuda_only():
-    """cuDNN attention plans every new shape (seconds per evaluation on an H100, bench/RESULTS.md): the fast mode
+    """cuDNN attention plans every new shape (seconds per evaluation on an H100, results/benchmarks.md): the fast mode
     turns that backend off inside its region on CUDA and restores the global setting afterwards."""
     assert torch.backends.cuda.cudnn_sdp_enabled()
     with features.eval_autocast(torch.device("cuda"), {**DEFAULT_CONFIG, "eval_amp": "bf16"}):

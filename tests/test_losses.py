@@ -308,7 +308,7 @@ def test_itm_negative_schedule_switches_at_the_right_step(schedule, steps, expec
 
 def test_official_hard_negatives_are_the_default_and_in_every_paper_config():
     """The official sampler, augmentation and re-ranking score are the defaults and what every paper config
-    gets; the demo departs from all three (README, "ITM re-ranking when training from scratch")."""
+    gets; the demo departs from all three (docs/notes/itm_from_scratch.md)."""
     official = {"itm_negatives": "hard", "train_augment": "official", "rerank_score": "official"}
     assert {key: utils.DEFAULT_CONFIG[key] for key in official} == official
     for name in ("retrieval_flickr", "retrieval_coco", "retrieval_flickr_large", "retrieval_coco_large"):

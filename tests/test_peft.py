@@ -730,7 +730,7 @@ def test_imagecode_bad_annotations_are_clear_errors(imagecode_data, tmp_path, co
 
 
 def test_peft_report_cost_part_runs_on_tiny_towers(tmp_path):
-    from bench import peft_report
+    from studies import peft_report
 
     threads = torch.get_num_threads()
     try:
@@ -752,7 +752,7 @@ def test_peft_report_cost_part_runs_on_tiny_towers(tmp_path):
 def test_paired_gain_averages_seeds_per_description_then_takes_the_standard_error():
     import statistics
 
-    from bench.peft_adapt import paired_gain
+    from studies.peft_adapt import paired_gain
 
     # description 0: both right; 1: one seed of two lost it; 2: both seeds gained it; 3: all wrong
     result = paired_gain("1100", ["1010", "1110"])
@@ -765,11 +765,11 @@ def test_paired_gain_averages_seeds_per_description_then_takes_the_standard_erro
 
 
 def test_peft_adapt_bench_runs_every_step_and_tabulates_gains_over_zero_shot(tmp_path):
-    """bench.peft_adapt end to end on a few images: the zero-shot run, two methods, their IMAGECODE scores, and a
+    """studies.peft_adapt end to end on a few images: the zero-shot run, two methods, their IMAGECODE scores, and a
     table whose gains are the runs' own numbers minus zero-shot; --report-only rebuilds the same summary."""
-    from bench import peft_adapt
     from data.synthetic import make_synthetic_dataset
     from models.blip_retrieval import build_model
+    from studies import peft_adapt
 
     vocab = make_synthetic_dataset(str(tmp_path / "vocab_data"), 20, 1, 1)["vocab_file"]
     base = str(tmp_path / "base.pth")

@@ -1,6 +1,6 @@
 """Parameter-efficient fine-tuning report: what each finetune.method trains and costs, and whether it fits a batch.
 
-    python -m bench.peft_report [--part cost|fit] [--device auto|cuda|cpu] [--vit base|large|tiny]
+    python -m studies.peft_report [--part cost|fit] [--device auto|cuda|cpu] [--vit base|large|tiny]
         [--text base|tiny] [--image-size N] [--batch-size B] [--steps M] [--out-dir DIR]
 
 cost: for full, lora, prompt (8 text tokens), prompt (vision: 8 visual tokens), adapter (ITM + TMIM) and adapter
@@ -10,7 +10,7 @@ cost: for full, lora, prompt (8 text tokens), prompt (vision: 8 visual tokens), 
     fine-tuning measured in the same process.
 fit: each method fits one fixed batch of 16 generated pairs from the same random-init demo-sized model; the loss it
     optimises at the first and the last of --fit-steps AdamW steps. Whether each method adapts a trained model to
-    new data, held out: bench/peft_adapt.py.
+    new data, held out: studies/peft_adapt.py.
 
 Writes DIR/peft_cost.json or DIR/peft_fit.json, and DIR/peft_report.md (the table).
 Defaults on CPU: ViT-B/16 + BERT-base at 128 px, batch 4, 1 warm-up + 2 timed steps; on CUDA 384 px, batch 32.
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
             with open(os.path.join(out_dir, name), "w") as f:
                 json.dump({"environment": env, **payload}, f, indent=2, default=str)
     header = (
-        f"## finetune.method on {env['device']}\n\n`python -m bench.peft_report {' '.join(argv or sys.argv[1:])}`; "
+        f"## finetune.method on {env['device']}\n\n`python -m studies.peft_report {' '.join(argv or sys.argv[1:])}`; "
         f"cost: ViT {args.vit}, text {args.text}, {args.image_size} px, batch {args.batch_size}, "
         f"median of {args.steps} steps after {args.warmup} warm-up"
     )

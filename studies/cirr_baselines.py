@@ -1,7 +1,7 @@
 """Does composed-retrieval fine-tuning learn? Zero-shot, text-only and image-only baselines beside the fine-tuned
 model, in one run on the same data and checkpoint.
 
-    python -m bench.cirr_baselines --config configs/cirr_demo.yaml --out output/cirr_baselines
+    python -m studies.cirr_baselines --config configs/cirr_demo.yaml --out output/cirr_baselines
         [--samplers random contrastive similar] [--options key=value ...]
 
 Runs `train_cirr.py` (as subprocesses, one after the other) with the config's `pretrained` checkpoint:
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(rows, f, indent=1)
     lines = [
-        f"`python -m bench.cirr_baselines {' '.join(argv if argv is not None else sys.argv[1:])}`",
+        f"`python -m studies.cirr_baselines {' '.join(argv if argv is not None else sys.argv[1:])}`",
         "",
         "| run | R@1 | R@5 | R@10 | R@50 | Rs@1 | Rs@2 | Rs@3 | (R@5+Rs@1)/2 | selected epoch | wall s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",

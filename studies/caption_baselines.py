@@ -1,6 +1,6 @@
 """Does a trained captioner describe its images? Its metrics beside three baselines, in one run, on one split.
 
-    python -m bench.caption_baselines --config configs/demo_caption.yaml \
+    python -m studies.caption_baselines --config configs/demo_caption.yaml \
         --checkpoint demo_caption_output/checkpoint_best.pth [--split test] [--out FILE.json] [--options ...]
 
 Rows, all scored by engine.caption_metrics against the same references:

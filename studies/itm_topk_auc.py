@@ -1,6 +1,6 @@
 """Can the ITM head rank what ITC shortlists? Separation of true and false candidates inside the ITC top k.
 
-    python -m bench.itm_topk_auc --config configs/demo.yaml --checkpoint demo_output/checkpoint_best.pth
+    python -m studies.itm_topk_auc --config configs/demo.yaml --checkpoint demo_output/checkpoint_best.pth
         [--split test] [--k 10] [--options key=value ...]
 
 Re-ranking only reorders each query's ITC top k, so it helps exactly when the ITM match logit separates the

@@ -1,6 +1,6 @@
 """Does each finetune.method adapt a trained model to new imagery? A demo-sized run per method, side by side.
 
-    python -m bench.peft_adapt --out output/peft_adapt [--base CKPT --base-vocab VOCAB] [--seeds 0 1]
+    python -m studies.peft_adapt --out output/peft_adapt [--base CKPT --base-vocab VOCAB] [--seeds 0 1]
         [--methods full lora prompt prompt_vision adapter adapter_gate_itc] [--epochs 6] [--parallel 2]
         [--threads 1] [--report-only]
 
@@ -30,11 +30,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.itm_negatives import read_run, run_jobs
 from data.imagecode import make_imagecode_sample
 from data.synthetic import STYLES, config_keys, make_synthetic_dataset
 from models.blip_retrieval import build_model
 from models.peft_methods import apply_finetune, parameter_counts
+from studies.itm_negatives import read_run, run_jobs
 from utils import load_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +47,7 @@ DEMO_ADAPTER = [
     "finetune.adapter.decoder_heads=2",
 ]
 # Per method: config overrides, learning rate included (cosine down to a tenth). The rates of full, lora, prompt and
-# adapter come from the earlier demo-data runs (README "What it costs and what it learns"); the gated adapter's 1e-3
+# adapter come from the earlier demo-data runs (docs/notes/peft_cost_and_learning.md); the gated adapter's 1e-3
 # was picked on this target's val split (at 5e-3 and 2e-2 its val r_mean fell after the first epoch).
 METHODS: dict[str, list[str]] = {
     "full": ["init_lr=1e-3", "min_lr=1e-4"],
@@ -181,7 +181,7 @@ def write_table(summary: dict, results: dict, args: argparse.Namespace, path: st
     lines = [
         f"# finetune.method adapting the demo model to `--style {args.style}` drawings",
         "",
-        f"`python -m bench.peft_adapt {command}`; {len(args.seeds)} seed(s) {args.seeds}, "
+        f"`python -m studies.peft_adapt {command}`; {len(args.seeds)} seed(s) {args.seeds}, "
         f"{args.epochs} epochs per method. Mean over seeds (min..max where more than one); in brackets the "
         "difference to zero-shot, for IMAGECODE with its paired standard error over the "
         f"{summary[ZERO_SHOT]['imagecode_descriptions']} descriptions (`paired_gain`).",

@@ -1,6 +1,6 @@
 """A/B of the fast evaluation with and without PyTorch's cuDNN attention backend (CUDA only).
 
-    python -m bench.ab_cudnn_attention [--num-images 200] [--repeats 2] [--amp bf16 none]
+    python -m studies.ab_cudnn_attention [--num-images 200] [--repeats 2] [--amp bf16 none]
 
 The fast evaluation keeps SDPA off the cuDNN backend in the fast mode (AVOID_CUDNN_ATTENTION): cuDNN builds an
 execution plan for every new input shape, and the fast mode's length-cut batches come in many shapes. This

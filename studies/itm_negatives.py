@@ -1,6 +1,6 @@
 """Does ITM re-ranking help when BLIP is trained from scratch? The ITM negative schedules side by side.
 
-    python -m bench.itm_negatives --out output/itm_negatives [--parallel 2] [--threads 1]
+    python -m studies.itm_negatives --out output/itm_negatives [--parallel 2] [--threads 1]
         [--schedules hard uniform warmup:150 anneal:300] [--datasets demo two_shapes] [--seeds 42 43 44]
         [--epochs 20] [--report-only]
 

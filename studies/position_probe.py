@@ -1,6 +1,6 @@
 """Does a retrieval checkpoint read where things are? Positions, not only colours and shapes.
 
-    python -m bench.position_probe --config configs/demo.yaml --checkpoint demo_output/checkpoint_best.pth \
+    python -m studies.position_probe --config configs/demo.yaml --checkpoint demo_output/checkpoint_best.pth \
         --ann-file demo_data/annotations/synthetic_test.json --image-root demo_data/images [--out DIR] \
         [--options key=value ...]
 
