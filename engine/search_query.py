@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from data.image_folder import is_inside
-from data.retrieval import DataError, load_image
+from data.image_folder import is_inside, read_image
+from data.retrieval import DataError
 from data.transforms import test_transform
 from engine.features import eval_autocast, text_features, token_dtype
 from engine.itm_rerank import OUTSIDE_TOP_K, itm_match_one_text, rerank_score
@@ -164,7 +164,7 @@ class Searcher:
     def search_image(self, path: str, top: int = 10) -> SearchResult:
         """The `top` indexed images closest to the image file `path` by ITC cosine (image -> image)."""
         try:
-            image = self.transform(load_image(path))
+            image = self.transform(read_image(path))
         except DataError as err:
             raise SearchIndexError(f"--image: {err}") from None
         with self.lock:
@@ -218,7 +218,7 @@ class Searcher:
         if not is_inside(self.index.image_root, path):  # swapped for a link out of the folder since indexing
             return f"{path} now points outside {self.index.image_root}"
         try:
-            return self.transform(load_image(path))
+            return self.transform(read_image(path))
         except DataError as err:
             return str(err)
 

@@ -7,6 +7,7 @@ The web server has its own file (tests/test_search_server.py).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -476,3 +477,72 @@ def test_bench_search_runs_and_its_topk_paths_agree():
     )
     assert payload["topk"]["rows"] == 3000  # bench_topk asserts that all four top-k paths return the same rows
     assert payload["indexing"]["images"] == 6 and set(payload["queries"][50]) >= {"itc_only", "rerank_cold"}
+
+
+# ----------------------------------------------------------------------------- kill, change the folder, rerun
+
+
+def _change_folder(photos: str, sources: list[str], rng: np.random.Generator, clock: list[int]) -> None:
+    """A few random edits of the kinds a user makes between two runs: touch, modify (new content in place),
+    replace (a new file renamed over the old one), remove, add. Every written file gets a distinct mtime, as
+    edits seconds apart would (the index tells versions apart by size, mtime and inode, like make and rsync)."""
+
+    def stamp(path: str) -> None:
+        clock[0] += 1_000_000_007
+        os.utime(path, ns=(clock[0], clock[0]))
+
+    files = [f.path for f in scan_image_folder(photos)[0]]
+    for _ in range(int(rng.integers(1, 5))):
+        kind = rng.choice(["touch", "modify", "replace", "remove", "add"])
+        if kind == "add" or not files:
+            path = os.path.join(photos, "added", f"{rng.integers(1_000_000)}.png")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            shutil.copy(sources[int(rng.integers(len(sources)))], path)
+            stamp(path)
+            continue
+        path = os.path.join(photos, files[int(rng.integers(len(files)))])
+        if kind == "remove":
+            os.remove(path)
+            files.remove(os.path.relpath(path, photos))
+        elif kind == "touch":
+            stamp(path)
+        elif kind == "modify":
+            with open(sources[int(rng.integers(len(sources)))], "rb") as src, open(path, "wb") as dst:
+                dst.write(src.read())
+            stamp(path)
+        else:
+            tmp = path + ".tmp"
+            shutil.copy(sources[int(rng.integers(len(sources)))], tmp)
+            stamp(tmp)
+            os.replace(tmp, path)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_kill_change_rerun_converges_to_a_fresh_index(synth, tmp_path, seed):
+    """Runs stopped after a random number of chunks, with random edits of the folder before each rerun, end in
+    exactly the index a fresh run builds of the final folder (same names, same features). The old code let a
+    chunk of an older version of a file win over a newer one (chunks were read in random name order) and then
+    failed with 'was neither embedded nor in the index'."""
+    rng = np.random.default_rng(seed)
+    photos = make_photos(synth, tmp_path / "photos")
+    sources = [os.path.join(synth["images"], name) for name in sorted(os.listdir(synth["images"]))]
+    out = str(tmp_path / "idx")
+    config = cfg(synth, search_chunk_images=1, batch_size_test=1)
+    clock = [1_600_000_000 * 10**9]
+    for _ in range(8):
+        draw = rng.random()
+        if draw < 0.7:  # killed after 1 to 4 chunks
+            with contextlib.suppress(Interrupt):
+                stop = _stop_after(int(rng.integers(1, 5)))
+                build_index(synth["model"], config, None, photos, out, CPU, False, on_chunk=stop)
+        elif draw < 0.9:  # a run that finishes
+            build_index(synth["model"], config, None, photos, out, CPU, False)
+        _change_folder(photos, sources, rng, clock)
+    build_index(synth["model"], config, None, photos, out, CPU, False)
+    fresh = str(tmp_path / "fresh")
+    build_index(synth["model"], config, None, photos, fresh, CPU, False)
+    got, want = index_features(out), index_features(fresh)
+    assert list(got) == list(want) == [f.path for f in scan_image_folder(photos)[0]]
+    for path in want:
+        np.testing.assert_allclose(got[path], want[path], atol=1e-6, err_msg=path)
+    assert os.listdir(os.path.join(out, "pending")) == []
