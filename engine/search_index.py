@@ -511,12 +511,19 @@ class SearchIndex:
     mtimes: list[int]
     inos: list[int | None]
     _path_set: frozenset[str] | None = field(default=None, repr=False)
+    _rows: dict[str, int] | None = field(default=None, repr=False)
 
     def path_set(self) -> frozenset[str]:
         """The indexed relative paths, for membership tests (the web server serves only these)."""
         if self._path_set is None:
             self._path_set = frozenset(self.paths)
         return self._path_set
+
+    def row_of(self, path: str) -> int | None:
+        """The row of the indexed relative path `path`, None if it is not indexed."""
+        if self._rows is None:
+            self._rows = {p: i for i, p in enumerate(self.paths)}
+        return self._rows.get(path)
 
     @property
     def image_root(self) -> str:

@@ -122,6 +122,8 @@ class Searcher:
         rerank_k = self.config["k_test"] if rerank_k is None else rerank_k
         if top < 1 or rerank_k < 1:
             raise ValueError(f"top and rerank_k must be >= 1, got {top} and {rerank_k}")
+        if not text.strip():
+            raise ValueError("empty query text")  # the command line and the API refuse it first
         with self.lock:
             timings = {}
             t0 = time.perf_counter()

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,7 +34,7 @@ from engine.search_query import Searcher
 from models.blip_retrieval import build_model
 from models.checkpoint import load_model
 from tests.dist_helpers import run_distributed
-from tests.helpers import spread_weights, synthetic_config
+from tests.helpers import bomb_png, spread_weights, synthetic_config
 from utils import UserError
 
 CPU = torch.device("cpu")
@@ -415,6 +416,72 @@ def test_bad_folders(synth, tmp_path):
         SearchIndex.load(str(tmp_path / "notours"))
 
 
+def test_decompression_bomb_is_skipped_and_named(synth, tmp_path):
+    photos = make_photos(synth, tmp_path / "photos")
+    with open(os.path.join(photos, "bomb.png"), "wb") as f:
+        f.write(bomb_png(15000, 15000))  # 225 M pixels declared in a few hundred bytes
+    stats = build_index(synth["model"], cfg(synth, num_workers=0), None, photos, str(tmp_path / "idx"), CPU, False)
+    assert stats.total == 12 and len(stats.unreadable) == 1
+    assert stats.unreadable[0].startswith("bomb.png: Could not read image file") and "DecompressionBomb" in (
+        stats.unreadable[0]
+    )
+
+
+def _break(index_dir: str, how: str) -> str:
+    """Damage a committed index as a full disk, a bad copy or a hand edit would; returns the file damaged."""
+    manifest = search_index.read_manifest(index_dir)
+    if how == "manifest truncated":
+        name = "manifest.json"
+        with open(os.path.join(index_dir, name), "r+b") as f:
+            f.truncate(os.path.getsize(f.name) // 2)
+    elif how == "manifest without keys":
+        name = "manifest.json"
+        with open(os.path.join(index_dir, name), "w") as f:
+            json.dump({k: v for k, v in manifest.items() if k != "entries"}, f)
+    elif how == "features truncated":
+        name = manifest["features"]
+        with open(os.path.join(index_dir, name), "r+b") as f:
+            f.truncate(os.path.getsize(f.name) - 100)
+    elif how == "features missing":
+        name = manifest["features"]
+        os.remove(os.path.join(index_dir, name))
+    elif how == "entries truncated":
+        name = manifest["entries"]
+        with open(os.path.join(index_dir, name), "r+b") as f:
+            f.truncate(os.path.getsize(f.name) // 2)
+    else:
+        name = manifest["entries"]
+        os.remove(os.path.join(index_dir, name))
+    return name
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "manifest truncated",
+        "manifest without keys",
+        "features truncated",
+        "features missing",
+        "entries truncated",
+        "entries missing",
+    ],
+)
+def test_damaged_index_gives_one_line_naming_the_file(synth, tmp_path, capsys, how):
+    photos = make_photos(synth, tmp_path / "photos")
+    out = str(tmp_path / "idx")
+    build_index(synth["model"], cfg(synth), synth["checkpoint"], photos, out, CPU, False)
+    name = _break(out, how)
+    with pytest.raises(SearchIndexError) as caught:
+        search.main(["query", "--index", out, "a red circle"])
+    message = str(caught.value)
+    assert name in message and "\n" not in message
+    assert "build it again" in message if name == "manifest.json" else "run `search.py index`" in message
+    if name != "manifest.json":  # a damaged generation is rebuilt by the next `index` run
+        stats = build_index(synth["model"], cfg(synth), synth["checkpoint"], photos, out, CPU, False)
+        assert stats.embedded == 12 and "embedding every image again" in capsys.readouterr().out
+        assert SearchIndex.load(out).paths == [f.path for f in scan_image_folder(photos)[0]]
+
+
 # ----------------------------------------------------------------------------- two processes
 
 
@@ -466,6 +533,19 @@ def test_command_line_index_and_query(synth, tmp_path, capsys):
         search.main(["query", "--index", out])  # neither text nor --image
     with pytest.raises(SearchIndexError, match="no search index"):
         search.main(["query", "--index", str(tmp_path / "missing"), "x"])
+    for empty in ("", "  \t "):  # refused as the API refuses it, not answered with an arbitrary ranking
+        with pytest.raises(SystemExit):
+            search.main(["query", "--index", out, empty])
+        assert "query: empty text" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        search.main(["serve", "--index", out, "--port", "99999"])
+    assert "--port: expected a port number in 0..65535 (0: any free port), got '99999'" in capsys.readouterr().err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        with pytest.raises(UserError, match=f"serve: cannot listen on 127.0.0.1:{port}: .* choose another with --port"):
+            search.main(["serve", "--index", out, "--port", port])
 
 
 def test_bench_search_runs_and_its_topk_paths_agree():
