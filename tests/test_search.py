@@ -422,8 +422,9 @@ def test_decompression_bomb_is_skipped_and_named(synth, tmp_path):
         f.write(bomb_png(15000, 15000))  # 225 M pixels declared in a few hundred bytes
     stats = build_index(synth["model"], cfg(synth, num_workers=0), None, photos, str(tmp_path / "idx"), CPU, False)
     assert stats.total == 12 and len(stats.unreadable) == 1
-    assert stats.unreadable[0].startswith("bomb.png: Could not read image file") and "DecompressionBomb" in (
-        stats.unreadable[0]
+    assert (
+        stats.unreadable[0].startswith("bomb.png: Could not read image file")
+        and "DecompressionBomb" in (stats.unreadable[0])
     )
 
 
