@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=8 search.py index ...        (the images to embed are sharded across processes)
     python search.py query --index OUT "a dog on a beach" [--top N] [--rerank-k K] [--itc-only] [--json]
     python search.py query --index OUT --image PATH [--top N] [--json]       (image -> image, by ITC)
-    python search.py serve --index OUT [--host 127.0.0.1] [--port 8000]
+    python search.py serve --index OUT [--host 127.0.0.1] [--port 8000] [--allowed-host NAME ...]
 
 `index` embeds every image under DIR (recursively) and stores the ITC features, paths and model identity in OUT;
 run again, it embeds only new or changed files and drops deleted ones, and it resumes an interrupted run.
@@ -26,6 +26,16 @@ from engine.search_query import Searcher
 from engine.search_server import make_server
 from models.checkpoint import load_model
 from utils import UserError, init_distributed, is_main_process, load_config, log, run_cli
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number in 0..65535 (0: any free port), got {value!r}")
+    return port
 
 
 def _options(p: argparse.ArgumentParser) -> None:
@@ -57,11 +67,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.add_argument("--json", action="store_true", help="print the results as JSON")
         else:
             p.add_argument("--host", default="127.0.0.1", help="default loopback; 0.0.0.0 exposes your photos")
-            p.add_argument("--port", type=int, default=8000)
+            p.add_argument("--port", type=_port, default=8000, help="0..65535 (default 8000; 0: any free port)")
+            p.add_argument(
+                "--allowed-host",
+                action="append",
+                default=[],
+                metavar="NAME",
+                help="also accept requests whose Host header names NAME (repeatable); by default only loopback "
+                "names (localhost, 127.0.0.1, [::1]) and --host itself are accepted, against DNS rebinding",
+            )
     args = parser.parse_args(argv)
     if args.command == "query":
         if (args.text is None) == (args.image is None):
             parser.error("query: give either a text or --image PATH")
+        if args.text is not None and not args.text.strip():
+            parser.error("query: empty text; pass some words, e.g. search.py query --index OUT 'a red circle'")
         if args.top < 1 or (args.rerank_k is not None and args.rerank_k < 1):
             parser.error("query: --top and --rerank-k must be >= 1")
     return args
@@ -122,10 +142,17 @@ def run_query(args: argparse.Namespace) -> None:
 
 def run_serve(args: argparse.Namespace) -> None:
     searcher = load_searcher(args)
-    server = make_server(searcher, args.host, args.port)
+    try:
+        server = make_server(searcher, args.host, args.port, allowed_hosts=args.allowed_host)
+    except OSError as err:  # port in use, an address this machine does not have, a privileged port
+        raise UserError(
+            f"serve: cannot listen on {args.host}:{args.port}: {err.strerror or err} "
+            f"(another program may be using the port: choose another with --port, or 0 for any free port)"
+        ) from None
     host, port = server.server_address[:2]
     if host not in ("127.0.0.1", "::1", "localhost"):
         log(f"warning: listening on {host}: anyone who can reach this machine can search and view these photos")
+        log(f"accepting requests for the host names {sorted(server.allowed_hosts)} (add more with --allowed-host)")
     log(
         f"serving {len(searcher.index)} images from {searcher.index.image_root} at http://{host}:{port}/ (Ctrl-C stops)"
     )

@@ -6,7 +6,8 @@ Format (a directory; `FORMAT_VERSION`):
     manifest.json      the commit point, replaced atomically: format, version, generation g, the model identity,
                        image_root, count N, dim D, dtype, the names of the files below, the unreadable files
     features-<g>.npy   (N, D) unit ITC image vectors (`search_feature_dtype`, float16 by default), memory-mapped
-    entries-<g>.json   [[path relative to image_root, size, mtime_ns], ...], row i describes features row i
+    entries-<g>.json   [[path relative to image_root, size, mtime_ns, inode], ...], row i describes features row i
+                       (indexes written before inodes were recorded have 3 fields; they still load)
     config.yaml        the resolved config the model was built from (paths absolute), for query and serve
     pending/           chunks of a run in progress: chunk-<model id>-r<rank>-<uuid>.npz, each written whole
                        (temporary name, then rename), holding paths, sizes, mtimes, features and read errors
@@ -14,7 +15,9 @@ Format (a directory; `FORMAT_VERSION`):
 A run never modifies a committed file. It embeds what is new or changed into pending chunks, then rank 0 writes
 features-<g+1>.npy and entries-<g+1>.json beside the old ones, fsyncs them and replaces manifest.json, and only
 then deletes generation g and the chunks. Killed at any point, the directory holds generation g intact plus
-whole chunks; the next run takes every chunk whose files are unchanged as done and embeds only the rest.
+whole chunks; the next run takes every chunk row whose (size, mtime, inode) equals the file's current one as done
+and embeds only the rest. Chunk rows for any other version of a file (the folder changed after the kill) are
+ignored, so the result of any sequence of kills and edits is the index of the folder as it is at the last run.
 
 The model identity is a SHA-256 of the weights that produce or score features (every tensor except the momentum
 copies and the ITC queues) plus the config keys that change the features without changing a weight's shape
@@ -37,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 from data import create_loader
-from data.image_folder import ImageFile, ImageFolderDataset, scan_image_folder
+from data.image_folder import ImageFile, ImageFolderDataset, same_version, scan_image_folder
 from data.transforms import test_transform
 from engine.features import eval_autocast
 from models.blip_retrieval import BlipRetrieval
@@ -59,6 +62,8 @@ MANIFEST = "manifest.json"
 PENDING = "pending"
 NOT_FEATURE_WEIGHTS = ("visual_encoder_m.", "vision_proj_m.", "text_encoder_m.", "text_proj_m.", "image_queue")
 NOT_FEATURE_WEIGHTS += ("text_queue", "idx_queue", "ptr_queue")
+MANIFEST_KEYS = ("generation", "model", "image_root", "count", "dim", "dtype", "features", "entries", "unreadable")
+NO_INODE = -1  # how a chunk stores an unknown inode
 
 
 class SearchIndexError(UserError):
@@ -150,14 +155,23 @@ def read_manifest(index_dir: str) -> dict | None:
     try:
         with open(path) as f:
             manifest = json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise SearchIndexError(f"{path} is not a readable index manifest: {err}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SearchIndexError(
+            f"{path} is not a readable index manifest ({err}): the index is damaged; delete {index_dir} and build "
+            f"it again with `search.py index`"
+        ) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise SearchIndexError(f"{path} is not a search index manifest (no 'format': {FORMAT!r})")
     if manifest.get("version") != FORMAT_VERSION:
         raise SearchIndexError(
             f"{path} has index format version {manifest.get('version')!r}; this code reads version "
             f"{FORMAT_VERSION}: rebuild the index in a new folder"
+        )
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise SearchIndexError(
+            f"{path} lacks {missing}: the index is damaged; delete {index_dir} and build it again with "
+            f"`search.py index`"
         )
     return manifest
 
@@ -169,6 +183,7 @@ def _write_chunk(pending: str, model_id: str, rank: int, rows: list[tuple[ImageF
         "paths": np.array([r[0].path for r in rows]),
         "sizes": np.array([r[0].size for r in rows], dtype=np.int64),
         "mtimes": np.array([r[0].mtime_ns for r in rows], dtype=np.int64),
+        "inos": np.array([NO_INODE if r[0].ino is None else r[0].ino for r in rows], dtype=np.int64),
         "errors": np.array([r[2] for r in rows]),
         "features": feats if feats is not None else np.zeros((len(rows), 0), np.float32),
     }
@@ -176,8 +191,12 @@ def _write_chunk(pending: str, model_id: str, rank: int, rows: list[tuple[ImageF
     atomic_write(os.path.join(pending, name), lambda f: np.savez(f, **arrays))
 
 
-def _read_chunks(pending: str, model_id: str) -> dict[str, tuple[int, int, np.ndarray | None, str]]:
-    """path -> (size, mtime_ns, feature or None, error) from this model's whole chunks (others are ignored)."""
+def _read_chunks(
+    pending: str, model_id: str, current: dict[str, tuple]
+) -> dict[str, tuple[tuple, np.ndarray | None, str]]:
+    """path -> (version, feature or None, error) from this model's whole chunks, for the rows that describe the
+    `current` version (size, mtime_ns, inode) of a file. Rows for another version of a file (embedded before it
+    was edited, replaced or deleted) are ignored, whatever order the chunks are read in."""
     done = {}
     if not os.path.isdir(pending):
         return done
@@ -187,12 +206,15 @@ def _read_chunks(pending: str, model_id: str) -> dict[str, tuple[int, int, np.nd
         try:
             with np.load(os.path.join(pending, name), allow_pickle=False) as z:
                 paths, sizes, mtimes = z["paths"].tolist(), z["sizes"].tolist(), z["mtimes"].tolist()
+                inos = z["inos"].tolist() if "inos" in z.files else [NO_INODE] * len(paths)
                 errors, feats = z["errors"].tolist(), z["features"]
-        except (OSError, ValueError, KeyError) as err:  # renamed whole, so only a disk fault gets here
+        except (OSError, ValueError, KeyError, EOFError) as err:  # renamed whole, so only a disk fault gets here
             log(f"warning: ignoring unreadable chunk {name}: {err}")
             continue
         for i, path in enumerate(paths):
-            done[path] = (sizes[i], mtimes[i], None if errors[i] else feats[i], errors[i])
+            version = (sizes[i], mtimes[i], None if inos[i] == NO_INODE else inos[i])
+            if path in current and same_version(version, current[path]):
+                done[path] = (version, None if errors[i] else feats[i], errors[i])
     return done
 
 
@@ -315,19 +337,19 @@ def _plan(model: BlipRetrieval, config: dict, source: str | None, image_root: st
             )
     files, skipped = scan_image_folder(image_root)
     committed = _committed_entries(index_dir, manifest)
-    resumed = _read_chunks(os.path.join(index_dir, PENDING), identity["id"])
+    resumed = _read_chunks(os.path.join(index_dir, PENDING), identity["id"], {f.path: f.version for f in files})
     todo, stats = [], IndexStats(skipped=skipped)
     for f in files:
-        old, chunk = committed.get(f.path), resumed.get(f.path)
-        if old is not None and old[:2] == (f.size, f.mtime_ns):
+        old = committed.get(f.path)
+        if old is not None and same_version(old[0], f.version):
             stats.unchanged += 1
             continue
         if old is None:
             stats.new += 1
         else:
             stats.changed += 1
-        if chunk is not None and chunk[:2] == (f.size, f.mtime_ns):
-            stats.resumed += 1  # embedded by an interrupted run
+        if f.path in resumed:
+            stats.resumed += 1  # this very version embedded by an interrupted run
         else:
             todo.append(f)
     present = {f.path for f in files}
@@ -360,14 +382,19 @@ def _lock(index_dir: str):
 
 
 def _committed_entries(index_dir: str, manifest: dict | None) -> dict[str, tuple]:
-    """path -> (size, mtime_ns, row or None, error) of the committed index, unreadable files included."""
+    """path -> (version, row or None, error) of the committed index, unreadable files included. A committed
+    generation whose files are missing or damaged is reported and treated as empty: this run rebuilds it."""
     if manifest is None:
         return {}
-    with open(os.path.join(index_dir, manifest["entries"])) as f:
-        entries = json.load(f)
-    out = {path: (size, mtime, row, "") for row, (path, size, mtime) in enumerate(entries)}
-    for path, (size, mtime, err) in manifest["unreadable_stat"].items():
-        out[path] = (size, mtime, None, err)
+    try:
+        index = SearchIndex.load(index_dir, manifest)
+    except SearchIndexError as err:
+        log(f"warning: {err}; embedding every image again")
+        return {}
+    out = {path: (index.version(row), row, "") for row, path in enumerate(index.paths)}
+    for path, stat in manifest.get("unreadable_stat", {}).items():
+        size, mtime, err = stat[:3]
+        out[path] = ((size, mtime, stat[3] if len(stat) > 3 else None), None, err)
     return out
 
 
@@ -383,27 +410,29 @@ def _commit(
 ) -> None:
     """Rank 0: write generation g+1 from the committed rows and the chunks, then replace the manifest."""
     pending_dir = os.path.join(index_dir, PENDING)
-    fresh = _read_chunks(pending_dir, identity["id"])  # every rank's chunks, this run's and resumed ones
+    # Every rank's chunks, this run's and resumed ones, for the versions of the files this run planned with.
+    fresh = _read_chunks(pending_dir, identity["id"], {f.path: f.version for f in files})
     dtype = np.dtype(config["search_feature_dtype"])
     dim = config["embed_dim"]
     rows, unreadable = [], {}  # rows: (file, committed row or None, fresh feature or None)
     for f in files:
         chunk, old = fresh.get(f.path), committed.get(f.path)
-        entry = chunk if chunk is not None and chunk[:2] == (f.size, f.mtime_ns) else old
-        if entry is None or entry[:2] != (f.size, f.mtime_ns):
+        if chunk is not None:
+            feature, row, err = chunk[1], None, chunk[2]
+        elif old is not None and same_version(old[0], f.version):
+            feature, row, err = None, old[1], old[2]
+        else:  # _plan put it in this run's work, so a chunk must hold it
             raise RuntimeError(f"{f.path} was neither embedded nor in the index")  # a bug, not a user error
-        if entry[3]:
-            unreadable[f.path] = (f.size, f.mtime_ns, entry[3])
-        elif entry is chunk:
-            rows.append((f, None, chunk[2]))
+        if err:
+            unreadable[f.path] = (f.size, f.mtime_ns, err, f.ino)
         else:
-            rows.append((f, old[2], None))
+            rows.append((f, row, feature))
     generation = (manifest["generation"] + 1) if manifest else 1
     features_name, entries_name = f"features-{generation}.npy", f"entries-{generation}.json"
     features_path = os.path.join(index_dir, features_name)
     old_features = (
         np.load(os.path.join(index_dir, manifest["features"]), mmap_mode="r")
-        if manifest and manifest["count"]
+        if any(r[1] is not None for r in rows)
         else None
     )
     out = np.lib.format.open_memmap(features_path, mode="w+", dtype=dtype, shape=(len(rows), dim))
@@ -420,7 +449,7 @@ def _commit(
     del out
     with open(features_path, "rb") as f:
         os.fsync(f.fileno())
-    _write_json(os.path.join(index_dir, entries_name), [[f.path, f.size, f.mtime_ns] for f, _, _ in rows])
+    _write_json(os.path.join(index_dir, entries_name), [[f.path, f.size, f.mtime_ns, f.ino] for f, _, _ in rows])
     save_config(_portable_config(config), os.path.join(index_dir, "config.yaml"))
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     new_manifest = {
@@ -434,7 +463,7 @@ def _commit(
         "dtype": dtype.name,
         "features": features_name,
         "entries": entries_name,
-        "unreadable": {path: err for path, (_, _, err) in unreadable.items()},
+        "unreadable": {path: err for path, (_, _, err, _) in unreadable.items()},
         "unreadable_stat": {path: list(v) for path, v in unreadable.items()},
         "created": manifest["created"] if manifest else now,
         "updated": now,
@@ -471,7 +500,8 @@ def _portable_config(config: dict) -> dict:
 
 @dataclass
 class SearchIndex:
-    """A committed index: `features` (N, D) memory-mapped, `paths[i]` / `sizes[i]` / `mtimes[i]` of row i."""
+    """A committed index: `features` (N, D) memory-mapped, `paths[i]` / `sizes[i]` / `mtimes[i]` / `inos[i]` of
+    row i (an inode is None in indexes written before inodes were recorded)."""
 
     index_dir: str
     manifest: dict
@@ -479,13 +509,21 @@ class SearchIndex:
     paths: list[str]
     sizes: list[int]
     mtimes: list[int]
+    inos: list[int | None]
     _path_set: frozenset[str] | None = field(default=None, repr=False)
+    _rows: dict[str, int] | None = field(default=None, repr=False)
 
     def path_set(self) -> frozenset[str]:
         """The indexed relative paths, for membership tests (the web server serves only these)."""
         if self._path_set is None:
             self._path_set = frozenset(self.paths)
         return self._path_set
+
+    def row_of(self, path: str) -> int | None:
+        """The row of the indexed relative path `path`, None if it is not indexed."""
+        if self._rows is None:
+            self._rows = {p: i for i, p in enumerate(self.paths)}
+        return self._rows.get(path)
 
     @property
     def image_root(self) -> str:
@@ -498,28 +536,57 @@ class SearchIndex:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def version(self, row: int) -> tuple[int, int, int | None]:
+        """(size, mtime_ns, inode) of the file row `row` was computed from."""
+        return self.sizes[row], self.mtimes[row], self.inos[row]
+
     @classmethod
-    def load(cls, index_dir: str) -> SearchIndex:
-        manifest = read_manifest(index_dir)
+    def load(cls, index_dir: str, manifest: dict | None = None) -> SearchIndex:
+        """The committed index in `index_dir` (`manifest`: the one already read). Missing, truncated or
+        inconsistent files end in a SearchIndexError that names the file and says to rebuild."""
+        manifest = read_manifest(index_dir) if manifest is None else manifest
         if manifest is None:
             raise SearchIndexError(
                 f"no search index in {index_dir!r} (no {MANIFEST}); build one with "
                 f"`python search.py index --config CFG --checkpoint SRC --images DIR --index {index_dir}`"
             )
-        with open(os.path.join(index_dir, manifest["entries"])) as f:
-            entries = json.load(f)
-        if manifest["count"]:
-            # Copy-on-write: torch can wrap its pages without a copy, and nothing can ever write to the file.
-            features = np.load(os.path.join(index_dir, manifest["features"]), mmap_mode="c")
-        else:
-            features = np.zeros((0, manifest["dim"]), dtype=manifest["dtype"])
+        rebuild = (
+            f"the index is incomplete or damaged; run `search.py index` with --index {index_dir} again "
+            f"to rebuild it (or delete {index_dir} and build a new one)"
+        )
+        entries_path = os.path.join(index_dir, str(manifest["entries"]))
+        try:
+            with open(entries_path, encoding="utf-8") as f:
+                entries = json.load(f)
+            if not isinstance(entries, list) or not all(
+                isinstance(e, list) and len(e) in (3, 4) and isinstance(e[0], str) for e in entries
+            ):
+                raise ValueError("not a list of [path, size, mtime_ns, inode] entries")
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise SearchIndexError(f"{entries_path}: {getattr(err, 'strerror', None) or err}; {rebuild}") from None
+        features_path = os.path.join(index_dir, str(manifest["features"]))
+        try:
+            if manifest["count"]:
+                # Copy-on-write: torch can wrap its pages without a copy, and nothing can ever write to the file.
+                features = np.load(features_path, mmap_mode="c", allow_pickle=False)
+            else:
+                features = np.zeros((0, manifest["dim"]), dtype=manifest["dtype"])
+        except (OSError, ValueError, EOFError, TypeError) as err:  # missing, truncated (mmap longer than the file)
+            raise SearchIndexError(f"{features_path}: {getattr(err, 'strerror', None) or err}; {rebuild}") from None
         if features.shape != (manifest["count"], manifest["dim"]) or len(entries) != manifest["count"]:
             raise SearchIndexError(
                 f"{index_dir}: {manifest['features']} holds {features.shape} and {manifest['entries']} {len(entries)} "
-                f"entries, but the manifest says {manifest['count']} x {manifest['dim']}; rebuild the index"
+                f"entries, but the manifest says {manifest['count']} x {manifest['dim']}; {rebuild}"
             )
-        paths = [e[0] for e in entries]
-        return cls(index_dir, manifest, features, paths, [e[1] for e in entries], [e[2] for e in entries])
+        return cls(
+            index_dir,
+            manifest,
+            features,
+            [e[0] for e in entries],
+            [e[1] for e in entries],
+            [e[2] for e in entries],
+            [e[3] if len(e) > 3 else None for e in entries],
+        )
 
 
 @torch.no_grad()

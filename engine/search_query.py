@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from data.image_folder import is_inside
-from data.retrieval import DataError, load_image
+from data.image_folder import is_inside, read_image
+from data.retrieval import DataError
 from data.transforms import test_transform
 from engine.features import eval_autocast, text_features, token_dtype
 from engine.itm_rerank import OUTSIDE_TOP_K, itm_match_one_text, rerank_score
@@ -122,6 +122,8 @@ class Searcher:
         rerank_k = self.config["k_test"] if rerank_k is None else rerank_k
         if top < 1 or rerank_k < 1:
             raise ValueError(f"top and rerank_k must be >= 1, got {top} and {rerank_k}")
+        if not text.strip():
+            raise ValueError("empty query text")  # the command line and the API refuse it first
         with self.lock:
             timings = {}
             t0 = time.perf_counter()
@@ -164,7 +166,7 @@ class Searcher:
     def search_image(self, path: str, top: int = 10) -> SearchResult:
         """The `top` indexed images closest to the image file `path` by ITC cosine (image -> image)."""
         try:
-            image = self.transform(load_image(path))
+            image = self.transform(read_image(path))
         except DataError as err:
             raise SearchIndexError(f"--image: {err}") from None
         with self.lock:
@@ -218,7 +220,7 @@ class Searcher:
         if not is_inside(self.index.image_root, path):  # swapped for a link out of the folder since indexing
             return f"{path} now points outside {self.index.image_root}"
         try:
-            return self.transform(load_image(path))
+            return self.transform(read_image(path))
         except DataError as err:
             return str(err)
 

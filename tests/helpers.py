@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import os
+import struct
+import zlib
 from typing import Any
 
 import torch
@@ -104,3 +106,16 @@ def spread_weights(model: BlipRetrieval, std: float = 0.3) -> BlipRetrieval:
             if p.dim() >= 2 or name.endswith(("pos_embed", "cls_token")):
                 p.normal_(0.0, std)
     return model
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A few hundred bytes of PNG whose header declares `width` x `height` 8-bit grey pixels (a decompression bomb
+    when large: PIL refuses it on open, or would allocate the whole image to decode it); the pixel data is cut
+    short after 16 rows."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    pixels = zlib.compress(b"\0" * (width + 1) * 16)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")

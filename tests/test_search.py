@@ -7,11 +7,13 @@ The web server has its own file (tests/test_search_server.py).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,7 +34,7 @@ from engine.search_query import Searcher
 from models.blip_retrieval import build_model
 from models.checkpoint import load_model
 from tests.dist_helpers import run_distributed
-from tests.helpers import spread_weights, synthetic_config
+from tests.helpers import bomb_png, spread_weights, synthetic_config
 from utils import UserError
 
 CPU = torch.device("cpu")
@@ -414,6 +416,73 @@ def test_bad_folders(synth, tmp_path):
         SearchIndex.load(str(tmp_path / "notours"))
 
 
+def test_decompression_bomb_is_skipped_and_named(synth, tmp_path):
+    photos = make_photos(synth, tmp_path / "photos")
+    with open(os.path.join(photos, "bomb.png"), "wb") as f:
+        f.write(bomb_png(15000, 15000))  # 225 M pixels declared in a few hundred bytes
+    stats = build_index(synth["model"], cfg(synth, num_workers=0), None, photos, str(tmp_path / "idx"), CPU, False)
+    assert stats.total == 12 and len(stats.unreadable) == 1
+    assert (
+        stats.unreadable[0].startswith("bomb.png: Could not read image file")
+        and "DecompressionBomb" in (stats.unreadable[0])
+    )
+
+
+def _break(index_dir: str, how: str) -> str:
+    """Damage a committed index as a full disk, a bad copy or a hand edit would; returns the file damaged."""
+    manifest = search_index.read_manifest(index_dir)
+    if how == "manifest truncated":
+        name = "manifest.json"
+        with open(os.path.join(index_dir, name), "r+b") as f:
+            f.truncate(os.path.getsize(f.name) // 2)
+    elif how == "manifest without keys":
+        name = "manifest.json"
+        with open(os.path.join(index_dir, name), "w") as f:
+            json.dump({k: v for k, v in manifest.items() if k != "entries"}, f)
+    elif how == "features truncated":
+        name = manifest["features"]
+        with open(os.path.join(index_dir, name), "r+b") as f:
+            f.truncate(os.path.getsize(f.name) - 100)
+    elif how == "features missing":
+        name = manifest["features"]
+        os.remove(os.path.join(index_dir, name))
+    elif how == "entries truncated":
+        name = manifest["entries"]
+        with open(os.path.join(index_dir, name), "r+b") as f:
+            f.truncate(os.path.getsize(f.name) // 2)
+    else:
+        name = manifest["entries"]
+        os.remove(os.path.join(index_dir, name))
+    return name
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "manifest truncated",
+        "manifest without keys",
+        "features truncated",
+        "features missing",
+        "entries truncated",
+        "entries missing",
+    ],
+)
+def test_damaged_index_gives_one_line_naming_the_file(synth, tmp_path, capsys, how):
+    photos = make_photos(synth, tmp_path / "photos")
+    out = str(tmp_path / "idx")
+    build_index(synth["model"], cfg(synth), synth["checkpoint"], photos, out, CPU, False)
+    name = _break(out, how)
+    with pytest.raises(SearchIndexError) as caught:
+        search.main(["query", "--index", out, "a red circle"])
+    message = str(caught.value)
+    assert name in message and "\n" not in message
+    assert "build it again" in message if name == "manifest.json" else "run `search.py index`" in message
+    if name != "manifest.json":  # a damaged generation is rebuilt by the next `index` run
+        stats = build_index(synth["model"], cfg(synth), synth["checkpoint"], photos, out, CPU, False)
+        assert stats.embedded == 12 and "embedding every image again" in capsys.readouterr().out
+        assert SearchIndex.load(out).paths == [f.path for f in scan_image_folder(photos)[0]]
+
+
 # ----------------------------------------------------------------------------- two processes
 
 
@@ -465,6 +534,19 @@ def test_command_line_index_and_query(synth, tmp_path, capsys):
         search.main(["query", "--index", out])  # neither text nor --image
     with pytest.raises(SearchIndexError, match="no search index"):
         search.main(["query", "--index", str(tmp_path / "missing"), "x"])
+    for empty in ("", "  \t "):  # refused as the API refuses it, not answered with an arbitrary ranking
+        with pytest.raises(SystemExit):
+            search.main(["query", "--index", out, empty])
+        assert "query: empty text" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        search.main(["serve", "--index", out, "--port", "99999"])
+    assert "--port: expected a port number in 0..65535 (0: any free port), got '99999'" in capsys.readouterr().err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        with pytest.raises(UserError, match=f"serve: cannot listen on 127.0.0.1:{port}: .* choose another with --port"):
+            search.main(["serve", "--index", out, "--port", port])
 
 
 def test_bench_search_runs_and_its_topk_paths_agree():
@@ -476,3 +558,72 @@ def test_bench_search_runs_and_its_topk_paths_agree():
     )
     assert payload["topk"]["rows"] == 3000  # bench_topk asserts that all four top-k paths return the same rows
     assert payload["indexing"]["images"] == 6 and set(payload["queries"][50]) >= {"itc_only", "rerank_cold"}
+
+
+# ----------------------------------------------------------------------------- kill, change the folder, rerun
+
+
+def _change_folder(photos: str, sources: list[str], rng: np.random.Generator, clock: list[int]) -> None:
+    """A few random edits of the kinds a user makes between two runs: touch, modify (new content in place),
+    replace (a new file renamed over the old one), remove, add. Every written file gets a distinct mtime, as
+    edits seconds apart would (the index tells versions apart by size, mtime and inode, like make and rsync)."""
+
+    def stamp(path: str) -> None:
+        clock[0] += 1_000_000_007
+        os.utime(path, ns=(clock[0], clock[0]))
+
+    files = [f.path for f in scan_image_folder(photos)[0]]
+    for _ in range(int(rng.integers(1, 5))):
+        kind = rng.choice(["touch", "modify", "replace", "remove", "add"])
+        if kind == "add" or not files:
+            path = os.path.join(photos, "added", f"{rng.integers(1_000_000)}.png")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            shutil.copy(sources[int(rng.integers(len(sources)))], path)
+            stamp(path)
+            continue
+        path = os.path.join(photos, files[int(rng.integers(len(files)))])
+        if kind == "remove":
+            os.remove(path)
+            files.remove(os.path.relpath(path, photos))
+        elif kind == "touch":
+            stamp(path)
+        elif kind == "modify":
+            with open(sources[int(rng.integers(len(sources)))], "rb") as src, open(path, "wb") as dst:
+                dst.write(src.read())
+            stamp(path)
+        else:
+            tmp = path + ".tmp"
+            shutil.copy(sources[int(rng.integers(len(sources)))], tmp)
+            stamp(tmp)
+            os.replace(tmp, path)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_kill_change_rerun_converges_to_a_fresh_index(synth, tmp_path, seed):
+    """Runs stopped after a random number of chunks, with random edits of the folder before each rerun, end in
+    exactly the index a fresh run builds of the final folder (same names, same features). The old code let a
+    chunk of an older version of a file win over a newer one (chunks were read in random name order) and then
+    failed with 'was neither embedded nor in the index'."""
+    rng = np.random.default_rng(seed)
+    photos = make_photos(synth, tmp_path / "photos")
+    sources = [os.path.join(synth["images"], name) for name in sorted(os.listdir(synth["images"]))]
+    out = str(tmp_path / "idx")
+    config = cfg(synth, search_chunk_images=1, batch_size_test=1)
+    clock = [1_600_000_000 * 10**9]
+    for _ in range(8):
+        draw = rng.random()
+        if draw < 0.7:  # killed after 1 to 4 chunks
+            with contextlib.suppress(Interrupt):
+                stop = _stop_after(int(rng.integers(1, 5)))
+                build_index(synth["model"], config, None, photos, out, CPU, False, on_chunk=stop)
+        elif draw < 0.9:  # a run that finishes
+            build_index(synth["model"], config, None, photos, out, CPU, False)
+        _change_folder(photos, sources, rng, clock)
+    build_index(synth["model"], config, None, photos, out, CPU, False)
+    fresh = str(tmp_path / "fresh")
+    build_index(synth["model"], config, None, photos, fresh, CPU, False)
+    got, want = index_features(out), index_features(fresh)
+    assert list(got) == list(want) == [f.path for f in scan_image_folder(photos)[0]]
+    for path in want:
+        np.testing.assert_allclose(got[path], want[path], atol=1e-6, err_msg=path)
+    assert os.listdir(os.path.join(out, "pending")) == []

@@ -5,11 +5,15 @@ queries, path traversal refused, and the page driven in a real headless Chromium
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
 import os
 import shutil
+import socket
+import threading
+import time
 from urllib.parse import quote
 
 import pytest
@@ -19,9 +23,17 @@ from PIL import Image
 from data.synthetic import make_synthetic_dataset
 from engine.search_index import SearchIndex, build_index
 from engine.search_query import Searcher
-from engine.search_server import MAX_QUERY_CHARS, serve_in_thread
+from engine.search_server import (
+    MAX_QUERY_CHARS,
+    MAX_RERANK_K,
+    Thumbnails,
+    TooLarge,
+    allowed_host_names,
+    make_thumbnail,
+    serve_in_thread,
+)
 from models.blip_retrieval import build_model
-from tests.helpers import spread_weights, synthetic_config
+from tests.helpers import bomb_png, spread_weights, synthetic_config
 
 CPU = torch.device("cpu")
 CHROMIUM = "/usr/bin/chromium"
@@ -65,11 +77,12 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     server.server_close()
 
 
-def get(served: dict, target: str, method: str = "GET") -> tuple[int, str, bytes]:
-    """A raw request: `target` goes on the request line as written (no client-side normalisation)."""
+def get(served: dict, target: str, method: str = "GET", host: str | None = None) -> tuple[int, str, bytes]:
+    """A raw request: `target` goes on the request line as written (no client-side normalisation); `host`: the
+    Host header (default 127.0.0.1:PORT, as a browser sends it)."""
     conn = http.client.HTTPConnection("127.0.0.1", served["port"], timeout=60)
     try:
-        conn.request(method, target)
+        conn.request(method, target, headers={} if host is None else {"Host": host})
         response = conn.getresponse()
         return response.status, response.getheader("Content-Type", ""), response.read()
     finally:
@@ -114,6 +127,7 @@ def test_page_and_images(served):
         ("/api/search?q=red&top=abc", "top must be an integer"),
         ("/api/search?q=red&top=0", "top must be in"),
         ("/api/search?q=red&k=99999", "k must be in"),
+        (f"/api/search?q=red&k={MAX_RERANK_K + 1}", f"k must be in [1, {MAX_RERANK_K}]"),
         ("/api/search?q=red&mode=fast", "mode must be"),
         ("/api/search?q=red&colour=blue", "unknown parameter"),
         ("/api/search?q=red&q=blue", "more than once"),
@@ -170,6 +184,170 @@ def test_index_update_is_picked_up_while_serving(served, tmp_path):
         os.remove(os.path.join(photos, "copy.png"))
         build_index(searcher.model, searcher.config, None, photos, searcher.index.index_dir, CPU, False)
         searcher.reload_if_changed()
+
+
+# ----------------------------------------------------------------------------- hardening
+
+
+@pytest.mark.parametrize(
+    "host, status",
+    [
+        ("127.0.0.1:{port}", 200),
+        ("localhost:{port}", 200),
+        ("LOCALHOST", 200),
+        ("[::1]:{port}", 200),
+        ("localhost.:{port}", 200),
+        ("evil.example:{port}", 403),  # a page on evil.example whose name now resolves to 127.0.0.1
+        ("evil.example", 403),
+        ("127.0.0.1.evil.example:{port}", 403),
+        ("127.0.0.1:1{port}", 403),
+        ("localhost:{port}@evil.example", 403),
+        ("", 403),
+    ],
+)
+def test_only_loopback_host_headers_are_answered(served, host, status):
+    for target in ("/api/info", "/api/search?q=red&mode=itc", "/thumb?path=album/00001.png"):
+        got, _, body = get(served, target, host=host.format(port=served["port"]))
+        assert got == status, (host, target)
+        if status == 403:
+            assert "--allowed-host" in json.loads(body)["error"]
+
+
+def test_allowed_hosts_are_configurable(served):
+    assert allowed_host_names("0.0.0.0") == {"localhost", "127.0.0.1", "[::1]"}
+    assert allowed_host_names("::", ["Photos.LAN."]) == {"localhost", "127.0.0.1", "[::1]", "photos.lan"}
+    assert "192.168.1.5" in allowed_host_names("192.168.1.5") and "[fe80::1]" in allowed_host_names("fe80::1")
+    server, _ = serve_in_thread(served["searcher"], allowed_hosts=["photos.lan"])
+    try:
+        other = {**served, "port": server.server_address[1]}
+        assert get(other, "/api/info", host=f"photos.lan:{other['port']}")[0] == 200
+        assert get(other, "/api/info", host="photos.lan.evil.example")[0] == 403
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_info_names_no_absolute_path(served, monkeypatch):
+    checkpoint = str(served["root"] / "weights" / "model_best.pth")
+    monkeypatch.setitem(served["searcher"].index.manifest["model"], "checkpoint", checkpoint)
+    status, _, body = get(served, "/api/info")
+    info = json.loads(body)
+    assert status == 200 and info["folder"] == "photos" and info["checkpoint"] == "model_best.pth"
+    assert str(served["root"]) not in body.decode() and "/" not in body.decode()
+
+
+@contextlib.contextmanager
+def _swapped(path: str, replace):
+    """Put the file at `path` aside (same inode, same mtime), `replace(path)`, and put it back on exit."""
+    aside = path + ".aside"
+    os.rename(path, aside)
+    try:
+        replace(path)
+        yield
+    finally:
+        if os.path.exists(path):
+            os.remove(path)
+        os.rename(aside, path)
+
+
+@pytest.mark.parametrize("endpoint", ["/image", "/thumb"])
+def test_a_replaced_file_is_not_served(served, endpoint):
+    """A hard link to a file outside the folder (same path, realpath inside, other inode), a file copied over
+    with its mtime kept, and an edited file are all refused with 409; the original is served again after."""
+    photos = served["searcher"].index.image_root
+    rel = "album/00005.png"
+    path = os.path.join(photos, rel)
+    secret = served["root"] / "secret.png"
+    shutil.copy2(os.path.join(photos, "album/00004.png"), secret)
+    original = os.stat(path)
+
+    def hard_link(p):
+        os.link(secret, p)
+
+    def same_size_and_mtime(p):  # another file's bytes, padded to the same size, with the old mtime
+        with open(secret, "rb") as src, open(p, "wb") as dst:
+            dst.write(src.read()[: original.st_size].ljust(original.st_size, b"\0"))
+        os.utime(p, ns=(original.st_atime_ns, original.st_mtime_ns))
+
+    def edited(p):
+        shutil.copy(path + ".aside", p)
+
+    for replace in (hard_link, same_size_and_mtime, edited):
+        with _swapped(path, replace):
+            status, _, body = get(served, f"{endpoint}?path={rel}")
+        assert status == 409 and "is not the file that was indexed" in json.loads(body)["error"], replace.__name__
+    assert get(served, f"{endpoint}?path={rel}")[0] == 200
+
+
+def test_thumbnails_decode_little_and_refuse_huge_images():
+    with pytest.raises(TooLarge, match="225000000 pixels"):  # over PIL's own bomb limit
+        make_thumbnail(io.BytesIO(bomb_png(15000, 15000)))
+    started = time.perf_counter()
+    with pytest.raises(TooLarge, match="8000x8000"):  # under PIL's limit, over ours: refused before decoding
+        make_thumbnail(io.BytesIO(bomb_png(8000, 8000)))
+    assert time.perf_counter() - started < 1.0
+    big_jpeg, big_png = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (2400, 1600), (200, 30, 30)).save(big_jpeg, "JPEG")
+    Image.new("RGB", (1200, 1000), (200, 30, 30)).save(big_png, "PNG")
+    # 3.84 M pixels, but JPEG draft mode decodes it at 1/4 scale (600x400, the smallest at least 256 a side):
+    # within a 300 k pixel budget
+    thumb = Image.open(io.BytesIO(make_thumbnail(io.BytesIO(big_jpeg.getvalue()), max_pixels=300_000)))
+    assert thumb.size == (256, 171)
+    with pytest.raises(TooLarge):  # a PNG has no draft mode: 1.2 M pixels to decode
+        make_thumbnail(io.BytesIO(big_png.getvalue()), max_pixels=300_000)
+
+
+def test_thumbnail_decodes_are_bounded_and_cached():
+    files = []
+    for i in range(8):
+        buffer = io.BytesIO()
+        Image.new("RGB", (900, 900), (i * 30, 100, 200 - i * 20)).save(buffer, "PNG")
+        files.append(buffer.getvalue())
+    thumbs = Thumbnails(max_bytes=10**7, max_decodes=2)
+    start = threading.Barrier(8)
+
+    def fetch(i: int) -> None:
+        start.wait()
+        thumbs.get((f"{i}.png", 0, 0, i), io.BytesIO(files[i]))
+
+    threads = [threading.Thread(target=fetch, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert thumbs.decodes == 8 and 1 <= thumbs.peak_active <= 2 and thumbs.active == 0
+    for i in range(8):  # all cached: no decode, the file is not even read
+        thumbs.get((f"{i}.png", 0, 0, i), io.BytesIO(b""))
+    assert thumbs.decodes == 8
+    small = Thumbnails(max_bytes=2 * len(thumbs.cache[("0.png", 0, 0, 0)]) + 10)
+    for i in range(8):
+        small.get((f"{i}.png", 0, 0, i), io.BytesIO(files[i]))
+    assert len(small.cache) == 2 and small.bytes <= small.max_bytes and ("7.png", 0, 0, 7) in small.cache
+
+
+def test_thumbnail_over_the_pixel_cap_gets_422(served):
+    server, _ = serve_in_thread(served["searcher"])
+    try:
+        server.thumbnails.max_pixels = 64 * 64 - 1
+        other = {**served, "port": server.server_address[1]}
+        status, _, body = get(other, "/thumb?path=album/00002.png")
+        assert status == 422 and "too large for a thumbnail: 64x64 pixels" in json.loads(body)["error"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_idle_connections_are_closed(served):
+    server, _ = serve_in_thread(served["searcher"], request_timeout=0.5)
+    try:
+        with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as idle:
+            started = time.perf_counter()
+            idle.sendall(b"GET /api/info HTTP/1.1\r\n")  # and then nothing: the headers never end
+            assert idle.recv(1024) == b""  # closed by the server, not by our 10 s timeout
+            assert time.perf_counter() - started < 5
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # ----------------------------------------------------------------------------- a real browser
