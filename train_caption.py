@@ -35,7 +35,7 @@ from engine.training import (
     training_arg_parser,
 )
 from models.caption_checkpoint import load_caption_model, load_caption_state_dict
-from models.checkpoint import CheckpointError
+from models.checkpoint import CheckpointError, apply_config_updates
 from models.hf_blip import is_hf_directory
 from utils import ConfigError, JsonlLogger, is_main_process, log
 
@@ -85,7 +85,8 @@ def run(args: argparse.Namespace, config: dict, info: utils.DistInfo) -> dict:
     source = config["pretrained"] or None
     if ckpt and not (source and is_hf_directory(os.path.expanduser(source))):
         source = None  # the weights come from the resumed checkpoint
-    model, _ = load_caption_model(config, source)
+    model, report = load_caption_model(config, source, allow_unsafe=args.unsafe_trust_checkpoint)
+    apply_config_updates(config, report)
     if ckpt:
         report = load_caption_state_dict(model, ckpt["model"], resume_path)
         if not report.clean or len(report.loaded) + len(report.expected_missing) != report.num_model_tensors:

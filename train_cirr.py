@@ -43,6 +43,7 @@ from engine.training import (
     training_arg_parser,
 )
 from models.blip_cir import check_cir_checkpoint, load_cir_model, load_cir_state_dict
+from models.checkpoint import apply_config_updates
 from utils import ConfigError, JsonlLogger, is_main_process, log
 
 EVAL_SPLITS = ("val", "test1")
@@ -94,9 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
         ann_root, image_root = config["cirr_ann_root"], config["cirr_image_root"]
         eval_splits = {s: load_cirr_split(ann_root, image_root, s) for s in EVAL_SPLITS}  # data errors before downloads
         source = config["pretrained"] or None
-        model, report = load_cir_model(config, None if ckpt else source)
-        if report is not None and report.config_updates:
-            config.update(report.config_updates)
+        model, report = load_cir_model(config, None if ckpt else source, allow_unsafe=args.unsafe_trust_checkpoint)
+        apply_config_updates(config, report)
         if ckpt:
             check_cir_checkpoint(load_cir_state_dict(model, ckpt["model"], resume_path), resume_path)
         model.to(info.device)

@@ -45,9 +45,10 @@ from engine.training import (
     training_arg_parser,
 )
 from models.blip_retrieval import BlipRetrieval, check_queue_size
-from models.checkpoint import CheckpointError, load_model, load_state_dict_checked
+from models.checkpoint import CheckpointError, apply_config_updates, load_state_dict_checked
 from models.clip import dataset_transform, load_clip_state
 from models.hf_blip import is_hf_directory
+from models.loading import load_model
 from models.peft_methods import (
     apply_finetune,
     is_delta_checkpoint,
@@ -170,9 +171,9 @@ def build_run(
     elif ckpt and not (source and is_hf_directory(os.path.expanduser(source))):
         resume_base(ckpt, config, resume_path)  # refuses a method change
         source = None
-    model, report = load_model(config, source)
-    if report is not None and report.config_updates:
-        config.update(report.config_updates)  # an HF directory fixes the architecture (e.g. image_size)
+    # A resumed delta run's base is recorded in its checkpoint: read safely, whatever the command line says.
+    model, report = load_model(config, source, allow_unsafe=args.unsafe_trust_checkpoint and not delta)
+    apply_config_updates(config, report)  # an HF directory fixes the architecture (e.g. image_size)
     apply_finetune(model, config, source)  # finetune.method: adapters in, frozen weights out of training
     if config["finetune"]["method"] != "full":
         counts = parameter_counts(model)

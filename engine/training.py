@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import utils
+from models.checkpoint import add_unsafe_trust_flag
 from models.peft_methods import model_payload
 from utils import ConfigError, JsonlLogger, is_main_process, log
 
@@ -86,6 +87,7 @@ def training_arg_parser(description: str, writes: str, evaluate_help: str) -> ar
         metavar="KEY=VALUE",
         help="config overrides, YAML values, dotted keys (init_lr=5e-6 vit.depth=2)",
     )
+    add_unsafe_trust_flag(parser)
     return parser
 
 

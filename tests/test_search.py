@@ -30,7 +30,7 @@ from engine import search_index
 from engine.search_index import SearchIndex, SearchIndexError, build_index, itc_topk
 from engine.search_query import Searcher
 from models.blip_retrieval import build_model
-from models.checkpoint import load_model
+from models.loading import load_model
 from tests.dist_helpers import run_distributed
 from tests.helpers import spread_weights, synthetic_config
 from utils import UserError
