@@ -30,6 +30,7 @@ from engine import search_index
 from engine.search_index import SearchIndex, SearchIndexError, build_index, itc_topk
 from engine.search_query import Searcher
 from models.blip_retrieval import build_model
+from models.checkpoint import CheckpointError
 from models.loading import load_model
 from tests.dist_helpers import run_distributed
 from tests.helpers import spread_weights, synthetic_config
@@ -476,3 +477,29 @@ def test_bench_search_runs_and_its_topk_paths_agree():
     )
     assert payload["topk"]["rows"] == 3000  # bench_topk asserts that all four top-k paths return the same rows
     assert payload["indexing"]["images"] == 6 and set(payload["queries"][50]) >= {"itc_only", "rerank_cold"}
+
+
+class _RunsCode:
+    """Unpickling this object opens (creates) the marker file: a stand-in for any code a pickle can run."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_index_manifest_checkpoint_is_always_read_safely(synth, tmp_path):
+    # A shared index folder names its checkpoint in manifest.json; a pickle that runs code there must not run.
+    shared = str(tmp_path / "shared.pth")
+    shutil.copy2(synth["checkpoint"], shared)
+    out = str(tmp_path / "idx")
+    base = ["--config", synth["config_file"], "--checkpoint", shared]
+    search.main(["index", *base, "--images", synth["images"], "--index", out])
+    marker = str(tmp_path / "ran")
+    torch.save({"model": synth["model"].state_dict(), "config": _RunsCode(marker)}, shared)
+    with pytest.raises(CheckpointError, match=f"{shared}: refused to unpickle"):
+        search.main(["query", "--index", out, "a dog"])
+    with pytest.raises(SystemExit):  # query and serve have no opt-in
+        search.main(["query", "--index", out, "a dog", "--unsafe-trust-checkpoint"])
+    assert not os.path.exists(marker)
