@@ -267,7 +267,8 @@ def test_eval_cli_with_clip(files, backend, tmp_path, capsys):
 
 def test_load_model_dispatches_on_the_model_key(files):
     model, report = load_model(_hf_config(files))
-    assert isinstance(model, ClipRetrieval) and report is None and not model.has_itm
+    assert isinstance(model, ClipRetrieval) and not model.has_itm
+    assert report.config_updates == {"image_size": 32} and report.num_model_tensors == 0  # no key report for CLIP
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -322,9 +322,12 @@ import sys, time
 sys.path.insert(0, {repo!r})
 from engine import search_index
 write = search_index._write_chunk
+written = []
 def slow(*args):
     write(*args)
-    time.sleep(0.3)  # a slow disk: time for the test to kill the process between chunks
+    written.append(1)
+    if len(written) == 2:
+        time.sleep(600)  # stalls after the second chunk until the test kills it: no race with the test's polling
 search_index._write_chunk = slow
 import search
 from utils import run_cli
@@ -333,7 +336,10 @@ run_cli(search.main)
 
 
 def test_killed_process_resumes(synth, tmp_path):
-    """SIGKILL a real `search.py index` process between chunks; the next run finishes from the chunks."""
+    """SIGKILL a real `search.py index` process between chunks; the next run finishes from the chunks.
+
+    The child stalls after its second chunk (rather than sleeping a little after each), so the kill lands between
+    chunks however slow or loaded the machine is."""
     photos = make_photos(synth, tmp_path / "photos")
     out = str(tmp_path / "idx")
     args = ["index", "--config", synth["config_file"], "--checkpoint", synth["checkpoint"], "--images", photos]
