@@ -36,7 +36,8 @@ from data.utils import pre_caption
 from engine.captioning import itm_match_probability
 from engine.generation import GenerationSettings, generate
 from models.caption_checkpoint import load_caption_model
-from models.checkpoint import load_model
+from models.checkpoint import add_unsafe_trust_flag, apply_config_updates
+from models.loading import load_model
 from utils import UserError, autocast, init_distributed, load_config, log, run_cli, validate_config
 
 
@@ -64,6 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     capfilt.add_argument("--filter-config", default=None, help="the retrieval model's config (default: --config)")
     capfilt.add_argument("--threshold", type=float, default=0.5, help="keep pairs with ITM P(match) above this")
     capfilt.add_argument("--existing", default=None, help="retrieval-format JSON of existing captions to filter too")
+    add_unsafe_trust_flag(parser)
     args = parser.parse_args(argv)
     if args.filter and not args.filter_checkpoint:
         parser.error("--filter needs --filter-checkpoint (a retrieval checkpoint with an ITM head)")
@@ -95,7 +97,8 @@ def filter_pairs(args: argparse.Namespace, results: list[dict], path_of: dict[st
     """CapFilt: score every generated (and --existing) pair with the retrieval model's ITM head and keep those
     above --threshold, as retrieval training records {image, caption, image_id, itm, source}."""
     config = load_config(args.filter_config or args.config)
-    model, _ = load_model(config, args.filter_checkpoint)
+    model, report = load_model(config, args.filter_checkpoint, allow_unsafe=args.unsafe_trust_checkpoint)
+    apply_config_updates(config, report)
     model.to(device).eval()
     pairs = [(r["image"], r["caption"], "generated") for r in results]
     if args.existing:
@@ -136,7 +139,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     source = args.checkpoint if args.checkpoint is not None else config["pretrained"]
     if not source:
         log("warning: no --checkpoint and no `pretrained` in the config: captioning with random weights")
-    model, _ = load_caption_model(config, source)
+    model, report = load_caption_model(config, source, allow_unsafe=args.unsafe_trust_checkpoint)
+    apply_config_updates(config, report)
     model.to(device).eval()
     settings = GenerationSettings.from_config(config)
     torch.manual_seed(config["seed"])

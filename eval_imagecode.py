@@ -18,7 +18,8 @@ import os
 
 from data.imagecode import ImagecodeSet
 from engine.imagecode import SCORINGS, imagecode_accuracy, imagecode_predictions, imagecode_scores
-from models.checkpoint import load_model
+from models.checkpoint import add_unsafe_trust_flag, apply_config_updates
+from models.loading import load_model
 from utils import init_distributed, load_config, log, run_cli, save_config
 
 
@@ -35,12 +36,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--scoring", default="both", choices=SCORINGS, help="ITM match logit, ITC cosine, or their sum")
     parser.add_argument("--output-dir", default="output/imagecode")
     parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
+    add_unsafe_trust_flag(parser)
     args = parser.parse_args(argv)
 
     config = load_config(args.config, args.options)
     info = init_distributed(config["device"])
     source = args.checkpoint if args.checkpoint is not None else config["pretrained"]
-    model, _ = load_model(config, source)
+    model, report = load_model(config, source, allow_unsafe=args.unsafe_trust_checkpoint)
+    apply_config_updates(config, report)
     model.to(info.device)
     dataset = ImagecodeSet(args.ann_file, args.image_root, config["image_size"], config["max_words"])
     log(f"IMAGECODE {args.ann_file}: {len(dataset.set_names)} sets, {len(dataset.descriptions)} descriptions")

@@ -20,8 +20,9 @@ import os
 from data import create_dataset
 from engine.evaluation import evaluate, model_info, write_eval_outputs
 from engine.metrics import format_metrics_table
-from models.checkpoint import load_model
+from models.checkpoint import add_unsafe_trust_flag, apply_config_updates
 from models.clip import dataset_transform
+from models.loading import load_model
 from utils import init_distributed, is_main_process, load_config, log, run_cli, save_config
 
 
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
         metavar="KEY=VALUE",
         help="override config keys, e.g. k_test=64 eval_mode=official",
     )
+    add_unsafe_trust_flag(parser)
     args = parser.parse_args(argv)
 
     config = load_config(args.config, args.options)
@@ -53,7 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
     source = args.checkpoint if args.checkpoint is not None else config["pretrained"]
     if not source:
         log("warning: no --checkpoint and no `pretrained` in the config: evaluating randomly initialised weights")
-    model, _ = load_model(config, source)
+    model, report = load_model(config, source, allow_unsafe=args.unsafe_trust_checkpoint)
+    apply_config_updates(config, report)
     model.to(dist_info.device)
     dataset = create_dataset(config, args.split, dataset_transform(model, train=False))
     ranking = (

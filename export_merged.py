@@ -14,7 +14,8 @@ import argparse
 import os
 
 import utils
-from models.checkpoint import load_model
+from models.checkpoint import add_unsafe_trust_flag, apply_config_updates
+from models.loading import load_model
 from models.peft_methods import merge_lora
 from utils import UserError, load_config, log, run_cli
 
@@ -25,9 +26,11 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--checkpoint", required=True, help="a LoRA run's checkpoint_best.pth or checkpoint_last.pth")
     parser.add_argument("--output", required=True, help="where to write the merged checkpoint (.pth)")
     parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
+    add_unsafe_trust_flag(parser)
     args = parser.parse_args(argv)
     config = load_config(args.config, args.options)
-    model, _ = load_model(config, args.checkpoint)
+    model, report = load_model(config, args.checkpoint, allow_unsafe=args.unsafe_trust_checkpoint)
+    apply_config_updates(config, report)
     if getattr(model, "finetune", None) is None:
         raise UserError(f"{args.checkpoint} is not a parameter-efficient (delta) checkpoint; nothing to merge")
     merge_lora(model)

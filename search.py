@@ -24,7 +24,8 @@ import sys
 from engine.search_index import SearchIndex, build_index, read_manifest
 from engine.search_query import Searcher
 from engine.search_server import make_server
-from models.checkpoint import load_model
+from models.checkpoint import add_unsafe_trust_flag, apply_config_updates
+from models.loading import load_model
 from utils import UserError, init_distributed, is_main_process, load_config, log, run_cli
 
 
@@ -52,6 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint", default=None, help="official .pth, URL, HF directory or ours; default: `pretrained`")
     p.add_argument("--images", required=True, help="folder of images, searched recursively")
     p.add_argument("--index", required=True, help="index folder (created if missing)")
+    add_unsafe_trust_flag(p)  # index only: query and serve read the index's recorded checkpoint, always safely
     _options(p)
     for name, helptext in (("query", "search the index"), ("serve", "web page and JSON API")):
         p = sub.add_parser(name, help=helptext)
@@ -93,7 +95,8 @@ def run_index(args: argparse.Namespace) -> None:
     source = args.checkpoint if args.checkpoint is not None else config["pretrained"]
     if not source:
         raise UserError("index: no --checkpoint and no `pretrained` in the config; an index needs a trained model")
-    model, _ = load_model(config, source)
+    model, report = load_model(config, source, allow_unsafe=args.unsafe_trust_checkpoint)
+    apply_config_updates(config, report)
     stats = build_index(model.to(dist_info.device), config, source, args.images, args.index, dist_info.device)
     if is_main_process():
         for line in stats.skipped + stats.unreadable:
@@ -111,7 +114,8 @@ def load_searcher(args: argparse.Namespace) -> Searcher:
     config = load_config(os.path.join(args.index, "config.yaml"), args.options)
     source = args.checkpoint if args.checkpoint is not None else manifest["model"]["checkpoint"]
     device = init_distributed(config["device"]).device
-    model, _ = load_model(config, source)
+    model, report = load_model(config, source)  # never allow_unsafe: an index folder may come from anyone
+    apply_config_updates(config, report)
     return Searcher(model.to(device), index, config, device)
 
 

@@ -19,7 +19,7 @@ from engine.caption_metrics import format_caption_metrics
 from engine.captioning import evaluate_captions, write_caption_outputs
 from engine.trainer import StepInfo, TrainState
 from models.caption_checkpoint import load_caption_model, load_caption_state_dict
-from models.checkpoint import CheckpointError
+from models.checkpoint import CheckpointError, apply_config_updates
 from models.hf_blip import is_hf_directory
 from utils import ConfigError
 
@@ -42,8 +42,9 @@ class CaptionTask:
     total_keys = ()
     sample_unit = "images"
 
-    def __init__(self, config: dict, info: utils.DistInfo, out_dir: str):
+    def __init__(self, config: dict, info: utils.DistInfo, out_dir: str, allow_unsafe: bool = False):
         self.config, self.info, self.out_dir = config, info, out_dir
+        self.allow_unsafe = allow_unsafe  # --unsafe-trust-checkpoint, for `pretrained` only
         self.evals: dict = {}  # split -> (dataset, references)
 
     def check(self, resume_path: str | None, evaluate: bool) -> None:
@@ -54,7 +55,8 @@ class CaptionTask:
         source = self.config["pretrained"] or None
         if ckpt and not (source and is_hf_directory(os.path.expanduser(source))):
             source = None  # the weights come from the resumed checkpoint
-        model, _ = load_caption_model(self.config, source)
+        model, report = load_caption_model(self.config, source, allow_unsafe=self.allow_unsafe)
+        apply_config_updates(self.config, report)
         if ckpt:
             report = load_caption_state_dict(model, ckpt["model"], resume_path)
             if not report.clean or len(report.loaded) + len(report.expected_missing) != report.num_model_tensors:

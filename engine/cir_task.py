@@ -17,6 +17,7 @@ from data.cirr_sampler import CirrBatchSampler
 from engine.cir import CirResult, evaluate_cirr, format_cirr_table, gallery_features, write_cirr_outputs
 from engine.trainer import StepInfo, TrainState
 from models.blip_cir import check_cir_checkpoint, load_cir_model, load_cir_state_dict
+from models.checkpoint import apply_config_updates
 from utils import ConfigError, log
 
 
@@ -34,8 +35,9 @@ class CirTask:
     total_keys = ()
     sample_unit = "pairs"
 
-    def __init__(self, config: dict, info: utils.DistInfo, out_dir: str):
+    def __init__(self, config: dict, info: utils.DistInfo, out_dir: str, allow_unsafe: bool = False):
         self.config, self.info, self.out_dir = config, info, out_dir
+        self.allow_unsafe = allow_unsafe  # --unsafe-trust-checkpoint, for `pretrained` only
         self.splits: dict[str, CirrSplit] = {}
         self.train_split: CirrSplit | None = None
         self.target_feats: torch.Tensor | None = None  # unit ITC features of the train images, the HN-NCE targets
@@ -56,9 +58,9 @@ class CirTask:
 
     def build_model(self, ckpt: dict | None, resume_path: str | None) -> torch.nn.Module:
         config = self.config
-        model, report = load_cir_model(config, None if ckpt else (config["pretrained"] or None))
-        if report is not None and report.config_updates:
-            config.update(report.config_updates)
+        source = None if ckpt else (config["pretrained"] or None)
+        model, report = load_cir_model(config, source, allow_unsafe=self.allow_unsafe)
+        apply_config_updates(config, report)
         if ckpt:
             check_cir_checkpoint(load_cir_state_dict(model, ckpt["model"], resume_path), resume_path)
         return model

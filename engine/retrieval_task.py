@@ -22,9 +22,10 @@ from engine.memory import choose_vit_ckpt_layers
 from engine.metrics import format_metrics_table
 from engine.trainer import StepInfo, TrainState
 from models.blip_retrieval import check_queue_size
-from models.checkpoint import CheckpointError, load_model, load_state_dict_checked
+from models.checkpoint import CheckpointError, apply_config_updates, load_state_dict_checked
 from models.clip import dataset_transform, load_clip_state
 from models.hf_blip import is_hf_directory
+from models.loading import load_model
 from models.peft_methods import (
     apply_finetune,
     is_delta_checkpoint,
@@ -91,8 +92,9 @@ class RetrievalTask:
     total_keys = ("num_neg_fallback",)
     sample_unit = "images"
 
-    def __init__(self, config: dict, info: utils.DistInfo, out_dir: str):
+    def __init__(self, config: dict, info: utils.DistInfo, out_dir: str, allow_unsafe: bool = False):
         self.config, self.info, self.out_dir = config, info, out_dir
+        self.allow_unsafe = allow_unsafe  # --unsafe-trust-checkpoint, for `pretrained` only
         self.datasets: dict = {}
         self.jsonl = JsonlLogger(os.path.join(out_dir, "log.jsonl"))
         # Under torch.compile captions are padded to max_length: one graph, no recompiles for new caption lengths.
@@ -124,9 +126,9 @@ class RetrievalTask:
         elif ckpt and not (source and is_hf_directory(os.path.expanduser(source))):
             resume_base(ckpt, config, resume_path)  # refuses a method change
             source = None
-        model, report = load_model(config, source)
-        if report is not None and report.config_updates:
-            config.update(report.config_updates)  # an HF directory fixes the architecture (e.g. image_size)
+        # A resumed delta run's base is recorded in its checkpoint: read safely, whatever the command line says.
+        model, report = load_model(config, source, allow_unsafe=self.allow_unsafe and not delta)
+        apply_config_updates(config, report)  # an HF directory fixes the architecture (e.g. image_size)
         apply_finetune(model, config, source)  # finetune.method: adapters in, frozen weights out of training
         if config["finetune"]["method"] != "full":
             counts = parameter_counts(model)

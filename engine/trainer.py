@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import utils
+from models.checkpoint import add_unsafe_trust_flag
 from utils import ConfigError, JsonlLogger, is_main_process, log
 
 
@@ -80,6 +81,9 @@ class Task(Protocol):
     stat_keys: tuple[str, ...]  # per-batch statistics train_step returns, averaged in logs
     total_keys: tuple[str, ...]  # of those, the ones logged as totals rather than means
     sample_unit: str  # what a batch holds, for throughput ("images", "pairs")
+
+    # Constructed as task_class(config, info, output_dir, allow_unsafe): allow_unsafe is --unsafe-trust-checkpoint,
+    # which the task passes to the loader of `pretrained` (never to anything a checkpoint names).
 
     def check(self, resume_path: str | None, evaluate: bool) -> None:
         """Refuse settings the task cannot run, before anything is built."""
@@ -152,6 +156,7 @@ def training_arg_parser(description: str, writes: str, evaluate_help: str) -> ar
         metavar="KEY=VALUE",
         help="config overrides, YAML values, dotted keys (init_lr=5e-6 vit.depth=2)",
     )
+    add_unsafe_trust_flag(parser)
     return parser
 
 
@@ -548,7 +553,7 @@ def main(task_class: type, argv: list[str] | None, description: str, writes: str
         if info.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input shapes (official setting)
         utils.set_seed(config["seed"] + info.rank)  # ranks draw different augmentations, dropout and negatives
-        task = task_class(config, info, args.output_dir)
+        task = task_class(config, info, args.output_dir, allow_unsafe=args.unsafe_trust_checkpoint)
         resume_path = resolve_resume(args.output_dir, args.resume, args.evaluate)
         task.check(resume_path, args.evaluate)
         ckpt = read_train_checkpoint(resume_path, task.checkpoint_formats_read, task.name) if resume_path else None

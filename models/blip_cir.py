@@ -32,10 +32,10 @@ from models.checkpoint import (
     LoadReport,
     _extract_state_dict,
     is_url,
-    load_model,
     load_state_dict_checked,
     read_checkpoint,
 )
+from models.loading import load_model
 from models.med import BertModel, MedConfig
 from models.vit import create_vit
 from utils import ConfigError, all_gather_with_grad, log
@@ -217,22 +217,26 @@ def load_cir_state_dict(model: BlipCir, state: dict, source: str) -> LoadReport:
     return report
 
 
-def load_cir_model(config: dict, source: str | None = None) -> tuple[BlipCir, LoadReport | None]:
+def load_cir_model(
+    config: dict, source: str | None = None, allow_unsafe: bool = False
+) -> tuple[BlipCir, LoadReport | None]:
     """Build BlipCir for `config` and load `source`: an official BLIP .pth (path or URL; retrieval fine-tuned or
     pre-trained), a Hugging Face BlipForImageTextRetrieval directory, or one of our checkpoints (retrieval or
-    composed retrieval). None / '' leaves the random initialisation (report None). The report is logged."""
+    composed retrieval). None / '' leaves the random initialisation (report None). The report is logged. `config`
+    is not changed (an HF directory's architecture is in `report.config_updates`). `allow_unsafe`: the user's
+    `--unsafe-trust-checkpoint`."""
     if not source:
         return build_cir_model(config), None
     path = os.path.expanduser(source)
     if not is_url(source) and os.path.isdir(path):
         # The directory fixes the architecture and tokenizer: load it as a retrieval model, then move its weights.
         retrieval, hf_report = load_model(config, path)
-        model = build_cir_model(config, tokenizer=retrieval.tokenizer)
+        model = build_cir_model({**config, **hf_report.config_updates}, tokenizer=retrieval.tokenizer)
         report = load_cir_state_dict(model, retrieval.state_dict(), source)
         report.config_updates = hf_report.config_updates
     else:
         model = build_cir_model(config)
-        obj = read_checkpoint(source)
+        obj = read_checkpoint(source, allow_unsafe=allow_unsafe)
         report = load_cir_state_dict(model, _extract_state_dict(obj, source), source)
     log(report.summary())
     if report.missing or report.unexpected:

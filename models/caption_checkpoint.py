@@ -37,9 +37,9 @@ from models.hf_blip import (
     _hf_config_dict,
     _read_hf_weights,
     is_hf_directory,
-    official_to_hf_state_dict,
     write_preprocessor_config,
 )
+from models.hf_keys import official_to_hf_state_dict
 from utils import DEFAULT_CONFIG, log
 
 # Parts of pre-trained / retrieval checkpoints that captioning does not use.
@@ -156,11 +156,14 @@ def _load_hf_caption_directory(path: str, config: dict) -> tuple[BlipCaption, Lo
     return model, report
 
 
-def load_caption_model(config: dict, source: str | None = None) -> tuple[BlipCaption, LoadReport | None]:
+def load_caption_model(
+    config: dict, source: str | None = None, allow_unsafe: bool = False
+) -> tuple[BlipCaption, LoadReport | None]:
     """Build the caption model for `config` and load `source` into it; the report is logged.
 
-    `source`: a .pth path or URL, a Hugging Face directory (its architecture keys update `config` in place), or
-    None / '' for random weights (report None).
+    `source`: a .pth path or URL, a Hugging Face directory (its architecture keys are returned in
+    `report.config_updates`; apply them with `models.checkpoint.apply_config_updates`), or None / '' for random
+    weights (report None). `config` is not changed. `allow_unsafe`: the user's `--unsafe-trust-checkpoint`.
     """
     if not source:
         return build_caption_model(config), None
@@ -172,10 +175,9 @@ def load_caption_model(config: dict, source: str | None = None) -> tuple[BlipCap
                 f"or pytorch_model.bin)"
             )
         model, report = _load_hf_caption_directory(path, {**DEFAULT_CONFIG, **config})
-        config.update(report.config_updates)
     else:
         model = build_caption_model(config)
-        obj = read_checkpoint(source)
+        obj = read_checkpoint(source, allow_unsafe=allow_unsafe)
         report = load_caption_state_dict(model, _extract_state_dict(obj, source), source)
     log(report.summary())
     return model, report

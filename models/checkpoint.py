@@ -1,31 +1,35 @@
-"""Checkpoint loading for BlipRetrieval: the key report, official `.pth` files and URLs, and `load_model`.
-
-Sources understood by `load_model`:
-- official BLIP `.pth` files (pre-trained or retrieval fine-tuned, base or large), local or http(s) URL;
-- our own training checkpoints (`{'model': ..., 'optimizer': ..., 'config': ..., 'epoch': ...}`, same keys);
-- a raw state dict (official key names, or Hugging Face names, which are converted);
-- a Hugging Face `BlipForImageTextRetrieval` directory (config.json + model.safetensors / pytorch_model.bin +
-  tokenizer files): the architecture and the tokenizer come from the directory (models/hf_blip.py).
+"""The load-report layer: reading checkpoint files and URLs safely, and loading a state dict into BlipRetrieval
+with a key-by-key report. The load dispatch (`load_model`: which loader a source needs) is models/loading.py,
+above this module; HF key names are models/hf_keys.py, below it.
 
 Unlike the official loader, which deletes shape-mismatched keys and loads with strict=False, every load here
 classifies each key as loaded / missing / unexpected / shape-mismatched, names the ones that are expected and
 harmless (and why), and raises `CheckpointError` when a mismatch is not one of those or when most of the model
 would stay at its random initialisation (usually a ViT-L checkpoint in a ViT-B model, or the wrong model).
 
-Pickle trust rule: files are read with `torch.load(weights_only=True)`. Official BLIP checkpoints also pickle the
-training config and optimizer state, which that mode may refuse; full unpickling (`weights_only=False`, which can
-execute code) is then allowed only for local files (the user chose to put them there) and for URLs under
-`OFFICIAL_URL_PREFIX` (Salesforce's storage), and one log line says so. Any other URL is refused with a message
-explaining how to download the file by hand and pass the local path if it is trusted.
+Pickle trust rule: a `.pth` file is a pickle, and unpickling can run any code. Every file is read with
+`torch.load(weights_only=True)`, which builds only tensors, containers (dict, list, tuple, OrderedDict), strings,
+numbers, booleans and None. Official BLIP checkpoints need nothing more: the official training scripts save
+`{'model': state_dict, 'optimizer': optimizer.state_dict(), 'config': config, 'epoch': int}` (some releases keep
+only 'model'), the config being the plain dict that `ruamel_yaml.load(..., Loader=Loader)` returns and the
+optimizer state holding tensors and numbers; LAVIS's files add a plain `scaler` state. Our own checkpoints hold
+the same kinds plus RNG states as tensors. So no extra global is allow-listed. A file that needs any other
+global (a class, a function) is refused with a one-line message naming the file and that global; a user who
+trusts the file can allow full unpickling for one run with `--unsafe-trust-checkpoint` (scripts pass
+`allow_unsafe=True`). The checkpoint path recorded in a search index's manifest and the base recorded in a delta
+checkpoint never get that opt-in: they are read with the safe loader only.
 
-models/hf_blip.py builds on this module (its directory loader reports through `load_state_dict_checked`), so
-this module imports it only inside the functions that need it, which keeps the import graph free of cycles.
+Downloads: a URL is fetched once into the cache; when `KNOWN_SHA256` lists the URL, the download is verified and
+a file with another digest is deleted and refused.
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import math
 import os
+import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,11 +38,11 @@ from urllib.parse import urlparse
 import torch
 from timm.layers import resample_abs_pos_embed
 
-from models.blip_retrieval import BlipRetrieval, build_model
+from models.blip_retrieval import BlipRetrieval
+from models.hf_keys import hf_to_official_state_dict, is_hf_state_dict
 from models.vit import VIT_SIZES
 from utils import UserError, barrier, download_file, is_dist_initialized, log
 
-OFFICIAL_URL_PREFIX = "https://storage.googleapis.com/sfr-vision-language-research/"
 MOMENTUM_PREFIXES = ("visual_encoder_m.", "vision_proj_m.", "text_encoder_m.", "text_proj_m.")
 
 
@@ -152,9 +156,50 @@ def _manual_download_hint(url: str) -> str:
     )
 
 
+# SHA-256 of known checkpoint files, by URL: a download of a listed URL is verified before it is used. Salesforce
+# publishes no checksums for the BLIP files (not in the BLIP README nor the LAVIS model zoo), so no official entry
+# is listed yet; add `url: sha256` entries for files whose digest you have checked (e.g. `sha256sum` of a copy you
+# verified). Never fill in a digest that was not computed from the real file.
+KNOWN_SHA256: dict[str, str] = {}
+
+UNSAFE_TRUST_FLAG = "--unsafe-trust-checkpoint"
+UNSAFE_TRUST_HELP = (
+    "allow full unpickling (which can run code) of the checkpoint this run loads, when the safe reader refuses "
+    "it; only for a file you trust. Search indexes and delta checkpoints' bases always load safely"
+)
+
+
+def add_unsafe_trust_flag(parser: argparse.ArgumentParser) -> None:
+    """Add `--unsafe-trust-checkpoint` (args.unsafe_trust_checkpoint); the script passes it as `allow_unsafe`."""
+    parser.add_argument(UNSAFE_TRUST_FLAG, action="store_true", help=UNSAFE_TRUST_HELP)
+
+
+def sha256_of_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verify_download(url: str, dest: str) -> None:
+    """Raise CheckpointError, after deleting `dest`, when `url` has a known digest and `dest` does not match it."""
+    expected = KNOWN_SHA256.get(url)
+    if expected is None:
+        return
+    actual = sha256_of_file(dest)
+    if actual != expected.lower():
+        os.remove(dest)  # never leave a wrong file where the next run would take it for the real one
+        raise CheckpointError(
+            f"{url}: the downloaded file has SHA-256 {actual}, expected {expected}; deleted it ({dest}). The "
+            f"download was corrupted or the file was replaced; retry, or check the source"
+        )
+
+
 def download_cached(url: str, cache_dir: str | None = None) -> str:
     """Return a local copy of `url`, downloading it once into `cache_dir` (default: `default_cache_dir()`).
 
+    A URL listed in `KNOWN_SHA256` is verified after the download (a mismatch deletes the file and raises).
     Under torchrun, local rank 0 downloads while the other ranks wait at a barrier, then all read the same file.
     """
     dest = _cache_path(url, cache_dir or default_cache_dir())
@@ -164,9 +209,12 @@ def download_cached(url: str, cache_dir: str | None = None) -> str:
         log(f"downloading {url} -> {dest}")
         try:
             download_file(url, dest)
+            _verify_download(url, dest)
         except (OSError, ValueError) as err:
             # Raised after the barrier, so the waiting ranks are released first.
             error = CheckpointError(f"could not download {url}: {err}. {_manual_download_hint(url)}")
+        except CheckpointError as err:
+            error = err
     barrier()
     if error is not None:
         raise error
@@ -177,21 +225,53 @@ def download_cached(url: str, cache_dir: str | None = None) -> str:
     return dest
 
 
-def _is_trusted(source: str) -> bool:
-    return not is_url(source) or source.startswith(OFFICIAL_URL_PREFIX)
+def _refused_global(message: str) -> str | None:
+    """The global torch's weights-only unpickler refused ('posix.system', 'argparse.Namespace'), if it says."""
+    match = re.search(r"GLOBAL ([\w.]+)", message) or re.search(r"Unsupported global: ([\w.]+)", message)
+    if match:
+        return match.group(1)
+    match = re.search(r"WeightsUnpickler error: ([^\n]+)", message)
+    return match.group(1).strip().rstrip(".") if match else None
 
 
-def _first_line_with(text: str, needle: str) -> str:
-    for line in text.splitlines():
-        if needle in line:
-            return line.strip()
-    return text.strip().splitlines()[0] if text.strip() else text
+def _unreadable(source: str, path: str, err: Exception) -> CheckpointError:
+    size = os.path.getsize(path)
+    cached = f" (cached at {path})" if path != os.path.expanduser(source) else ""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return CheckpointError(
+        f"{source}{cached} is not a readable PyTorch checkpoint ({size} bytes; torch.load: {first}). Check that "
+        f"the file is complete and is a .pth saved by torch.save."
+    )
 
 
-def read_checkpoint(source: str, cache_dir: str | None = None) -> object:
+def safe_torch_load(path: str, source: str | None = None) -> object:
+    """`torch.load(path, weights_only=True)` onto the CPU: tensors, containers, strings and numbers only.
+
+    Raises CheckpointError in one line naming `source` (default `path`): the global it refused to unpickle, or why
+    the file is unreadable. Nothing in the file is executed.
+    """
+    source = source or path
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        refused = _refused_global(str(err))
+        if refused is None:
+            raise _unreadable(source, path, err) from None
+        raise CheckpointError(
+            f"{source}: refused to unpickle {refused!r}: the file holds a pickled object that is not a tensor, "
+            f"container or number, and full unpickling can run code. If you trust the file, rerun with "
+            f"{UNSAFE_TRUST_FLAG} (search indexes and delta checkpoints' bases always load safely)"
+        ) from None
+    except Exception as err:  # corrupt, truncated or not a torch file at all
+        raise _unreadable(source, path, err) from None
+
+
+def read_checkpoint(source: str, cache_dir: str | None = None, allow_unsafe: bool = False) -> object:
     """Load a checkpoint file or URL onto the CPU under the pickle trust rule (see the module docstring).
 
-    Returns whatever the file holds (usually a dict with 'model'); raises CheckpointError naming the source.
+    `allow_unsafe=True` (the user's `--unsafe-trust-checkpoint`) retries a file the safe reader refuses with full
+    unpickling. Returns whatever the file holds (usually a dict with 'model'); raises CheckpointError naming the
+    source.
     """
     if is_url(source):
         path = download_cached(source, cache_dir)
@@ -200,36 +280,30 @@ def read_checkpoint(source: str, cache_dir: str | None = None) -> object:
         if not os.path.isfile(path):
             raise CheckpointError(f"checkpoint not found: {source!r} (no such file)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as safe_err:  # any failure gets the same handling: refuse, or retry if trusted
-        refused = _first_line_with(str(safe_err), "Unsupported global")
-        if not _is_trusted(source):
-            raise CheckpointError(
-                f"{source}: torch.load(weights_only=True) refused it ({refused}). Full unpickling can run code, so "
-                f"it is only done for local files and for URLs under {OFFICIAL_URL_PREFIX}. If you trust this "
-                f"file: {_manual_download_hint(source)}"
-            ) from None
+        return safe_torch_load(path, source)
+    except CheckpointError as refusal:
+        if not allow_unsafe or "refused to unpickle" not in str(refusal):
+            raise
+        log(f"{source}: {str(refusal).split(':')[1].strip()}; unpickling fully because of {UNSAFE_TRUST_FLAG}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False)
     except ModuleNotFoundError as err:
         raise CheckpointError(
             f"{source}: the checkpoint pickles an object of a module that is not installed "
             f"({err}); install it or re-save the checkpoint's 'model' entry alone"
         ) from None
     except Exception as err:  # corrupt, truncated or not a torch file at all
-        size = os.path.getsize(path)
-        cached = f" (cached at {path})" if path != os.path.expanduser(source) else ""
-        raise CheckpointError(
-            f"{source}{cached} is not a readable PyTorch checkpoint ({size} bytes; torch.load: "
-            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}). Check that the "
-            f"file is complete and is a .pth saved by torch.save."
-        ) from None
-    where = "official BLIP URL" if is_url(source) else "local file"
-    log(
-        f"{os.path.basename(path)}: holds pickled objects besides tensors ({refused}); loaded with "
-        f"weights_only=False because it is a {where} (trusted by our rule)"
-    )
-    return obj
+        raise _unreadable(source, path, err) from None
+
+
+def apply_config_updates(config: dict, report: LoadReport | None) -> dict:
+    """Write the config keys a load implies (`report.config_updates`: an HF directory's architecture, a delta
+    checkpoint's finetune settings, a CLIP model's image size) into `config`, so that transforms and the saved
+    config.yaml describe the loaded model. The loaders never change the config themselves; scripts call this once
+    after loading. Returns `config`."""
+    if report is not None and report.config_updates:
+        config.update(report.config_updates)
+    return config
 
 
 def _extract_state_dict(obj: object, source: str) -> dict[str, torch.Tensor]:
@@ -351,11 +425,9 @@ def _architecture_hint(state: Mapping[str, torch.Tensor], model_state: Mapping[s
 
 def _normalise_keys(state: Mapping[str, torch.Tensor], report: LoadReport) -> dict[str, torch.Tensor]:
     """A copy of `state` under official key names (Hugging Face names converted, DDP prefix stripped)."""
-    from models import hf_blip  # imported here: hf_blip imports this module
-
     state = dict(state)
-    if hf_blip.is_hf_state_dict(state):
-        state = hf_blip.hf_to_official_state_dict(state)
+    if is_hf_state_dict(state):
+        state = hf_to_official_state_dict(state)
         report.notes.append("Hugging Face key names converted to official ones")
     if state and all(k.startswith("module.") for k in state):  # saved from a DDP wrapper
         state = {k[len("module.") :]: v for k, v in state.items()}
@@ -545,64 +617,15 @@ def load_state_dict_checked(
     return report
 
 
-def load_checkpoint(model: BlipRetrieval, source: str, cache_dir: str | None = None) -> LoadReport:
+def load_checkpoint(
+    model: BlipRetrieval, source: str, cache_dir: str | None = None, allow_unsafe: bool = False
+) -> LoadReport:
     """Load an official BLIP .pth, one of our checkpoints or a raw state dict (path or URL) into `model`.
 
     pos_embed is resized to the model's image size; the report (also logged) lists what was loaded, what is
     missing or ignored and why. Raises CheckpointError on anything that would silently break the model.
     """
-    obj = read_checkpoint(source, cache_dir)
+    obj = read_checkpoint(source, cache_dir, allow_unsafe)
     report = load_state_dict_checked(model, _extract_state_dict(obj, source), source)
     log(report.summary())
     return report
-
-
-# ----------------------------------------------------------------------------------------------------
-# Entry point
-# ----------------------------------------------------------------------------------------------------
-
-
-def load_model(
-    config: dict, source: str | None = None, cache_dir: str | None = None
-) -> tuple[BlipRetrieval, LoadReport | None]:
-    """Build the retrieval model for `config` and load `source` into it (the entry point of train and eval).
-
-    With `model: clip` the CLIP loader does it all (models/clip.py load_clip_model; None / '' = `pretrained`).
-    `source`: an HF directory (architecture and tokenizer from it; see load_hf_directory), a .pth path or http(s)
-    URL (model from `config`, then load_checkpoint), or None / '' for a randomly initialised model (report None).
-    For an HF directory, `config` is updated in place with the directory's architecture keys (vit, image_size,
-    med_config, text_encoder, ...) so that transforms and the saved config.yaml match the loaded model.
-    """
-    if config["model"] == "clip":  # a CLIP dual encoder: its own sources and loader (models/clip.py)
-        from models.clip import load_clip_model
-
-        return load_clip_model(config, source or None), None
-    if not source:
-        return build_model(config), None
-    if is_url(source):
-        model = build_model(config)
-        return model, load_checkpoint(model, source, cache_dir)
-    path = os.path.expanduser(source)
-    if os.path.isdir(path):
-        from models.hf_blip import load_hf_directory  # imported here: hf_blip imports this module
-
-        model, report = load_hf_directory(path, config)
-        config.update(report.config_updates)
-        return model, report
-    if not os.path.isfile(path):
-        hint = ""
-        if re.fullmatch(r"[\w.-]+/[\w.-]+", source):
-            hint = (
-                f"; if this is a Hugging Face hub id, download it first (e.g. `huggingface-cli download {source} "
-                f"--local-dir DIR`) and pass DIR"
-            )
-        raise CheckpointError(f"checkpoint not found: {source!r} (no such file or directory){hint}")
-    obj = read_checkpoint(path, cache_dir)
-    from models.peft_methods import is_delta_checkpoint, load_delta_checkpoint  # imports this module
-
-    if is_delta_checkpoint(obj):  # a parameter-efficient run's checkpoint: its base, then its trainable part
-        return load_delta_checkpoint(config, obj, path)
-    model = build_model(config)
-    report = load_state_dict_checked(model, _extract_state_dict(obj, path), path)
-    log(report.summary())
-    return model, report

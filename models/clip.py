@@ -33,6 +33,7 @@ from torch import nn
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
+from models.checkpoint import CheckpointError, safe_torch_load
 from utils import ConfigError, UserError, all_gather_with_grad, get_rank, log
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -381,12 +382,20 @@ def _open_clip(config: dict, checkpoint: str, load_weights: bool) -> ClipRetriev
     return ClipRetrieval("open_clip", net, tokenizer, preprocess, context, identity)
 
 
-def _own_checkpoint(path: str) -> dict | None:
-    """The state dict of one of our CLIP training checkpoints, or None for any other file."""
+def _own_checkpoint(path: str, allow_unsafe: bool = False) -> dict | None:
+    """The state dict of one of our CLIP training checkpoints, or None for any other file.
+
+    Pickled files go through the safe reader first, also those open_clip reads afterwards (older open_clip
+    releases unpickle fully): a file that needs full unpickling is refused unless `allow_unsafe`.
+    """
+    if path.endswith(".safetensors"):
+        return None  # open_clip reads it; safetensors holds tensors only
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # an open_clip file in a format only open_clip reads (e.g. safetensors): not ours
-        return None
+        obj = safe_torch_load(path)
+    except CheckpointError as err:
+        if "refused to unpickle" in str(err) and not allow_unsafe:
+            raise
+        return None  # not a torch pickle (open_clip's other formats), or trusted by the user: open_clip reads it
     if isinstance(obj, dict) and isinstance(obj.get("config"), dict) and "model" in obj:
         if obj["config"].get("model") != "clip":
             raise ClipCheckpointError(
@@ -409,17 +418,20 @@ def load_clip_state(model: ClipRetrieval, state: dict, source: str) -> None:
     log(f"loaded {len(state)} tensors from {source}")
 
 
-def load_clip_model(config: dict, source: str | None = None, load_weights: bool = True) -> ClipRetrieval:
+def load_clip_model(
+    config: dict, source: str | None = None, load_weights: bool = True, allow_unsafe: bool = False
+) -> ClipRetrieval:
     """Build the CLIP model of `config` (model: clip) and load `source` (default: `pretrained`) into it.
 
     `source` is an HF CLIPModel directory, an open_clip checkpoint file (with `clip_model`, `clip_pretrained_tag`),
     one of our training checkpoints (architecture from `pretrained` / `clip_model`), or '' for a randomly
-    initialised open_clip `clip_model`. `load_weights=False` builds the architecture only (a resumed run). Sets
-    config['image_size'] to the model's resolution, so the saved config describes the evaluated model.
+    initialised open_clip `clip_model`. `load_weights=False` builds the architecture only (a resumed run).
+    `config` is not changed: the model's resolution (`model.image_size`) is the config update the caller applies
+    (models/loading.py returns it as `config_updates['image_size']`). `allow_unsafe`: see `_own_checkpoint`.
     """
     source = config["pretrained"] if source is None else source
     path = os.path.expanduser(source) if source else ""
-    own_state = _own_checkpoint(path) if os.path.isfile(path) else None
+    own_state = _own_checkpoint(path, allow_unsafe) if os.path.isfile(path) else None
     base = os.path.expanduser(config["pretrained"]) if own_state is not None else path
     if base and os.path.isdir(base):
         if not is_hf_clip_directory(base):
@@ -441,7 +453,6 @@ def load_clip_model(config: dict, source: str | None = None, load_weights: bool 
         load_clip_state(model, own_state, path)
     elif not source:
         log(f"CLIP {model.identity['name']}: randomly initialised (no pretrained weights)")
-    config["image_size"] = model.image_size
     log(
         f"CLIP {model.identity['source']} {model.identity['name']}: {model.image_size} px, context "
         f"{model.context_length} tokens, activation {model.identity['activation']}"

@@ -21,19 +21,21 @@ ones); full fine-tuning keeps them, as the official code does.
 Checkpoints of a parameter-efficient run ("delta" checkpoints) hold only what is not frozen base weight: the
 trainable parameters, their momentum copies and the buffers (queues), plus `finetune`: the method's config and a
 reference to the base (its source and the SHA-256 of its online weights, checked when the delta is applied).
+models/loading.py loads one (`load_delta_checkpoint`: the recorded base, always read safely, then the delta).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from typing import Any
 
 import torch
 from torch import nn
 
 from models.blip_retrieval import BlipRetrieval
-from utils import UserError, check_finetune, log
+from models.checkpoint import CheckpointError, LoadReport, accept_queue_resize
+from models.context_adapter import attach_context_adapter
+from utils import UserError, log
 
 DELTA_FORMAT = "blip-retrieval-delta-v1"
 MOMENTUM_SUFFIX = "_m"  # visual_encoder -> visual_encoder_m, ...
@@ -195,8 +197,6 @@ def apply_finetune(model: BlipRetrieval, config: dict, base_source: str | None) 
     elif method == "prompt":
         _add_prompts(model, ft["prompt"])
     elif method == "adapter":
-        from models.context_adapter import attach_context_adapter
-
         attach_context_adapter(model, ft["adapter"])
     extra = tuple(ft["extra_trainable"])
     names = [n for n, _ in model.named_parameters()]
@@ -265,8 +265,6 @@ def is_delta_checkpoint(obj: object) -> bool:
 def load_delta(model: BlipRetrieval, ckpt: dict, source: str) -> None:
     """Load a delta checkpoint into `model` (base loaded, method applied): the base must be the one the delta
     was trained on (SHA-256), and the delta must hold exactly the model's non-frozen tensors."""
-    from models.checkpoint import CheckpointError, LoadReport, accept_queue_resize
-
     expected = model.finetune["base"]["sha256"]
     recorded = ckpt["finetune"]["base"]
     if recorded["sha256"] != expected:
@@ -310,34 +308,6 @@ def resume_base(ckpt: dict, config: dict, resume_path: str) -> str | None:
     if trained == "full":
         return None
     return config["finetune"]["base"] or ckpt["finetune"]["base"]["source"] or None
-
-
-def load_delta_checkpoint(config: dict, ckpt: dict, source: str) -> tuple[BlipRetrieval, Any]:
-    """Build base + delta from a delta checkpoint (what load_model does with one): the method's settings come
-    from the checkpoint (written into `config['finetune']`), the base from finetune.base or the recorded source."""
-    from models.checkpoint import CheckpointError, load_model
-
-    # Merged over today's defaults and checked: a key added after the checkpoint was written (e.g. adapter.gate)
-    # takes its default, which is the behaviour the checkpoint was trained with.
-    stored = check_finetune(ckpt["finetune"]["config"], f"in checkpoint {source}")
-    config["finetune"] = {**stored, "base": config["finetune"]["base"]}
-    base = config["finetune"]["base"] or ckpt["finetune"]["base"]["source"]
-    if base and not os.path.exists(os.path.expanduser(base)) and "://" not in base:
-        raise CheckpointError(
-            f"{source}: its base checkpoint {base!r} does not exist here; pass the base with "
-            "--options finetune.base=PATH"
-        )
-    model, report = load_model(config, base or None)
-    if getattr(model, "finetune", None) is not None:
-        raise CheckpointError(f"{source}: its base {base!r} is itself a delta checkpoint; use the original base")
-    apply_finetune(model, config, base)
-    load_delta(model, ckpt, source)
-    counts = parameter_counts(model)
-    log(
-        f"{source}: {config['finetune']['method']} delta ({counts['trainable']:,} trainable parameters) applied "
-        f"to base {base or '(random init)'}"
-    )
-    return model, report
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from data.utils import pre_caption
 from engine.caption_metrics import caption_metrics, format_caption_metrics
 from engine.captioning import caption_split
 from models.caption_checkpoint import load_caption_model
+from models.checkpoint import apply_config_updates
 from utils import init_distributed, load_config, run_cli, set_seed
 
 
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> dict:
         return caption_metrics(dict(zip(dataset.keys, captions, strict=True)), references)
 
     rows = {}
-    model, _ = load_caption_model(config, args.checkpoint)
+    model, report = load_caption_model(config, args.checkpoint)
+    apply_config_updates(config, report)
     trained = caption_split(model.to(device), dataset, config, device, "trained")
     rows["trained"] = score(trained)
     order = list(range(len(trained)))

@@ -32,7 +32,8 @@ from data import create_dataset
 from data.synthetic import GENERATOR_FILE, generate_split, true_captions
 from data.utils import pre_caption
 from engine.features import image_features, text_features
-from models.checkpoint import load_model
+from models.checkpoint import apply_config_updates
+from models.loading import load_model
 from utils import load_config, run_cli
 
 
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     config = load_config(args.config, args.options)
     device = torch.device("cuda" if config["device"] != "cpu" and torch.cuda.is_available() else "cpu")
-    model, _ = load_model(config, args.checkpoint)
+    model, report = load_model(config, args.checkpoint)
+    apply_config_updates(config, report)
     model.to(device).eval()
     dataset = create_dataset(config, args.split)
     k = args.k or config["k_test"]

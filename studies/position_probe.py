@@ -29,7 +29,8 @@ from data.synthetic import LOCATIONS
 from data.transforms import test_transform
 from data.utils import pre_caption
 from models.blip_retrieval import BlipRetrieval
-from models.checkpoint import load_model
+from models.checkpoint import apply_config_updates
+from models.loading import load_model
 from utils import load_config, run_cli
 
 PHRASE_CELL = {phrase: cell for cell, phrases in LOCATIONS.items() for phrase in phrases}
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     config = load_config(args.config, args.options)
     source = args.checkpoint if args.checkpoint is not None else config["pretrained"]
-    model, _ = load_model(config, source)
+    model, report = load_model(config, source)
+    apply_config_updates(config, report)
     result = {
         "checkpoint": source,
         "ann_file": args.ann_file,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import traceback
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -49,17 +50,28 @@ def _worker(
         LOCAL_WORLD_SIZE=str(world_size),
     )
     torch.set_num_threads(1)  # N processes on a small CI box: avoid oversubscribing the cores
-    if init:
-        # A timeout turns a deadlocked collective into an error instead of a hung test run.
-        dist.init_process_group(
-            "gloo", init_method="env://", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
-        )
     try:
+        if init:
+            # A timeout turns a deadlocked collective into an error instead of a hung test run.
+            dist.init_process_group(
+                "gloo", init_method="env://", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+            )
         result = fn(rank, world_size, *args)
+    except BaseException:
+        # Written before the process group closes: a peer can only fail *because* of this rank (connection closed
+        # by peer) after this file exists, so the parent always sees the original error, whichever rank spawn
+        # happens to report first.
+        with open(os.path.join(out_dir, f"rank{rank}.error"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+class DistributedChildError(RuntimeError):
+    """One or more children of `run_distributed` raised; the message holds every failed rank's traceback."""
 
 
 def run_distributed(
@@ -69,16 +81,27 @@ def run_distributed(
 
     With `init_process_group` (default) each child joins a gloo group before calling fn; pass False to
     let fn set the group up itself from the RANK/WORLD_SIZE/MASTER_* environment. An exception in any
-    child is re-raised in the parent (torch.multiprocessing.ProcessRaisedException, with the child's
-    traceback) and the other children are terminated. Results travel through torch.save, so tensors and
-    plain Python values both work.
+    child terminates the others and raises DistributedChildError in the parent with the traceback of every rank
+    that failed, in rank order: the original error is always in it, even when a peer's consequential error
+    (e.g. gloo's "Connection closed by peer") is the one torch.multiprocessing noticed first. Results travel
+    through torch.save, so tensors and plain Python values both work.
     """
     port = find_free_port()
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(
-            _worker,
-            args=(fn, world_size, port, out_dir, init_process_group, timeout_s, args),
-            nprocs=world_size,
-            join=True,
-        )
+        try:
+            mp.spawn(
+                _worker,
+                args=(fn, world_size, port, out_dir, init_process_group, timeout_s, args),
+                nprocs=world_size,
+                join=True,
+            )
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
+            failed = [
+                f"rank {r}:\n{open(path).read()}"
+                for r in range(world_size)
+                if os.path.exists(path := os.path.join(out_dir, f"rank{r}.error"))
+            ]
+            if not failed:
+                raise
+            raise DistributedChildError("\n".join(failed)) from err
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]

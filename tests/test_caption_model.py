@@ -11,7 +11,7 @@ from engine.generation import GenerationSettings, generate
 from models.blip_retrieval import build_model
 from models.caption_checkpoint import export_hf_caption_directory, load_caption_model
 from models.checkpoint import CheckpointError
-from models.hf_blip import hf_to_official_state_dict
+from models.hf_keys import hf_to_official_state_dict
 from tests.helpers import TINY_WORDS, tiny_config, write_vocab
 
 transformers = pytest.importorskip("transformers")

@@ -13,15 +13,21 @@ from collections.abc import Iterator
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
+from models import checkpoint as checkpoint_module
 from models.blip_retrieval import build_model
-from models.checkpoint import CheckpointError, load_checkpoint, load_model, load_state_dict_checked
-from models.hf_blip import (
-    export_hf_directory,
-    hf_to_official_state_dict,
-    is_hf_directory,
-    official_to_hf_state_dict,
+from models.checkpoint import (
+    CheckpointError,
+    apply_config_updates,
+    load_checkpoint,
+    load_state_dict_checked,
+    sha256_of_file,
 )
+from models.hf_blip import export_hf_directory, is_hf_directory
+from models.hf_keys import hf_to_official_state_dict, official_to_hf_state_dict
+from models.loading import load_model
+from models.peft_methods import apply_finetune, model_payload
 from tests.helpers import TINY_WORDS, tiny_config, tiny_model, write_vocab
 
 transformers = pytest.importorskip("transformers")
@@ -163,9 +169,10 @@ def test_hf_directory_parity(hf_dir: dict, tmp_path) -> None:
     for main, momentum in model.model_pairs:  # HF has no momentum encoders: they start as copies
         for p, p_m in zip(main.parameters(), momentum.parameters()):
             assert torch.equal(p, p_m)
-    # The config, updated in place, describes the loaded model (as the saved config.yaml must), including the
-    # official text dropout where HF configs store 0.
-    rebuilt = build_model(config)
+    # The loader leaves the config alone; with its updates applied, the config describes the loaded model (as the
+    # saved config.yaml must), including the official text dropout where HF configs store 0.
+    assert config == tiny_config(tmp_path, queue_size=8)
+    rebuilt = build_model(apply_config_updates(config, report))
     assert rebuilt.med_config == model.med_config and model.med_config.hidden_dropout_prob == 0.1
     assert rebuilt.visual_encoder.norm.eps == model.visual_encoder.norm.eps
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
@@ -409,12 +416,94 @@ def test_incomplete_hf_directory(tmp_path, hf_dir: dict) -> None:
         load_model(tiny_config(tmp_path), str(no_weights))
 
 
-def test_pickled_objects_need_a_trusted_source(tmp_path, capsys) -> None:
-    # Official checkpoints pickle the config next to the weights; a local file is trusted and loads with one log line.
-    path = str(tmp_path / "with_config.pth")
+def test_official_format_checkpoint_loads_with_the_safe_reader(tmp_path, monkeypatch) -> None:
+    # What the official training scripts save (BLIP train_retrieval.py / pretrain.py): the state dict, the optimizer
+    # state, the YAML config as a plain dict, the epoch. All of it is weights_only material: no full unpickling.
+    model = tiny_model(tmp_path)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05)
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param)
+    optimizer.step()  # so the optimizer state holds exp_avg / exp_avg_sq tensors and a step count
+    config = yaml.load("image_size: 384\nqueue_size: 57600\ninit_lr: 1.0e-5\nvit: base\n", yaml.Loader)
+    path = str(tmp_path / "model_base_retrieval_coco.pth")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config, "epoch": 5}, path)
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k.get("weights_only")) or real_load(*a, **k))
+    loaded, report = load_model(tiny_config(tmp_path), path)
+    assert report.clean and loads == [True]
+    assert torch.equal(loaded.itm_head.weight, model.itm_head.weight)
+
+
+class _RunsCode:
+    """Unpickling this object opens (creates) the marker file: a stand-in for any code a pickle can run."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _malicious_checkpoint(tmp_path, name: str = "evil.pth") -> tuple[str, str]:
+    """A checkpoint with a valid tiny state dict whose 'config' runs code when unpickled; returns (path, marker)."""
+    marker = str(tmp_path / f"{name}.ran")
+    path = str(tmp_path / name)
+    torch.save({"model": tiny_model(tmp_path).state_dict(), "config": _RunsCode(marker)}, path)
+    return path, marker
+
+
+def test_a_checkpoint_that_runs_code_is_refused(tmp_path) -> None:
+    path, marker = _malicious_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match=f"{path}: refused to unpickle .*open.*--unsafe-trust-checkpoint") as err:
+        load_model(tiny_config(tmp_path), path)
+    assert len(str(err.value).splitlines()) == 1
+    with pytest.raises(CheckpointError, match="refused to unpickle"):
+        load_checkpoint(tiny_model(tmp_path), path)
+    assert not os.path.exists(marker)
+
+
+def test_unsafe_trust_opt_in_loads_it(tmp_path, capsys) -> None:
+    path, marker = _malicious_checkpoint(tmp_path)
+    model, report = load_model(tiny_config(tmp_path), path, allow_unsafe=True)
+    assert report.clean and os.path.exists(marker)  # the user asked for it: full unpickling ran the pickled call
+    assert "unpickling fully because of --unsafe-trust-checkpoint" in capsys.readouterr().out
+
+
+def test_a_class_in_the_config_is_refused_by_name(tmp_path) -> None:
+    # A pickled class instance (here argparse.Namespace) is not in the safe set: refused, naming the class.
+    path = str(tmp_path / "namespace.pth")
     torch.save({"model": tiny_model(tmp_path).state_dict(), "config": argparse.Namespace(lr=1e-5)}, path)
-    report = load_checkpoint(tiny_model(tmp_path), path)
-    assert report.clean and "weights_only=False" in capsys.readouterr().out
+    with pytest.raises(CheckpointError, match="refused to unpickle 'argparse.Namespace'"):
+        load_model(tiny_config(tmp_path), path)
+    assert load_model(tiny_config(tmp_path), path, allow_unsafe=True)[1].clean
+
+
+def test_delta_checkpoint_base_is_always_read_safely(tmp_path) -> None:
+    base, marker = _malicious_checkpoint(tmp_path, "base.pth")
+    config = tiny_config(tmp_path)
+    config["finetune"] = {**config["finetune"], "method": "prompt", "prompt": {"text_tokens": 2, "vision_tokens": 0}}
+    model = tiny_model(tmp_path)
+    apply_finetune(model, config, base)
+    delta = str(tmp_path / "delta.pth")
+    torch.save({**model_payload(model), "config": config}, delta)
+    with pytest.raises(CheckpointError, match=f"{base}: refused to unpickle"):
+        load_model(tiny_config(tmp_path), delta, allow_unsafe=True)  # the opt-in does not reach the recorded base
+    assert not os.path.exists(marker)
+
+
+def test_hf_directory_pytorch_model_bin_is_read_safely(tmp_path, hf_dir: dict) -> None:
+    directory = tmp_path / "hf_bin"
+    directory.mkdir()
+    for name in os.listdir(hf_dir["path"]):
+        if name != "model.safetensors":
+            (directory / name).write_bytes(open(os.path.join(hf_dir["path"], name), "rb").read())
+    marker = str(tmp_path / "bin.ran")
+    weights = {"vision_model.post_layernorm.weight": torch.ones(48), "x": _RunsCode(marker)}
+    torch.save(weights, directory / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: refused to unpickle"):
+        load_model(tiny_config(tmp_path), str(directory), allow_unsafe=True)
+    assert not os.path.exists(marker)
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -462,11 +551,29 @@ def test_url_404_names_the_url(tmp_path, http_root) -> None:
     assert not any(files for _, _, files in os.walk(tmp_path / "cache"))
 
 
-def test_untrusted_url_with_pickled_objects_is_refused(tmp_path, http_root) -> None:
+def test_url_with_pickled_objects_is_refused(tmp_path, http_root) -> None:
     served, prefix, _ = http_root
-    torch.save(
-        {"model": tiny_model(tmp_path).state_dict(), "config": argparse.Namespace(lr=1e-5)},
-        os.path.join(served, "pickled.pth"),
-    )
-    with pytest.raises(CheckpointError, match="weights_only=True.*refused.*argparse.Namespace.*local path"):
-        load_model(tiny_config(tmp_path), prefix + "pickled.pth", cache_dir=str(tmp_path / "cache"))
+    _, marker = _malicious_checkpoint(tmp_path)
+    os.replace(str(tmp_path / "evil.pth"), os.path.join(served, "evil.pth"))
+    with pytest.raises(CheckpointError, match=f"{prefix}evil.pth: refused to unpickle"):
+        load_model(tiny_config(tmp_path), prefix + "evil.pth", cache_dir=str(tmp_path / "cache"))
+    assert not os.path.exists(marker)
+
+
+def test_download_with_a_known_digest_is_verified(tmp_path, http_root, monkeypatch) -> None:
+    served, prefix, _ = http_root
+    good = os.path.join(served, "model_base.pth")
+    torch.save({"model": tiny_model(tmp_path).state_dict()}, good)
+    monkeypatch.setitem(checkpoint_module.KNOWN_SHA256, prefix + "model_base.pth", sha256_of_file(good))
+    cache = str(tmp_path / "cache")
+    assert load_model(tiny_config(tmp_path), prefix + "model_base.pth", cache_dir=cache)[1].clean
+    # Another file served under a registered URL: refused with both digests, and not left in the cache.
+    torch.save({"model": tiny_model(tmp_path).state_dict(), "epoch": 1}, os.path.join(served, "replaced.pth"))
+    expected = "0" * 64
+    monkeypatch.setitem(checkpoint_module.KNOWN_SHA256, prefix + "replaced.pth", expected)
+    actual = sha256_of_file(os.path.join(served, "replaced.pth"))
+    message = f"{prefix}replaced.pth: .*SHA-256 {actual}, expected {expected}; deleted"
+    with pytest.raises(CheckpointError, match=message):
+        load_model(tiny_config(tmp_path), prefix + "replaced.pth", cache_dir=cache)
+    cached = [f for _, _, files in os.walk(cache) for f in files]
+    assert cached == ["model_base.pth"]

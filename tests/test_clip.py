@@ -19,7 +19,7 @@ from data import create_dataset
 from data.synthetic import config_keys, make_synthetic_dataset
 from engine.evaluation import evaluate
 from engine.metrics import compute_metrics
-from models.checkpoint import load_model
+from models.checkpoint import apply_config_updates
 from models.clip import (
     MAX_LOGIT_SCALE,
     ClipCheckpointError,
@@ -30,6 +30,7 @@ from models.clip import (
     expected_quick_gelu,
     load_clip_model,
 )
+from models.loading import load_model
 from tests.clip_helpers import clip_config, save_open_clip_checkpoint, write_hf_clip_dir, write_open_clip_config
 from tests.dist_helpers import run_distributed
 from utils import ConfigError, save_config
@@ -143,9 +144,10 @@ def test_each_model_keeps_its_own_preprocessing(files):
     image = Image.new("RGB", (80, 40), (255, 0, 0))
     assert hf.image_transform(False)(image).shape == (3, 32, 32)
     config = clip_config(clip_model="ViT-L-14")
-    model = load_clip_model(config)
+    model, report = load_model(config)
     assert model.preprocess.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
-    assert config["image_size"] == 224  # the saved config describes the model
+    assert report.config_updates == {"image_size": 224} and config["image_size"] != 224  # loaders leave it alone
+    assert apply_config_updates(config, report)["image_size"] == 224  # the saved config describes the model
     laion = load_clip_model(clip_config(clip_model="ViT-L-14", clip_pretrained_tag="laion2b_s32b_b82k"))
     assert laion.preprocess.mean == (0.5, 0.5, 0.5) and laion.preprocess.std == (0.5, 0.5, 0.5)
 
@@ -265,7 +267,8 @@ def test_eval_cli_with_clip(files, backend, tmp_path, capsys):
 
 def test_load_model_dispatches_on_the_model_key(files):
     model, report = load_model(_hf_config(files))
-    assert isinstance(model, ClipRetrieval) and report is None and not model.has_itm
+    assert isinstance(model, ClipRetrieval) and not model.has_itm
+    assert report.config_updates == {"image_size": 32} and report.num_model_tensors == 0  # no key report for CLIP
 
 
 # ----------------------------------------------------------------------------------------------------

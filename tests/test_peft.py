@@ -32,8 +32,9 @@ from data.transforms import test_transform
 from engine import trainer
 from engine.imagecode import imagecode_accuracy, imagecode_scores
 from models.blip_retrieval import build_model
-from models.checkpoint import CheckpointError, load_model
+from models.checkpoint import CheckpointError
 from models.context_adapter import MultiScaleAdapter, select_masked_patches, text_cross_attention
+from models.loading import load_model
 from models.peft_methods import (
     apply_finetune,
     delta_state_dict,

@@ -32,7 +32,8 @@ from engine import search_index
 from engine.search_index import SearchIndex, SearchIndexError, build_index, itc_topk
 from engine.search_query import Searcher
 from models.blip_retrieval import build_model
-from models.checkpoint import load_model
+from models.checkpoint import CheckpointError
+from models.loading import load_model
 from tests.dist_helpers import run_distributed
 from tests.helpers import bomb_png, spread_weights, synthetic_config
 from utils import UserError
@@ -323,9 +324,12 @@ import sys, time
 sys.path.insert(0, {repo!r})
 from engine import search_index
 write = search_index._write_chunk
+written = []
 def slow(*args):
     write(*args)
-    time.sleep(0.3)  # a slow disk: time for the test to kill the process between chunks
+    written.append(1)
+    if len(written) == 2:
+        time.sleep(600)  # stalls after the second chunk until the test kills it: no race with the test's polling
 search_index._write_chunk = slow
 import search
 from utils import run_cli
@@ -334,7 +338,10 @@ run_cli(search.main)
 
 
 def test_killed_process_resumes(synth, tmp_path):
-    """SIGKILL a real `search.py index` process between chunks; the next run finishes from the chunks."""
+    """SIGKILL a real `search.py index` process between chunks; the next run finishes from the chunks.
+
+    The child stalls after its second chunk (rather than sleeping a little after each), so the kill lands between
+    chunks however slow or loaded the machine is."""
     photos = make_photos(synth, tmp_path / "photos")
     out = str(tmp_path / "idx")
     args = ["index", "--config", synth["config_file"], "--checkpoint", synth["checkpoint"], "--images", photos]
@@ -627,3 +634,29 @@ def test_kill_change_rerun_converges_to_a_fresh_index(synth, tmp_path, seed):
     for path in want:
         np.testing.assert_allclose(got[path], want[path], atol=1e-6, err_msg=path)
     assert os.listdir(os.path.join(out, "pending")) == []
+
+
+class _RunsCode:
+    """Unpickling this object opens (creates) the marker file: a stand-in for any code a pickle can run."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_index_manifest_checkpoint_is_always_read_safely(synth, tmp_path):
+    # A shared index folder names its checkpoint in manifest.json; a pickle that runs code there must not run.
+    shared = str(tmp_path / "shared.pth")
+    shutil.copy2(synth["checkpoint"], shared)
+    out = str(tmp_path / "idx")
+    base = ["--config", synth["config_file"], "--checkpoint", shared]
+    search.main(["index", *base, "--images", synth["images"], "--index", out])
+    marker = str(tmp_path / "ran")
+    torch.save({"model": synth["model"].state_dict(), "config": _RunsCode(marker)}, shared)
+    with pytest.raises(CheckpointError, match=f"{shared}: refused to unpickle"):
+        search.main(["query", "--index", out, "a dog"])
+    with pytest.raises(SystemExit):  # query and serve have no opt-in
+        search.main(["query", "--index", out, "a dog", "--unsafe-trust-checkpoint"])
+    assert not os.path.exists(marker)

@@ -9,12 +9,13 @@ import random
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import yaml
 
 import utils
 from engine.retrieval_task import alpha_at
 from engine.trainer import cosine_lr
-from tests.dist_helpers import run_distributed
+from tests.dist_helpers import DistributedChildError, run_distributed
 from utils import ConfigError, load_config
 
 # ---------------------------------------------------------------------------------------------------
@@ -315,8 +316,21 @@ def _failing_body(rank: int, world_size: int) -> None:
 
 
 def test_run_distributed_propagates_child_exceptions():
-    with pytest.raises(Exception, match="boom on rank 1"):
+    # Rank 1 raises at once, often before rank 0 has finished connecting; rank 0 then fails too (gloo: connection
+    # closed by peer) and spawn may report either. The helper reports every failed rank, so the original is there.
+    with pytest.raises(DistributedChildError, match="(?s)rank 1:.*boom on rank 1"):
         run_distributed(_failing_body, 2)
+
+
+def _failing_body_after_rank0_fails(rank: int, world_size: int) -> None:
+    if rank == 0:
+        raise RuntimeError("boom on rank 0")
+    dist.barrier()  # rank 1 waits for rank 0, which never comes: its own error follows from rank 0's
+
+
+def test_run_distributed_reports_the_original_error_when_a_peer_fails_because_of_it():
+    with pytest.raises(DistributedChildError, match="(?s)rank 0:.*boom on rank 0"):
+        run_distributed(_failing_body_after_rank0_fails, 2, timeout_s=20)
 
 
 def test_download_file_fails_on_a_stalled_server_instead_of_hanging(tmp_path, monkeypatch):
