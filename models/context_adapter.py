@@ -153,8 +153,6 @@ class TMIM(nn.Module):
             raise ConfigError(f"config key 'finetune.adapter.decoder_width': {width} is not divisible by {heads} heads")
         self.mask_ratio = mask_ratio
         self.patch_size = patch_size
-        # finetune.adapter.tmim_text: "detached" text states, or ContextBLIP's adapted ones with gradient.
-        self.text_adapter = TextAdapter(text_width) if text_side == "contextblip" else None
         self.embed = nn.Linear(vision_width, width)
         self.mask_token = nn.Parameter(torch.zeros(width))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, width))
@@ -172,6 +170,9 @@ class TMIM(nn.Module):
         self.head = nn.Linear(width, patch_size * patch_size * 3)
         nn.init.normal_(self.mask_token, std=0.02)
         nn.init.normal_(self.pos_embed, std=0.02)
+        # finetune.adapter.tmim_text: "detached" text states, or ContextBLIP's adapted ones with gradient. Built
+        # last, so that the rest of TMIM draws the same initial weights either way.
+        self.text_adapter = TextAdapter(text_width) if text_side == "contextblip" else None
 
     def forward(
         self,
