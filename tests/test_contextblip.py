@@ -54,9 +54,10 @@ def _sampler_inputs(model, monkeypatch, images, idx) -> list[tuple]:
     return seen
 
 
-@pytest.mark.parametrize("mode", ["blip", "contextblip"])
-def test_itm_negatives_come_from_the_features_the_option_names(tmp_path, monkeypatch, mode):
+@pytest.mark.parametrize("mode, all_rank", [("blip", False), ("contextblip", False), ("contextblip", True)])
+def test_itm_negatives_come_from_the_features_the_option_names(tmp_path, monkeypatch, mode, all_rank):
     model, _ = _adapter_model(tmp_path, itm_negatives=mode)
+    model.negative_all_rank = all_rank  # one process: the gathered batch is this batch
     images = torch.randn(4, 3, 32, 32)
     idx = torch.tensor([0, 0, 1, 2])  # captions 0 and 1 share an image id
     (t2i_sim, t2i_positive, floor), (i2t_sim, _, _) = _sampler_inputs(model, monkeypatch, images, idx)
