@@ -11,11 +11,15 @@ train_caption.py checkpoints, or a Hugging Face BlipForConditionalGeneration dir
 listed at the end and the exit status is then 1. The length limits count [DEC] and the prompt's tokens, as
 transformers' max_length / min_length do.
 
-CapFilt (`--filter --filter-checkpoint RETRIEVAL_SRC [--filter-config CFG] [--threshold 0.5] [--existing ANN]`):
-each generated caption, and each caption of --existing (retrieval train format, images named like ours), is scored
-with the retrieval model's ITM head; the pairs with P(match) above the threshold are written to --output in the
-retrieval training format `{"image", "caption", "image_id", "itm", "source"}`, ready for `dataset: custom`
-(`train_file`, with `image_root` the folder the names are relative to: --image-root).
+CapFilt (`--filter --filter-checkpoint RETRIEVAL_SRC [--filter-config CFG] [--threshold 0.5] [--existing ANN]
+[--beam-search]`), as in the BLIP paper (sections 3.3 and 4.3): the captioner writes one synthetic caption per
+image by nucleus sampling (top_p 0.9, repetition penalty 1.1, seeded by --seed; --beam-search: beam search instead).
+That caption, and each caption of --existing (the web captions, retrieval train format, images named like ours), is
+scored with the retrieval model's ITM head; every pair with P(match) above the threshold is kept (0.5: the pairs
+the ITM head calls a match, the paper's filter), so an image keeps 0 or 1 synthetic caption plus its existing
+captions that pass. They are written to --output in the retrieval training format `{"image", "caption",
+"image_id", "itm", "source"}`, ready for `dataset: custom` (`train_file`, with `image_root` the folder the names are
+relative to: --image-root).
 """
 
 from __future__ import annotations
@@ -60,7 +64,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--image-root", default=None, help="name images relative to this folder (default: DIR)")
     parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
     capfilt = parser.add_argument_group("CapFilt: keep the (image, caption) pairs a retrieval model's ITM accepts")
-    capfilt.add_argument("--filter", action="store_true", help="write the kept pairs in the retrieval train format")
+    capfilt.add_argument(
+        "--filter",
+        action="store_true",
+        help="CapFilt: one caption per image by nucleus sampling (BLIP section 4.3), then keep every generated and "
+        "--existing pair whose ITM P(match) > --threshold; written in the retrieval train format",
+    )
+    capfilt.add_argument(
+        "--beam-search",
+        action="store_true",
+        help="with --filter: caption by beam search (config num_beams) instead of nucleus sampling",
+    )
     capfilt.add_argument("--filter-checkpoint", default=None, help="retrieval checkpoint whose ITM head filters")
     capfilt.add_argument("--filter-config", default=None, help="the retrieval model's config (default: --config)")
     capfilt.add_argument("--threshold", type=float, default=0.5, help="keep pairs with ITM P(match) above this")
@@ -69,6 +83,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.filter and not args.filter_checkpoint:
         parser.error("--filter needs --filter-checkpoint (a retrieval checkpoint with an ITM head)")
+    if args.beam_search and not args.filter:
+        parser.error("--beam-search only applies to --filter (plain captioning uses beam search unless --sample)")
+    if args.beam_search and args.sample:
+        parser.error("--beam-search and --sample contradict each other; give one")
     if not 0.0 <= args.threshold < 1.0:
         parser.error(f"--threshold must be in [0, 1), got {args.threshold}")
     return args
@@ -89,6 +107,8 @@ def resolve_config(args: argparse.Namespace) -> dict:
     config.update({key: value for key, value in flags.items() if value is not None})
     if args.sample:
         config["sample"] = True
+    if args.filter:  # CapFilt samples (BLIP section 4.3: more diverse captions train a better model than beam search)
+        config["sample"] = not args.beam_search
     return validate_config(config, "command line")
 
 

@@ -49,6 +49,12 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "weight_decay": 0.05,  # AdamW weight decay (uniform over all parameters, as official)
     "min_lr": 0.0,  # learning rate floor of the cosine schedule
     "max_epoch": 6,  # number of training epochs
+    # Learning-rate schedule and AdamW settings (engine/training.py implements them).
+    "lr_schedule": "cosine_epoch",  # cosine_epoch (official: per epoch, no warmup) | cosine_step | step_decay
+    "warmup_steps": 0,  # linear warmup over this many optimizer steps; 0 = none (official retrieval)
+    "lr_decay_rate": 0.9,  # step_decay: the learning rate is multiplied by this every epoch
+    "optimizer_betas": [0.9, 0.999],  # AdamW betas (torch defaults, as the official code)
+    "optimizer_eps": 1.0e-8,  # AdamW eps (torch default, as the official code)
     # Our keys.
     "text_encoder": "bert-base-uncased",  # hub name or local directory of a BERT tokenizer
     "med_config": "configs/med_config.json",  # path to, or mapping of, BERT config fields for the text tower
@@ -134,9 +140,16 @@ DEFAULT_CONFIG: dict[str, Any] = {
             "itc_weight": 0.0,  # ContextBLIP trains ITM + TMIM only; > 0 adds the ITC loss
             "tmim_weight": 1.0,  # weight of the text-guided masked image modelling loss; 0 = ITM only
             "mask_ratio": 0.25,  # pi: share of patches masked, those with the highest text cross-attention
-            "decoder_width": 384,
+            "decoder_width": 384,  # ContextBLIP's released code: 768 (configs/imagecode_contextblip.yaml)
             "decoder_depth": 4,
             "decoder_heads": 8,
+            # blip: BLIP's hard negatives (softmax of the adapted ITC similarities / temp, same image masked) |
+            # contextblip: the released code's (softmax of the frozen pre-adapter cosines, no temp, + 1e-4, only
+            # the diagonal masked: nearly uniform)
+            "itm_negatives": "blip",
+            # detached: TMIM's decoder reads the positive pair's text states detached | contextblip: the released
+            # code's trainable text adapter on them, not detached (TMIM's gradient reaches the adapter via ITM)
+            "tmim_text": "detached",
         },
     },
     # Composed image retrieval on CIRR (train_cirr.py; CoVR's BLIP recipe; README "Composed image retrieval").
@@ -149,6 +162,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "cir_train_vit": False,  # train the ViT too (CoVR freezes it; vision_proj always stays frozen)
     "cir_sampler": "random",  # training batches: random (CoVR) | contrastive (no two pairs of one subset) | similar
     "cir_train_transform": "train",  # reference-image transform in training: train (BLIP's, per train_augment) | test
+    # IMAGECODE-style evaluation (eval_imagecode.py; engine/imagecode.py). --scoring / --text-cleaning override them.
+    "imagecode_scoring": "both",  # both (ITM logit + cosine) | itm | itc | itm_prob (softmax P(match), ContextBLIP)
+    "imagecode_text_cleaning": "blip",  # blip (pre_caption) | albef (ContextBLIP's zero-shot script: ALBEF's rule)
 }
 
 
@@ -197,6 +213,9 @@ CONFIG_CHOICES: dict[str, tuple[str, ...]] = {
     "cir_query": ("multimodal", "text", "image"),
     "cir_sampler": ("random", "contrastive", "similar"),
     "cir_train_transform": ("train", "test"),
+    "lr_schedule": ("cosine_epoch", "cosine_step", "step_decay"),
+    "imagecode_scoring": ("both", "itm", "itc", "itm_prob"),
+    "imagecode_text_cleaning": ("blip", "albef"),
 }
 # Inclusive (low, high) bounds; None = unbounded.
 _BOUNDS: dict[str, tuple[float | None, float | None]] = {
@@ -228,6 +247,8 @@ _BOUNDS: dict[str, tuple[float | None, float | None]] = {
             "init_lr",
             "min_lr",
             "itm_negatives_steps",
+            "warmup_steps",
+            "optimizer_eps",
             "weight_decay",
             "clip_grad_norm",
             "search_cache_images",
@@ -235,6 +256,7 @@ _BOUNDS: dict[str, tuple[float | None, float | None]] = {
     },
     **{k: (0, 1) for k in ("alpha", "momentum", "drop_path_rate")},
     "min_scale": (1e-3, 1),
+    "lr_decay_rate": (1e-6, 1),
     "clip_context_length": (1, None),
     # Captioning.
     **{k: (1, None) for k in ("caption_max_tokens", "num_beams", "gen_max_length", "top_k")},
@@ -275,6 +297,7 @@ def _type_name(types: tuple[type, ...]) -> str:
         float: "a number",
         bool: "true/false",
         dict: "a mapping",
+        list: "a list",
         type(None): "null",
     }
     return " or ".join(names[t] for t in types)
@@ -320,6 +343,11 @@ _FINETUNE_BOUNDS: dict[str, tuple[float, float | None]] = {
     "adapter.decoder_depth": (1, None),
     "adapter.decoder_heads": (1, None),
 }
+# The accepted values of the string finetune sub-keys (dotted names).
+FINETUNE_CHOICES: dict[str, tuple[str, ...]] = {
+    "adapter.itm_negatives": ("blip", "contextblip"),
+    "adapter.tmim_text": ("detached", "contextblip"),
+}
 
 
 def _merge_checked(value: Any, default: Any, name: str, where: str) -> Any:
@@ -361,6 +389,13 @@ def check_finetune(finetune: Any, where: str) -> dict:
         if value < lo or (hi is not None and value > hi):
             expected = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
             raise ConfigError(f"config key 'finetune.{dotted}' {where}: expected a value {expected}, got {value!r}")
+    for dotted, choices in FINETUNE_CHOICES.items():
+        group, sub = dotted.split(".")
+        if merged[group][sub] not in choices:
+            raise ConfigError(
+                f"config key 'finetune.{dotted}' {where}: expected one of {', '.join(choices)}, "
+                f"got {merged[group][sub]!r}"
+            )
     if merged["method"] == "prompt" and merged["prompt"]["text_tokens"] + merged["prompt"]["vision_tokens"] < 1:
         raise ConfigError(
             f"config keys 'finetune.prompt.text_tokens' and 'finetune.prompt.vision_tokens' {where}: both are 0; "
@@ -448,6 +483,13 @@ def validate_config(config: dict, origins: dict[str, str] | str | None = None) -
             f"{config['itm_negatives']!r} needs a number of optimizer steps > 0, got "
             f"{config['itm_negatives_steps']!r}"
         )
+    betas = config["optimizer_betas"]
+    if len(betas) != 2 or not all(_check_type(b, (float,)) and 0 <= b < 1 for b in betas):
+        raise ConfigError(
+            f"config key 'optimizer_betas' {where('optimizer_betas')}: expected two numbers in [0, 1) "
+            f"(e.g. [0.9, 0.999]), got {betas!r}"
+        )
+    config["optimizer_betas"] = [float(b) for b in betas]
     if config["gen_min_length"] > config["gen_max_length"]:
         raise ConfigError(
             f"config key 'gen_min_length' {where('gen_min_length')}: {config['gen_min_length']} is more than "

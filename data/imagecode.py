@@ -42,7 +42,7 @@ from data.synthetic import (
     _tokens,
 )
 from data.transforms import test_transform
-from data.utils import pre_caption
+from data.utils import TEXT_CLEANINGS, pre_caption
 
 IMAGES_PER_SET = 10
 _IMAGE_NAME = re.compile(r"img(\d+)\.(jpg|jpeg|png)$", re.IGNORECASE)
@@ -78,7 +78,11 @@ class ImagecodeSet(Dataset):
     """One split: `set_names`, `descriptions` (a flat list) and, as the Dataset, every image of every set in
     order (item i is image i % 10 of set i // 10), transformed for evaluation."""
 
-    def __init__(self, ann_file: str, image_root: str, image_size: int, max_words: int = 30):
+    def __init__(self, ann_file: str, image_root: str, image_size: int, max_words: int = 30, cleaning: str = "blip"):
+        """`cleaning`: blip (data.utils.pre_caption) or albef (pre_caption_albef, ContextBLIP's zero-shot script)."""
+        if cleaning not in TEXT_CLEANINGS:
+            raise ValueError(f"cleaning must be one of {tuple(TEXT_CLEANINGS)}, got {cleaning!r}")
+        clean = TEXT_CLEANINGS[cleaning]
         if not os.path.isfile(ann_file):
             raise DataError(f"IMAGECODE annotation file not found: {ann_file}")
         try:
@@ -99,7 +103,7 @@ class ImagecodeSet(Dataset):
             self.set_names.append(set_name)
             if isinstance(entries, list):
                 self.labelled = False
-                self.descriptions += [Description(set_index, -1, pre_caption(t, max_words)) for t in entries]
+                self.descriptions += [Description(set_index, -1, clean(t, max_words)) for t in entries]
                 continue
             if not isinstance(entries, dict):
                 raise DataError(f"{ann_file}: set {set_name!r} maps to {type(entries).__name__}, expected a mapping")
@@ -108,7 +112,7 @@ class ImagecodeSet(Dataset):
                     raise DataError(f"{ann_file}: set {set_name!r} has image index {index!r}; expected '0' to '9'")
                 if not isinstance(text, str) or not text.strip():
                     raise DataError(f"{ann_file}: set {set_name!r} index {index}: empty or non-text description")
-                self.descriptions.append(Description(set_index, int(index), pre_caption(text, max_words)))
+                self.descriptions.append(Description(set_index, int(index), clean(text, max_words)))
         self.image_paths = [p for name in self.set_names for p in sorted_set_images(os.path.join(image_root, name))]
         self.transform = test_transform(image_size)
 

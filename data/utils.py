@@ -25,3 +25,24 @@ def pre_caption(caption: str, max_words: int = 50) -> str:
     # above, a lone tab or newline inside the text stays part of a word.
     words = text.split(" ")
     return " ".join(words[:max_words])
+
+
+# ALBEF's rule (dataset/utils.py of salesforce/ALBEF), which ContextBLIP's zero-shot IMAGECODE script applies
+# (its utils.pre_caption, ALBEF's without the '<person>' -> 'person' replacement, which it does not have): these
+# characters are deleted, not blanked, and hyphens and slashes become spaces.
+_ALBEF_DELETED_CHARS = re.compile(r"[,.'!?\"()*#:;~]")
+
+
+def pre_caption_albef(caption: str, max_words: int = 30) -> str:
+    """Normalise a caption as ContextBLIP's zero-shot IMAGECODE script does and keep at most ``max_words`` words.
+
+    Steps: lower-case; delete each of ``, . ' ! ? " ( ) * # : ; ~``; replace ``-`` and ``/`` with a space;
+    collapse whitespace runs, strip and truncate as ``pre_caption`` does.
+    """
+    text = _ALBEF_DELETED_CHARS.sub("", caption.lower()).replace("-", " ").replace("/", " ")
+    text = _WHITESPACE_RUN.sub(" ", text)
+    text = text.rstrip("\n").strip(" ")
+    return " ".join(text.split(" ")[:max_words])
+
+
+TEXT_CLEANINGS = {"blip": pre_caption, "albef": pre_caption_albef}  # config key imagecode_text_cleaning

@@ -1,7 +1,9 @@
 """IMAGECODE-style evaluation: score each description against the 10 images of its set, pick the best.
 
-Scoring (`scoring`): `itm` the ITM "match" logit, `itc` the ITC cosine, `both` their sum (the score BLIP's
-retrieval evaluation gives re-ranked pairs). Any retrieval checkpoint works zero-shot. Each batch holds whole
+Scoring (`scoring`, config key imagecode_scoring): `itm` the ITM "match" logit, `itc` the ITC cosine, `both` their
+sum (the score BLIP's retrieval evaluation gives re-ranked pairs), `itm_prob` the ITM softmax P(match) (ContextBLIP's
+zero-shot script). P(match) orders pairs by match - no-match logit, not by the match logit alone, so `itm` and
+`itm_prob` can pick different images. Any retrieval checkpoint works zero-shot. Each batch holds whole
 sets: their images are encoded once, and every description of those sets is scored against its 10 images.
 Accuracy: the share of descriptions whose target has the highest score (ties go to the lower index), overall, on
 video sets and on static (`open-images`) sets.
@@ -16,8 +18,9 @@ from tqdm import tqdm
 from data.imagecode import IMAGES_PER_SET, ImagecodeSet, is_static
 from engine.features import eval_autocast
 from models.blip_retrieval import BlipRetrieval
+from utils import CONFIG_CHOICES
 
-SCORINGS = ("itm", "itc", "both")
+SCORINGS = CONFIG_CHOICES["imagecode_scoring"]
 
 
 @torch.no_grad()
@@ -55,13 +58,14 @@ def imagecode_scores(
                 batch_scores += (
                     text_feat[:, None, :] * image_feat[image_rows].view(len(rows), IMAGES_PER_SET, -1)
                 ).sum(-1)
-            if scoring in ("itm", "both"):
+            if scoring in ("itm", "both", "itm_prob"):
                 enc_ids = model.with_enc_token(ids).repeat_interleave(IMAGES_PER_SET, dim=0)
                 pair_atts = atts.repeat_interleave(IMAGES_PER_SET, dim=0)
                 logits = []
                 for start in range(0, enc_ids.shape[0], pairs_per_forward):
                     piece = slice(start, start + pairs_per_forward)
-                    logits.append(model.itm_logits(enc_ids[piece], pair_atts[piece], embeds[image_rows[piece]])[:, 1])
+                    pair_logits = model.itm_logits(enc_ids[piece], pair_atts[piece], embeds[image_rows[piece]])
+                    logits.append(pair_logits.softmax(dim=1)[:, 1] if scoring == "itm_prob" else pair_logits[:, 1])
                 batch_scores += torch.cat(logits).view(len(rows), IMAGES_PER_SET)
         scores[rows] = batch_scores.float().cpu()
     return scores

@@ -21,7 +21,7 @@ from torch import nn
 
 from models.med import BertModel, MedConfig
 from models.vit import create_vit
-from utils import ConfigError, all_gather_concat, all_gather_with_grad, get_world_size
+from utils import ConfigError, all_gather_concat, all_gather_with_grad, get_rank, get_world_size
 
 
 def init_tokenizer(text_encoder: str = "bert-base-uncased"):
@@ -72,9 +72,12 @@ def init_tokenizer(text_encoder: str = "bert-base-uncased"):
 
 
 def sample_hard_negatives(
-    sim: torch.Tensor, positive: torch.Tensor, hard_fraction: float = 1.0
+    sim: torch.Tensor, positive: torch.Tensor, hard_fraction: float = 1.0, floor: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one ITM negative per row: multinomial over softmax(sim) with positives zeroed (official).
+
+    `floor` is added to every softmax weight before the positives are zeroed (ContextBLIP's released sampler adds
+    1e-4; BLIP adds nothing).
 
     sim: (B, C) similarities already divided by temp; positive: (B, C) bool, True where the candidate shares
     the row's image. `hard_fraction` < 1 draws from the mixture hard_fraction x hard + (1 - hard_fraction) x
@@ -83,7 +86,7 @@ def sample_hard_negatives(
     image, or an underflow) draw uniformly among candidates of other images, or among all candidates if there
     are none. Returns (indices (B,), number of such fallback rows as a 0-d tensor: no host sync).
     """
-    weights = F.softmax(sim.float(), dim=1).masked_fill(positive, 0.0)
+    weights = (F.softmax(sim.float(), dim=1) + floor).masked_fill(positive, 0.0)
     weights = torch.nan_to_num(weights, nan=0.0, posinf=0.0, neginf=0.0)
     invalid = weights.sum(dim=1) <= 0
     uniform = (~positive).float()
@@ -165,6 +168,9 @@ class BlipRetrieval(nn.Module):
         self.itc_weight = 1.0
         self.tmim: nn.Module | None = None
         self.tmim_weight = 0.0
+        # "blip": ITM hard negatives from the (adapted) ITC similarities / temp; "contextblip": ContextBLIP's released
+        # sampler, from the cosines of the features before the adapter (finetune.adapter.itm_negatives).
+        self.itm_negative_source = "blip"
 
     # ----------------------------------------------------------------------------------------------
     # Encoders shared by training and evaluation
@@ -259,8 +265,13 @@ class BlipRetrieval(nn.Module):
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
         idx = idx.view(-1, 1)
+        bs = image.shape[0]
 
-        image_embeds, image_feat = self.encode_image(image)
+        if self.itm_negative_source == "contextblip":
+            image_embeds, base_embeds = self.visual_encoder(image, with_base=True)
+            image_feat = F.normalize(self.vision_proj(image_embeds[:, 0]).float(), dim=-1)
+        else:
+            image_embeds, image_feat = self.encode_image(image)
         # Negatives gathered from all ranks need one text shape on every rank: that mode keeps max_length padding.
         cls_only = text_compute != "official"
         pad_to_longest = text_compute == "trimmed" and not self.negative_all_rank
@@ -297,20 +308,32 @@ class BlipRetrieval(nn.Module):
 
         # ITM: positives, then one hard negative image per text and one hard negative text per image.
         enc_ids = self.with_enc_token(text_ids)
-        bs = image.shape[0]
         with torch.no_grad():
-            if self.negative_all_rank:
-                positive = torch.eq(idx, idxs.t())
-                image_feat_world = all_gather_concat(image_feat)
-                text_feat_world = all_gather_concat(text_feat)
-                sim_i2t_hard = image_feat @ text_feat_world.t() / self.temp
-                sim_t2i_hard = text_feat @ image_feat_world.t() / self.temp
+            if self.itm_negative_source == "contextblip":
+                # ContextBLIP's released sampler: cosines of the frozen features before the adapter, not divided
+                # by the temperature, + 1e-4, only the pair itself masked (not other captions of its image).
+                sample_feat, temp, floor = F.normalize(self.vision_proj(base_embeds[:, 0]).float(), dim=-1), 1.0, 1e-4
             else:
-                positive = torch.eq(idx, idx.t())
-                sim_i2t_hard = image_feat @ text_feat.t() / self.temp
-                sim_t2i_hard = text_feat @ image_feat.t() / self.temp
-            neg_image_idx, fallback_t2i = sample_hard_negatives(sim_t2i_hard, positive, hard_negative_fraction)
-            neg_text_idx, fallback_i2t = sample_hard_negatives(sim_i2t_hard, positive, hard_negative_fraction)
+                sample_feat, temp, floor = image_feat, self.temp, 0.0
+            if self.negative_all_rank:
+                if self.itm_negative_source == "contextblip":
+                    columns = torch.arange(bs, device=image.device) + get_rank() * bs
+                    positive = F.one_hot(columns, bs * get_world_size()).bool()
+                else:
+                    positive = torch.eq(idx, idxs.t())
+                image_feat_world = all_gather_concat(sample_feat)
+                text_feat_world = all_gather_concat(text_feat)
+                sim_i2t_hard = sample_feat @ text_feat_world.t() / temp
+                sim_t2i_hard = text_feat @ image_feat_world.t() / temp
+            else:
+                if self.itm_negative_source == "contextblip":
+                    positive = torch.eye(bs, dtype=torch.bool, device=image.device)
+                else:
+                    positive = torch.eq(idx, idx.t())
+                sim_i2t_hard = sample_feat @ text_feat.t() / temp
+                sim_t2i_hard = text_feat @ sample_feat.t() / temp
+            neg_image_idx, fallback_t2i = sample_hard_negatives(sim_t2i_hard, positive, hard_negative_fraction, floor)
+            neg_text_idx, fallback_i2t = sample_hard_negatives(sim_i2t_hard, positive, hard_negative_fraction, floor)
         if self.negative_all_rank:
             image_embeds_world = all_gather_with_grad(image_embeds)  # negatives get gradient on their owner rank
             ids_world, atts_world = all_gather_concat(enc_ids), all_gather_concat(text_atts)

@@ -22,6 +22,14 @@ Choices where the paper is silent (see docs/peft.md):
 - decoder: MED layers (self- and cross-attention) of width `decoder_width` on [visible tokens + a learned mask
   token at masked positions] + learned position embeddings, cross-attending to the multimodal text states of
   the positive pair (detached), then a linear head to patch_size^2 x 3 pixels. It is training-only.
+
+Options that follow ContextBLIP's released code (models/multiscale_adapter.py of github.com/LHL3341/ContextBLIP),
+the defaults of configs/imagecode_contextblip.yaml:
+- `tmim_text: contextblip`: the decoder reads the positive pair's text states h + TextAdapter(h), h not detached, so
+  TMIM's gradient also reaches the vision adapter through the fusion encoder's cross-attention to the adapted image
+  (the released code reads them from its positive ITM pass: the same computation);
+- `itm_negatives: contextblip` (models/blip_retrieval.py): ITM negatives from the frozen pre-adapter features;
+- `decoder_width: 768` (the released decoder is a 4-layer, 8-head BERT of width 768).
 """
 
 from __future__ import annotations
@@ -74,16 +82,28 @@ def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
     return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch) * (w // patch), patch * patch * c)
 
 
-@torch.no_grad()
+class TextAdapter(nn.Module):
+    """ContextBLIP's text adapter on TMIM's text side: h + ReLU(W2 ReLU(W1 h)), W1: width -> width / 4, no biases."""
+
+    def __init__(self, width: int, reduction: int = 4):
+        super().__init__()
+        self.down = nn.Linear(width, width // reduction, bias=False)
+        self.up = nn.Linear(width // reduction, width, bias=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden + F.relu(self.up(F.relu(self.down(hidden))))
+
+
 def text_cross_attention(
     model, enc_ids: torch.Tensor, text_atts: torch.Tensor, image_embeds: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the fusion encoder on (text, image) pairs and return (attention (B, N_patches): the text's
-    cross-attention to each patch, averaged over layers, heads and non-padding text tokens; the last hidden
-    states (B, L, text width)). Attention probabilities are recomputed from each layer's query and key
-    projections (the layers themselves use SDPA, which does not return them)."""
+    cross-attention to each patch, averaged over layers, heads and non-padding text tokens, detached; the last
+    hidden states (B, L, text width), with gradient when grad mode is on). Attention probabilities are recomputed
+    from each layer's query and key projections (the layers themselves use SDPA, which does not return them)."""
     captured: list[torch.Tensor] = []
 
+    @torch.no_grad()
     def hook(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         states = kwargs["kv_states"]
@@ -126,6 +146,7 @@ class TMIM(nn.Module):
         width: int,
         depth: int,
         heads: int,
+        text_side: str = "detached",
     ):
         super().__init__()
         if width % heads:
@@ -149,6 +170,9 @@ class TMIM(nn.Module):
         self.head = nn.Linear(width, patch_size * patch_size * 3)
         nn.init.normal_(self.mask_token, std=0.02)
         nn.init.normal_(self.pos_embed, std=0.02)
+        # finetune.adapter.tmim_text: "detached" text states, or ContextBLIP's adapted ones with gradient. Built
+        # last, so that the rest of TMIM draws the same initial weights either way.
+        self.text_adapter = TextAdapter(text_width) if text_side == "contextblip" else None
 
     def forward(
         self,
@@ -160,9 +184,13 @@ class TMIM(nn.Module):
     ) -> torch.Tensor:
         bs = images.shape[0]
         enc_ids, text_atts = enc_ids[:bs], text_atts[:bs]
-        with torch.no_grad():
-            attention, text_states = text_cross_attention(model, enc_ids, text_atts, image_embeds.detach())
-            masked, visible = select_masked_patches(attention, self.mask_ratio)
+        if self.text_adapter is None:
+            with torch.no_grad():
+                attention, text_states = text_cross_attention(model, enc_ids, text_atts, image_embeds.detach())
+        else:  # ContextBLIP: gradient flows back through the fusion encoder into the adapted image_embeds
+            attention, text_states = text_cross_attention(model, enc_ids, text_atts, image_embeds)
+            text_states = self.text_adapter(text_states)
+        masked, visible = select_masked_patches(attention, self.mask_ratio)
         encoded = self.embed(model.visual_encoder(images, keep=visible))  # (B, 1 + V, width): adapter trains
         num_patches = attention.shape[1]
         tokens = self.mask_token.to(encoded.dtype).expand(bs, 1 + num_patches, -1).clone()
@@ -201,4 +229,6 @@ def attach_context_adapter(model, cfg: dict) -> None:
             cfg["decoder_width"],
             cfg["decoder_depth"],
             cfg["decoder_heads"],
+            cfg["tmim_text"],
         )
+    model.itm_negative_source = cfg["itm_negatives"]

@@ -77,9 +77,12 @@ class VisionTransformer(TimmVisionTransformer):
     def num_patches(self) -> int:
         return self.patch_embed.num_patches
 
-    def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, keep: torch.Tensor | None = None, with_base: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """`keep` (B, K) patch indices: encode only those patches (and the class token), as masked image
-        modelling does with the visible patches; the output is then (B, 1 + K, width)."""
+        modelling does with the visible patches; the output is then (B, 1 + K, width). `with_base`: return
+        (output, output before the adapter) (the same tensor twice without an adapter)."""
         x = self.patch_embed(images)
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1) + self.pos_embed
@@ -103,7 +106,8 @@ class VisionTransformer(TimmVisionTransformer):
         x = self.norm(x)
         if self.prompt is not None:  # the output keeps the shape (B, 1 + patches, width) that every consumer reads
             x = self.prompt.drop(x)
-        return x if self.adapter is None else self.adapter(x, taps)
+        adapted = x if self.adapter is None else self.adapter(x, taps)
+        return (adapted, x) if with_base else adapted
 
 
 def create_vit(

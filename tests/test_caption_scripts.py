@@ -16,6 +16,7 @@ from data.captions import coco_image_id, load_coco_gt
 from data.retrieval import DataError
 from data.synthetic import make_synthetic_dataset
 from engine import caption_metrics, captioning, trainer
+from engine.generation import GenerationSettings
 from tests.dist_helpers import run_distributed
 from tests.helpers import synthetic_config
 from utils import ConfigError, UserError, save_config
@@ -185,6 +186,25 @@ def test_two_process_training_and_sharded_captioning(data: dict, tmp_path) -> No
     _train(data, single, "--evaluate", "--options", f"pretrained={os.path.join(out, 'checkpoint_best.pth')}")
     assert json.load(open(single / "captions_test.json")) == sharded
     assert [r["image_id"] for r in sharded] == [f"test/{i:05d}.png" for i in range(8)]
+
+
+def test_capfilt_samples_by_default_and_beam_search_is_an_option(data: dict, tmp_path) -> None:
+    """BLIP section 4.3: CapFilt's captioner uses nucleus sampling (p 0.9); plain captioning keeps beam search."""
+    base = ["--config", data["config"], "--images", data["images"], "--output", str(tmp_path / "c.json")]
+    capfilt = [*base, "--filter", "--filter-checkpoint", "retrieval.pth"]
+
+    def settings(argv: list[str]) -> GenerationSettings:
+        return GenerationSettings.from_config(caption.resolve_config(caption.parse_args(argv)))
+
+    sampled = settings(capfilt)
+    assert (sampled.sample, sampled.num_beams, sampled.top_p, sampled.repetition_penalty) == (True, 1, 0.9, 1.1)
+    beam = settings([*capfilt, "--beam-search"])
+    assert (beam.sample, beam.num_beams) == (False, 2)  # the config's num_beams
+    plain = settings(base)
+    assert (plain.sample, plain.num_beams) == (False, 2)
+    for bad in ([*base, "--beam-search"], [*capfilt, "--beam-search", "--sample"]):
+        with pytest.raises(SystemExit):
+            caption.parse_args(bad)
 
 
 def test_capfilt_writes_retrieval_training_records(data: dict, straight: str, tmp_path) -> None:

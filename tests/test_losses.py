@@ -172,7 +172,9 @@ def test_loss_itm_with_fixed_negatives_matches_pairwise_reference(tmp_path, monk
     neg_image = torch.tensor([1, 2, 4, 0, 3, 0])  # sampled for each text
     neg_text = torch.tensor([3, 0, 5, 4, 1, 2])  # sampled for each image
     draws = iter([neg_image, neg_text])  # forward samples t2i (images) first, then i2t (texts)
-    monkeypatch.setattr(br, "sample_hard_negatives", lambda sim, pos, hard_fraction: (next(draws), torch.tensor(0)))
+    monkeypatch.setattr(
+        br, "sample_hard_negatives", lambda sim, pos, hard_fraction, floor=0.0: (next(draws), torch.tensor(0))
+    )
     ref = _momentum_copy(model)
 
     out = model(image, caption, 0.4, idx)
