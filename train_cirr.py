@@ -3,12 +3,14 @@
 
     python train_cirr.py --config configs/cirr.yaml --output-dir output/cirr [--resume [CKPT]] [--options k=v ...]
     python train_cirr.py --config configs/cirr.yaml --output-dir output/cirr_zs --evaluate   (the `pretrained` weights)
-    torchrun --nproc_per_node=8 train_cirr.py ...
+    torchrun --nproc_per_node=2 train_cirr.py ...   (CoVR: 2 GPUs x 512 = a global batch of 1,024)
 
 Outputs in --output-dir: config.yaml (resolved), log.jsonl, checkpoint_last.pth (exact resume, engine/training.py),
-checkpoint_best.pth, metrics_val.json (R@1/5/10/50, Rs@1/2/3, r_avg, the checkpoint and epoch they belong to),
-metrics_test1.json (counts only: test1 has no targets) and cirr_submission_test1_{recall,recall_subset}.json, the
-two files the CIRR evaluation server takes.
+checkpoint_best.pth, metrics_val.json (R@1/5/10/50, Rs@1/2/3, r_avg, the gallery and targets they were computed
+with, the checkpoint and epoch they belong to), metrics_test1.json (counts only: test1 has no targets) and
+cirr_submission_test1_{recall,recall_subset}.json, the two files the CIRR evaluation server takes. With
+--save-scores also scores_{val,test1}.npz (the score matrix and per-query ranks; keys in engine.cir.write_cirr_outputs).
+HN-NCE's global batch is batch_size_train x the number of processes (all ranks' pairs are contrasted together).
 """
 
 from __future__ import annotations
@@ -53,7 +55,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     description = __doc__.split("\n\n")[0]
     writes = "checkpoints, logs, metrics and submissions"
     evaluate_help = "evaluate val and test1 with `pretrained`, no training"
-    return training_arg_parser(description, writes, evaluate_help).parse_args(argv)
+    parser = training_arg_parser(description, writes, evaluate_help)
+    parser.add_argument(
+        "--save-scores", action="store_true", help="also write scores_<split>.npz (score matrix, per-query ranks)"
+    )
+    return parser.parse_args(argv)
 
 
 def check_config(config: dict, evaluate: bool) -> None:
@@ -66,11 +72,13 @@ def check_config(config: dict, evaluate: bool) -> None:
         raise ConfigError("grad_accum_steps: HN-NCE contrasts the pairs of one batch, so accumulation changes the loss")
 
 
-def evaluate_and_write(model, splits: dict, config: dict, device, out_dir: str, extra: dict) -> dict[str, CirResult]:
+def evaluate_and_write(
+    model, splits: dict, config: dict, device, out_dir: str, extra: dict, save_scores: bool = False
+) -> dict[str, CirResult]:
     results = {}
     for name, data in splits.items():
         result = evaluate_cirr(model, data, config, device)
-        paths = write_cirr_outputs(result, out_dir, extra)
+        paths = write_cirr_outputs(result, out_dir, extra, save_scores)
         log(
             f"[{extra['checkpoint']}] "
             + format_cirr_table(result.metrics)
@@ -92,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
         resume_path = resolve_resume(args.output_dir, args.resume, args.evaluate)
         ckpt = load_train_checkpoint(resume_path) if resume_path else None
         ann_root, image_root = config["cirr_ann_root"], config["cirr_image_root"]
-        eval_splits = {s: load_cirr_split(ann_root, image_root, s) for s in EVAL_SPLITS}  # data errors before downloads
+        galleries = {"val": config["cirr_val_gallery"], "test1": "split"}  # the server takes test1's split names
+        eval_splits = {s: load_cirr_split(ann_root, image_root, s, gallery=galleries[s]) for s in EVAL_SPLITS}
         source = config["pretrained"] or None
         model, report = load_cir_model(config, None if ckpt else source)
         if report is not None and report.config_updates:
@@ -107,15 +116,26 @@ def main(argv: list[str] | None = None) -> dict:
         jsonl = JsonlLogger(os.path.join(out_dir, "log.jsonl"))
         if args.evaluate:
             name = config["pretrained"] or "random initialisation"
-            results = evaluate_and_write(model, eval_splits, config, info.device, out_dir, {"checkpoint": name})
+            extra = {"checkpoint": name}
+            results = evaluate_and_write(model, eval_splits, config, info.device, out_dir, extra, args.save_scores)
             return {"model": model, "best_epoch": None, "best_val": results["val"].metrics, "results": results}
-        return train(model, config, info, out_dir, jsonl, eval_splits, ckpt, resume_path)
+        return train(model, config, info, out_dir, jsonl, eval_splits, ckpt, resume_path, args.save_scores)
     finally:
         if owns_group:
             utils.cleanup_distributed()
 
 
-def train(model, config: dict, info: utils.DistInfo, out_dir: str, jsonl: JsonlLogger, eval_splits, ckpt, resume_path):
+def train(
+    model,
+    config: dict,
+    info: utils.DistInfo,
+    out_dir: str,
+    jsonl: JsonlLogger,
+    eval_splits,
+    ckpt,
+    resume_path,
+    save_scores: bool = False,
+):
     train_split = load_cirr_split(config["cirr_ann_root"], config["cirr_image_root"], "train")
     transform = (
         config_train_transform(config)
@@ -173,7 +193,7 @@ def train(model, config: dict, info: utils.DistInfo, out_dir: str, jsonl: JsonlL
         record = {"epoch": epoch, "step": state.global_step, "lr": lr, "train_time_s": time.perf_counter() - start}
         record.update({f"train_{k}": v for k, v in stats.items()})
         if (epoch + 1) % config["eval_every"] == 0 or epoch == config["max_epoch"] - 1:
-            select_epoch(model, config, info, out_dir, eval_splits, state, epoch, record)
+            select_epoch(model, config, info, out_dir, eval_splits, state, epoch, record, save_scores)
         state.epoch = epoch
         record["best_epoch"] = state.best_epoch
         jsonl.log(record)
@@ -187,7 +207,9 @@ def train(model, config: dict, info: utils.DistInfo, out_dir: str, jsonl: JsonlL
     return {"model": model, "best_epoch": state.best_epoch, "best_val": state.best_val, "results": None}
 
 
-def select_epoch(model, config, info, out_dir, eval_splits, state: TrainState, epoch: int, record: dict) -> None:
+def select_epoch(
+    model, config, info, out_dir, eval_splits, state: TrainState, epoch: int, record: dict, save_scores: bool = False
+) -> None:
     """Evaluate val; when (R@5 + Rs@1)/2 improves, save checkpoint_best.pth and write its val metrics and test1
     submission files, so the files on disk always belong to the selected epoch."""
     val = evaluate_cirr(model, eval_splits["val"], config, info.device)
@@ -203,11 +225,11 @@ def select_epoch(model, config, info, out_dir, eval_splits, state: TrainState, e
             best_path,
         )
     extra = {"checkpoint": best_path, "epoch": epoch}
-    write_cirr_outputs(val, out_dir, extra)
+    write_cirr_outputs(val, out_dir, extra, save_scores)
     test = evaluate_cirr(model, eval_splits["test1"], config, info.device)
-    paths = write_cirr_outputs(test, out_dir, extra)
+    paths = write_cirr_outputs(test, out_dir, extra, save_scores)
     if paths:
-        log(f"[epoch {epoch}] test1 submission files: {', '.join(paths[1:])}")
+        log(f"[epoch {epoch}] test1 files: {', '.join(paths[1:])}")
 
 
 if __name__ == "__main__":

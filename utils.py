@@ -150,6 +150,16 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "cir_train_vit": False,  # train the ViT too (CoVR freezes it; vision_proj always stays frozen)
     "cir_sampler": "random",  # training batches: random (CoVR) | contrastive (no two pairs of one subset) | similar
     "cir_train_transform": "train",  # reference-image transform in training: train (BLIP's, per train_augment) | test
+    # HN-NCE as written: paper (Radenovic et al. 2023 eq. 3, the loss CoVR's paper names) | covr_code (CoVR's released
+    # src/model/blip/loss.py, whose query->target weights divide by another row's sum; models.blip_cir.hn_nce_terms)
+    "cir_hnnce_variant": "paper",
+    # Positives of the val metrics: soft_subset (CoVR src/test/blip/cirr_val.py: Recall@K by target_hard, Recall_subset
+    # by the best target_soft grade) | soft (CIRPLANT's validation: both by the best target_soft grade) | hard (both by
+    # target_hard only, binary)
+    "cirr_val_targets": "soft_subset",
+    # The val gallery: split (the images of image_splits/split.rc2.val.json, as CIRR's own code ranks) | folder (every
+    # .png of the folder holding them, img_raw/dev, as CoVR's validation ranks); test1 always uses its split file
+    "cirr_val_gallery": "split",
 }
 
 
@@ -198,6 +208,9 @@ CONFIG_CHOICES: dict[str, tuple[str, ...]] = {
     "cir_query": ("multimodal", "text", "image"),
     "cir_sampler": ("random", "contrastive", "similar"),
     "cir_train_transform": ("train", "test"),
+    "cir_hnnce_variant": ("paper", "covr_code"),
+    "cirr_val_targets": ("soft_subset", "soft", "hard"),
+    "cirr_val_gallery": ("split", "folder"),
 }
 # Inclusive (low, high) bounds; None = unbounded.
 _BOUNDS: dict[str, tuple[float | None, float | None]] = {
