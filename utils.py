@@ -165,6 +165,16 @@ DEFAULT_CONFIG: dict[str, Any] = {
     # IMAGECODE-style evaluation (eval_imagecode.py; engine/imagecode.py). --scoring / --text-cleaning override them.
     "imagecode_scoring": "both",  # both (ITM logit + cosine) | itm | itc | itm_prob (softmax P(match), ContextBLIP)
     "imagecode_text_cleaning": "blip",  # blip (pre_caption) | albef (ContextBLIP's zero-shot script: ALBEF's rule)
+    # HN-NCE as written: paper (Radenovic et al. 2023 eq. 3, the loss CoVR's paper names) | covr_code (CoVR's released
+    # src/model/blip/loss.py, whose query->target weights divide by another row's sum; models.blip_cir.hn_nce_terms)
+    "cir_hnnce_variant": "paper",
+    # Positives of the val metrics: soft_subset (CoVR src/test/blip/cirr_val.py: Recall@K by target_hard, Recall_subset
+    # by the best target_soft grade) | soft (CIRPLANT's validation: both by the best target_soft grade) | hard (both by
+    # target_hard only, binary)
+    "cirr_val_targets": "soft_subset",
+    # The val gallery: split (the images of image_splits/split.rc2.val.json, as CIRR's own code ranks) | folder (every
+    # .png of the folder holding them, img_raw/dev, as CoVR's validation ranks); test1 always uses its split file
+    "cirr_val_gallery": "split",
 }
 
 
@@ -216,6 +226,9 @@ CONFIG_CHOICES: dict[str, tuple[str, ...]] = {
     "lr_schedule": ("cosine_epoch", "cosine_step", "step_decay"),
     "imagecode_scoring": ("both", "itm", "itc", "itm_prob"),
     "imagecode_text_cleaning": ("blip", "albef"),
+    "cir_hnnce_variant": ("paper", "covr_code"),
+    "cirr_val_targets": ("soft_subset", "soft", "hard"),
+    "cirr_val_gallery": ("split", "folder"),
 }
 # Inclusive (low, high) bounds; None = unbounded.
 _BOUNDS: dict[str, tuple[float | None, float | None]] = {

@@ -6,9 +6,13 @@ Files under `cirr_ann_root`:
        "target_soft": {"test1-83-0-img1": 1.0}, "caption": "remove all but one dog and add ...",
        "img_set": {"id": 1, "members": [6 image names], "reference_rank": 3, "target_rank": 4}}
       test1 pairs have no target_hard / target_soft (its labels stay on the evaluation server).
+      target_soft grades images of the split as targets: 1.0 (a true target), 0.5 and 0.2 (partly), -1.0 (not); in
+      rc2 val 645 of 4,181 pairs list several images, and 37 list the reference but not target_hard.
   image_splits/split.rc2.{train,val,test1}.json   {image name: path relative to cirr_image_root}, e.g.
       "test1-147-1-img1": "./test1/test1-147-1-img1.png", "train-11041-2-img0": "./train/34/train-11041-2-img0.png"
       (val images live in ./dev/). These names are the split's gallery: not every image on disk is in it.
+      `gallery="folder"` instead ranks every .png of the folder holding a split's images, as CoVR's validation
+      does (its src/test/blip/cirr_val.py asserts 8,102 val gallery images; split.rc2.val.json lists 2,297).
 
 Every problem is a DataError naming the file, the pair id and the key.
 """
@@ -63,6 +67,7 @@ class CirrSplit:
     image_root: str
     captions_file: str
     split_file: str
+    gallery: str = "split"  # split: the images of split_file | folder: every .png of the folder holding them
 
     @property
     def image_names(self) -> list[str]:
@@ -129,19 +134,60 @@ def _parse_pair(rec: Any, index: int, path: str, split: str, images: dict[str, s
     if split in LABELLED_SPLITS:
         target = _field(rec, "target_hard", (str,), where)
         target_soft = _field(rec, "target_soft", (dict,), where)
+        for name, grade in target_soft.items():
+            if not isinstance(grade, (int, float)) or isinstance(grade, bool):
+                raise DataError(f"{where}: target_soft[{name!r}] must be a number (1.0, 0.5, -1.0 ...), got {grade!r}")
     named = [("reference", reference)] + ([("target_hard", target)] if target else [])
     named += [(f"img_set.members[{i}]", m) for i, m in enumerate(members)]
+    named += [("target_soft key", m) for m in target_soft]
     for key, name in named:
         if name not in images:
             raise DataError(
                 f"{where}: {key} {name!r} is not in the image split {split_file} (the {split} gallery); "
                 f"are the captions and image_splits files of the same split and version ({CIRR_VERSION})?"
             )
-    return CirrPair(pairid, reference, caption, list(members), subset_id, target, dict(target_soft))
+    soft = {name: float(grade) for name, grade in target_soft.items()}
+    return CirrPair(pairid, reference, caption, list(members), subset_id, target, soft)
 
 
-def load_cirr_split(ann_root: str, image_root: str, split: str, check_images: bool = True) -> CirrSplit:
-    """Read and check one split's captions and image-split files (and probe a few image files)."""
+GALLERIES = ("split", "folder")
+
+
+def folder_gallery(split_file: str, image_root: str, images: dict[str, str]) -> dict[str, str]:
+    """Every .png (not in sub-folders) of the one folder that holds all of a split's images, name -> relative path,
+    sorted by name: CoVR's validation gallery. The split's own images must all be there."""
+    folders = sorted({os.path.dirname(os.path.normpath(rel)) for rel in images.values()})
+    if len(folders) != 1:
+        raise DataError(
+            f"cirr_val_gallery: folder needs the images of {split_file} in one folder; they are in {len(folders)} "
+            f"({', '.join(folders[:3])}{', ...' if len(folders) > 3 else ''})"
+        )
+    folder = os.path.join(image_root, folders[0])
+    if not os.path.isdir(folder):
+        raise DataError(f"cirr_val_gallery: folder: {folder} (the folder of {split_file}'s images) does not exist")
+    found = {
+        entry.name[: -len(".png")]: os.path.join(folders[0], entry.name)
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name)
+        if entry.is_file() and entry.name.endswith(".png")
+    }
+    missing = [name for name in images if name not in found]
+    if missing:
+        raise DataError(
+            f"cirr_val_gallery: folder: {len(missing)} images of {split_file} are not .png files in {folder}, "
+            f"e.g. {missing[0]!r}"
+        )
+    return found
+
+
+def load_cirr_split(
+    ann_root: str, image_root: str, split: str, check_images: bool = True, gallery: str = "split"
+) -> CirrSplit:
+    """Read and check one split's captions and image-split files (and probe a few image files).
+
+    gallery: "split" ranks the split file's images (CIRR); "folder" ranks every .png of the folder holding them
+    (CoVR's validation), see `folder_gallery`. Pairs are checked against the split file either way."""
+    if gallery not in GALLERIES:
+        raise DataError(f"unknown CIRR gallery {gallery!r}; valid: {', '.join(GALLERIES)}")
     if split not in CIRR_SPLITS:
         hint = " (CIRR's test split is called test1)" if split == "test" else ""
         raise DataError(f"unknown CIRR split {split!r}{hint}; valid: {', '.join(CIRR_SPLITS)}")
@@ -160,7 +206,9 @@ def load_cirr_split(ann_root: str, image_root: str, split: str, check_images: bo
         if pair.pairid in seen:
             raise DataError(f"{captions_file}: pairid {pair.pairid} appears more than once")
         seen.add(pair.pairid)
-    data = CirrSplit(split, pairs, images, image_root, captions_file, split_file)
+    if gallery == "folder":
+        images = folder_gallery(split_file, image_root, images)
+    data = CirrSplit(split, pairs, images, image_root, captions_file, split_file, gallery)
     if check_images:
         for name in list(images)[:NUM_PATHS_TO_CHECK]:
             if not os.path.isfile(data.image_path(name)):

@@ -7,7 +7,8 @@ the top left corner", "only the blue square"). The six images are the pairs' `im
 images differ by one to five changes: the near misses that Recall_subset ranks.
 
 Layout under ``out``, as in the CIRR release (images under img_raw/, val images in dev/):
-  captions/cap.rc2.{train,val,test1}.json        test1 without target_hard / target_soft
+  captions/cap.rc2.{train,val,test1}.json        test1 without target_hard / target_soft; as in the release, some
+                                                 target_soft also grade another member -1.0 (not a target)
   image_splits/split.rc2.{train,val,test1}.json  the gallery: every member image of the split
   img_raw/train/<k>/train-<s>-<m>-img0.png, img_raw/dev/dev-<s>-<m>-img0.png, img_raw/test1/...
       plus two images per split that no split file lists (the gallery is not every image on disk)
@@ -123,7 +124,10 @@ def _write_split(
             pair: dict = {"pairid": pairid, "reference": names[k]}
             img_set: dict = {"id": s, "members": members, "reference_rank": members.index(names[k])}
             if split != "test1":
-                pair.update(target_hard=names[k + 1], target_soft={names[k + 1]: 1.0})
+                soft = {names[k + 1]: 1.0}
+                if k % 2 == 1:  # every other pair: the scene one further on, judged not a target (no rng draw)
+                    soft[names[(k + 3) % MEMBERS]] = -1.0
+                pair.update(target_hard=names[k + 1], target_soft=soft)
                 img_set["target_rank"] = members.index(names[k + 1])
             pair.update(caption=text, img_set=img_set)
             pairs.append(pair)

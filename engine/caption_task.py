@@ -4,6 +4,7 @@ by val CIDEr + BLEU-4 (the official rule), evaluated by beam search and the COCO
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass
 
@@ -42,10 +43,14 @@ class CaptionTask:
     total_keys = ()
     sample_unit = "images"
 
-    def __init__(self, config: dict, info: utils.DistInfo, out_dir: str, allow_unsafe: bool = False):
-        self.config, self.info, self.out_dir = config, info, out_dir
-        self.allow_unsafe = allow_unsafe  # --unsafe-trust-checkpoint, for `pretrained` only
+    def __init__(self, config: dict, info: utils.DistInfo, args: argparse.Namespace):
+        self.config, self.info, self.out_dir = config, info, args.output_dir
+        self.allow_unsafe = args.unsafe_trust_checkpoint  # for `pretrained` only
         self.evals: dict = {}  # split -> (dataset, references)
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        pass  # no flags of its own: captions_<split>.json always holds what the metrics were computed from
 
     def check(self, resume_path: str | None, evaluate: bool) -> None:
         if self.config["vit_grad_ckpt"] and self.config["vit_ckpt_layer"] == "auto":

@@ -4,6 +4,7 @@ submission files of the selected epoch (engine/cir.py)."""
 
 from __future__ import annotations
 
+import argparse
 import os
 
 import torch
@@ -20,6 +21,10 @@ from models.blip_cir import check_cir_checkpoint, load_cir_model, load_cir_state
 from models.checkpoint import apply_config_updates
 from utils import ConfigError, log
 
+SAVE_SCORES_HELP = (
+    "also write scores_<split>.npz (score matrix, per-query ranks; keys in engine.cir.write_cirr_outputs)"
+)
+
 
 class CirTask:
     """train_cirr.py: CIRR rc2 training on `train`, selection on `val`, submission files for `test1`."""
@@ -35,12 +40,17 @@ class CirTask:
     total_keys = ()
     sample_unit = "pairs"
 
-    def __init__(self, config: dict, info: utils.DistInfo, out_dir: str, allow_unsafe: bool = False):
-        self.config, self.info, self.out_dir = config, info, out_dir
-        self.allow_unsafe = allow_unsafe  # --unsafe-trust-checkpoint, for `pretrained` only
+    def __init__(self, config: dict, info: utils.DistInfo, args: argparse.Namespace):
+        self.config, self.info, self.out_dir = config, info, args.output_dir
+        self.allow_unsafe = args.unsafe_trust_checkpoint  # for `pretrained` only
+        self.save_scores = args.save_scores
         self.splits: dict[str, CirrSplit] = {}
         self.train_split: CirrSplit | None = None
         self.target_feats: torch.Tensor | None = None  # unit ITC features of the train images, the HN-NCE targets
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--save-scores", action="store_true", help=SAVE_SCORES_HELP)
 
     def check(self, resume_path: str | None, evaluate: bool) -> None:
         config = self.config
@@ -53,8 +63,11 @@ class CirTask:
                 "grad_accum_steps: HN-NCE contrasts the pairs of one batch, so accumulation changes the loss"
             )
         # Read the annotation files first: data errors surface before a checkpoint download.
+        galleries = {"val": config["cirr_val_gallery"], "test1": "split"}  # the server takes test1's split names
         for split in self.eval_splits:
-            self.splits[split] = load_cirr_split(config["cirr_ann_root"], config["cirr_image_root"], split)
+            self.splits[split] = load_cirr_split(
+                config["cirr_ann_root"], config["cirr_image_root"], split, gallery=galleries[split]
+            )
 
     def build_model(self, ckpt: dict | None, resume_path: str | None) -> torch.nn.Module:
         config = self.config
@@ -147,9 +160,9 @@ class CirTask:
             extra = {"checkpoint": self.config["pretrained"] or "random initialisation"}
         else:
             extra = {"checkpoint": os.path.join(self.out_dir, "checkpoint_best.pth"), "epoch": epoch}
-        paths = write_cirr_outputs(result, self.out_dir, extra)
+        paths = write_cirr_outputs(result, self.out_dir, extra, self.save_scores)
         if result.split == "test1" and paths:
-            log(f"test1 submission files: {', '.join(paths[1:])}")
+            log(f"test1 files: {', '.join(paths[1:])}")
 
     def weights_payload(self, model: torch.nn.Module) -> dict:
         return {"model": model.state_dict()}

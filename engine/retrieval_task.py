@@ -7,6 +7,7 @@ hard ITM negatives may follow a schedule (`itm_negatives`).
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 
@@ -79,6 +80,9 @@ def has_split(config: dict, split: str) -> bool:
     return config["dataset"] != "custom" or bool(config[f"{split}_file"])
 
 
+SAVE_SCORES_HELP = "also write scores_<split>.npz and index_<split>.json of the selected epoch (as eval_retrieval.py)"
+
+
 class RetrievalTask:
     """train_retrieval.py: BLIP (ITC + ITM) or CLIP (InfoNCE) on Flickr30K, COCO or a custom retrieval JSON."""
 
@@ -92,13 +96,18 @@ class RetrievalTask:
     total_keys = ("num_neg_fallback",)
     sample_unit = "images"
 
-    def __init__(self, config: dict, info: utils.DistInfo, out_dir: str, allow_unsafe: bool = False):
-        self.config, self.info, self.out_dir = config, info, out_dir
-        self.allow_unsafe = allow_unsafe  # --unsafe-trust-checkpoint, for `pretrained` only
+    def __init__(self, config: dict, info: utils.DistInfo, args: argparse.Namespace):
+        self.config, self.info, self.out_dir = config, info, args.output_dir
+        self.allow_unsafe = args.unsafe_trust_checkpoint  # for `pretrained` only
+        self.save_scores = args.save_scores
         self.datasets: dict = {}
-        self.jsonl = JsonlLogger(os.path.join(out_dir, "log.jsonl"))
+        self.jsonl = JsonlLogger(os.path.join(self.out_dir, "log.jsonl"))
         # Under torch.compile captions are padded to max_length: one graph, no recompiles for new caption lengths.
         self.text_compute = "static" if config["compile"] else "trimmed"
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--save-scores", action="store_true", help=SAVE_SCORES_HELP)
 
     def check(self, resume_path: str | None, evaluate: bool) -> None:
         config = self.config
@@ -219,7 +228,8 @@ class RetrievalTask:
 
     def write_outputs(self, result: EvalResult, split: str, epoch: int | None) -> None:
         """metrics_<split>.json, tagged with the epoch the weights come from (None: the loaded weights)."""
-        write_eval_outputs(result, self.out_dir, split, save_scores=False, extra={"epoch": epoch})
+        dataset = self.datasets[split]
+        write_eval_outputs(result, self.out_dir, split, self.save_scores, extra={"epoch": epoch}, dataset=dataset)
         if epoch is None and split == "test":
             log("test (loaded weights):\n" + format_metrics_table(result.metrics))
 

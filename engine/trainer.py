@@ -82,8 +82,13 @@ class Task(Protocol):
     total_keys: tuple[str, ...]  # of those, the ones logged as totals rather than means
     sample_unit: str  # what a batch holds, for throughput ("images", "pairs")
 
-    # Constructed as task_class(config, info, output_dir, allow_unsafe): allow_unsafe is --unsafe-trust-checkpoint,
-    # which the task passes to the loader of `pretrained` (never to anything a checkpoint names).
+    # Constructed as task_class(config, info, args) with the parsed command line: args.output_dir, and
+    # args.unsafe_trust_checkpoint, which the task passes to the loader of `pretrained` (never to anything a
+    # checkpoint names).
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """The task's own command-line flags, if any."""
 
     def check(self, resume_path: str | None, evaluate: bool) -> None:
         """Refuse settings the task cannot run, before anything is built."""
@@ -545,7 +550,9 @@ def main(task_class: type, argv: list[str] | None, description: str, writes: str
     """Parse the command line, build the task and its model, then train (or --evaluate).
 
     Returns {'model', 'best_epoch', 'best_val', 'best_test'} (and 'results', the split results, with --evaluate)."""
-    args = training_arg_parser(description, writes, evaluate_help).parse_args(argv)
+    parser = training_arg_parser(description, writes, evaluate_help)
+    task_class.add_arguments(parser)
+    args = parser.parse_args(argv)
     config = utils.load_config(args.config, args.options)
     owns_group = not utils.is_dist_initialized()
     info = utils.init_distributed(config["device"])
@@ -553,7 +560,7 @@ def main(task_class: type, argv: list[str] | None, description: str, writes: str
         if info.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input shapes (official setting)
         utils.set_seed(config["seed"] + info.rank)  # ranks draw different augmentations, dropout and negatives
-        task = task_class(config, info, args.output_dir, allow_unsafe=args.unsafe_trust_checkpoint)
+        task = task_class(config, info, args)
         resume_path = resolve_resume(args.output_dir, args.resume, args.evaluate)
         task.check(resume_path, args.evaluate)
         ckpt = read_train_checkpoint(resume_path, task.checkpoint_formats_read, task.name) if resume_path else None

@@ -4,8 +4,9 @@ The recipe of CoVR's BLIP model:
 - query: the text encoder in multimodal mode over `[ENC]` + the modification text, cross-attending the reference
   image's ViT tokens; its position-0 output goes through `text_proj` and is L2-normalised;
 - target: the ITC image feature, `vision_proj` of the ViT [CLS] token, L2-normalised;
-- loss: HN-NCE (Radenovic et al. 2023) over the in-batch (all-rank) query x target similarities, at a fixed
-  temperature 0.07, alpha 1, beta 0.5;
+- loss: HN-NCE (Radenovic et al. 2023), the loss the CoVR paper names, over the in-batch (all-rank) query x target
+  similarities, at a fixed temperature 0.07, alpha 1, beta 0.5. `cir_hnnce_variant` picks the paper's formula
+  (default) or the one CoVR's released code computes (`covr_code`, see `hn_nce_terms`);
 - the ViT and `vision_proj` are frozen (the target features are those of the initial checkpoint); the text
   encoder and `text_proj` are trained.
 
@@ -38,37 +39,68 @@ from models.checkpoint import (
 from models.loading import load_model
 from models.med import BertModel, MedConfig
 from models.vit import create_vit
-from utils import ConfigError, all_gather_with_grad, log
+from utils import CONFIG_CHOICES, ConfigError, all_gather_with_grad, log
 
 QUERY_MODES = ("multimodal", "text", "image")
 
 
-def hn_nce_loss(
-    query: torch.Tensor, target: torch.Tensor, temp: float, alpha: float = 1.0, beta: float = 0.5
-) -> torch.Tensor:
-    """HN-NCE (Radenovic et al. 2023, "Filtering, distillation and hard negatives"), both directions summed.
+HNNCE_VARIANTS = CONFIG_CHOICES["cir_hnnce_variant"]  # paper | covr_code
+
+
+def hn_nce_terms(
+    query: torch.Tensor,
+    target: torch.Tensor,
+    temp: float,
+    alpha: float = 1.0,
+    beta: float = 0.5,
+    variant: str = "paper",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two directions of HN-NCE (Radenovic et al. 2023, "Filtering, distillation and hard negatives", eq. 3):
+    (query->target, target->query), each averaged over the batch.
 
     With S = query @ target.T / temp (B x B, matching pairs on the diagonal), the query->target term of row i is
     log(alpha exp(S_ii) + sum_{j != i} w_ij exp(S_ij)) - S_ii, where the negatives are re-weighted by
-    w_ij = (B - 1) softmax_{j != i}(beta S_ij): harder negatives (higher similarity) weigh more, and the weights of
-    a row's negatives sum to B - 1 as in plain InfoNCE. The target->query term is the same over columns. Each term
-    is averaged over the batch and the two are added (CoVR's loss; alpha 1, beta 0 gives 2 x symmetric InfoNCE).
-    Gradients flow through the weights too, as in CoVR.
+    w_ij = (B - 1) exp(beta S_ij) / Z_i with Z_i = sum_{k != i} exp(beta S_ik): harder negatives (higher
+    similarity) weigh more, and the weights of a row's negatives sum to B - 1 as in plain InfoNCE. The
+    target->query term is the same over columns. Gradients flow through the weights too, as in CoVR's code.
+
+    variant "paper" is the formula above. variant "covr_code" reproduces CoVR's released loss
+    (src/model/blip/loss.py, HardNegativeNCE): its query->target weights divide row i by Z_j, the off-diagonal sum
+    of row j (a (B,) row-sum vector broadcast along the last axis), so they no longer sum to B - 1 per row; its
+    target->query term equals the paper's. The two variants agree whenever every row has the same Z.
     """
+    if variant not in HNNCE_VARIANTS:
+        raise ValueError(f"HN-NCE variant must be one of {HNNCE_VARIANTS}, got {variant!r}")
     sim = (query.float() @ target.float().t()) / temp
     n = sim.shape[0]
     if n < 2:
         raise ValueError("HN-NCE needs at least two pairs in a batch (one positive and at least one negative)")
     eye = torch.eye(n, dtype=torch.bool, device=sim.device)
     positive = sim.diagonal()
-    total = sim.new_zeros(())
-    for s in (sim, sim.t()):  # rows: query->target; columns (transposed): target->query
+    log_alpha = math.log(alpha) if alpha > 0 else float("-inf")
+    terms = []
+    for direction, s in (("q2t", sim), ("t2q", sim.t())):  # rows of s are the anchors of the direction
         beta_s = (beta * s).masked_fill(eye, float("-inf"))
-        # log w_ij for j != i; log alpha on the diagonal.
-        log_w = math.log(n - 1.0) + beta_s - torch.logsumexp(beta_s, dim=1, keepdim=True)
-        log_w = log_w.masked_fill(eye, math.log(alpha) if alpha > 0 else float("-inf"))
-        total = total + (torch.logsumexp(s + log_w, dim=1) - positive).mean()
-    return total
+        log_z = torch.logsumexp(beta_s, dim=1)  # log Z_i of each anchor row
+        # The released code's quirk: row i divided by Z_j (j = column), only in the query->target direction.
+        log_z = log_z[None, :] if variant == "covr_code" and direction == "q2t" else log_z[:, None]
+        log_w = (math.log(n - 1.0) + beta_s - log_z).masked_fill(eye, log_alpha)  # log w_ij; log alpha on i = j
+        terms.append((torch.logsumexp(s + log_w, dim=1) - positive).mean())
+    return terms[0], terms[1]
+
+
+def hn_nce_loss(
+    query: torch.Tensor,
+    target: torch.Tensor,
+    temp: float,
+    alpha: float = 1.0,
+    beta: float = 0.5,
+    variant: str = "paper",
+) -> torch.Tensor:
+    """HN-NCE, the two directions of `hn_nce_terms` added (as CoVR does; alpha 1, beta 0 gives 2 x symmetric
+    InfoNCE). variant: "paper" (Radenovic et al.'s formula) or "covr_code" (CoVR's released loss)."""
+    q2t, t2q = hn_nce_terms(query, target, temp, alpha, beta, variant)
+    return q2t + t2q
 
 
 class BlipCir(nn.Module):
@@ -87,10 +119,14 @@ class BlipCir(nn.Module):
         temp: float = 0.07,
         train_vit: bool = False,
         query_mode: str = "multimodal",
+        hnnce_variant: str = "paper",
     ):
         super().__init__()
         if query_mode not in QUERY_MODES:
             raise ValueError(f"query_mode must be one of {QUERY_MODES}, got {query_mode!r}")
+        if hnnce_variant not in HNNCE_VARIANTS:
+            raise ValueError(f"hnnce_variant must be one of {HNNCE_VARIANTS}, got {hnnce_variant!r}")
+        self.hnnce_variant = hnnce_variant  # paper | covr_code: see hn_nce_terms
         self.tokenizer = tokenizer  # not a module: not in the state dict
         self.enc_token_id = tokenizer.enc_token_id
         if len(tokenizer) > med_config.vocab_size:
@@ -149,7 +185,8 @@ class BlipCir(nn.Module):
     def forward(
         self, ref_images: torch.Tensor, texts: list[str], target_feat: torch.Tensor, alpha: float, beta: float
     ) -> dict:
-        """HN-NCE over the batch, gathered from every rank (gradients flow back to each rank's own queries).
+        """HN-NCE (`self.hnnce_variant`) over the batch, gathered from every rank (gradients flow back to each rank's
+        own queries).
 
         target_feat: (B, embed_dim) unit ITC features of the targets (fixed: computed by the frozen image side).
         Returns {'loss', 'acc'}: acc is the share of queries whose own target is the most similar in the batch.
@@ -157,7 +194,7 @@ class BlipCir(nn.Module):
         image_embeds = None if self.query_mode == "text" else self.image_tokens(ref_images)
         query = all_gather_with_grad(self.query_feat(image_embeds, texts))
         target = all_gather_with_grad(target_feat.float())
-        loss = hn_nce_loss(query, target, self.temp, alpha, beta)
+        loss = hn_nce_loss(query, target, self.temp, alpha, beta, self.hnnce_variant)
         with torch.no_grad():
             acc = ((query @ target.t()).argmax(dim=1) == torch.arange(len(query), device=query.device)).float().mean()
         return {"loss": loss, "acc": acc}
@@ -180,6 +217,7 @@ def build_cir_model(config: dict, tokenizer=None) -> BlipCir:
         temp=config["cir_temp"],
         train_vit=config["cir_train_vit"],
         query_mode=config["cir_query"],
+        hnnce_variant=config["cir_hnnce_variant"],
     )
 
 

@@ -17,8 +17,17 @@ from data.cirr import CirrPair, CirrSplit, DataError, load_cirr_split
 from data.cirr_sampler import CirrBatchSampler, plan_epoch, subset_groups
 from data.cirr_synthetic import config_keys, make_cirr_dataset
 from data.retrieval import load_image
-from engine.cir import cirr_scores, evaluate_cirr, recall_at_k, recall_subset_at_k, submissions, subset_matrix
-from models.blip_cir import build_cir_model, hn_nce_loss, load_cir_model
+from engine.cir import (
+    cirr_scores,
+    evaluate_cirr,
+    format_cirr_table,
+    positive_matrix,
+    recall_at_k,
+    recall_subset_at_k,
+    submissions,
+    subset_matrix,
+)
+from models.blip_cir import build_cir_model, hn_nce_loss, hn_nce_terms, load_cir_model
 from models.blip_retrieval import build_model
 from tests.helpers import spread_weights, tiny_config
 from utils import ConfigError
@@ -82,7 +91,7 @@ def test_recalls_equal_brute_force(seed):
     reference_index = torch.tensor([index[p.reference] for p in data.pairs])
     scores = cirr_scores(query, gallery_feats, reference_index)
     got = recall_at_k(scores, torch.tensor([index[p.target] for p in data.pairs]))
-    got |= recall_subset_at_k(scores, *subset_matrix(data, index))
+    got |= recall_subset_at_k(scores, subset_matrix(data, index), torch.tensor([index[p.target] for p in data.pairs]))
     raw = {p.pairid: {n: float(query[p.pairid] @ gallery_feats[index[n]]) for n in gallery} for p in data.pairs}
     expected = _brute_force(raw, data)
     assert got.keys() == expected.keys()
@@ -100,6 +109,152 @@ def test_reference_is_never_retrieved():
     assert recall_at_k(scores, torch.tensor([3, 0]), ks=(1,)) == {"r1": 100.0}
     kept = cirr_scores(query, gallery, torch.tensor([-1, -1]))  # references outside the gallery: nothing excluded
     assert recall_at_k(kept, torch.tensor([3, 0]), ks=(1, 2)) == {"r1": 0.0, "r2": 100.0}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Graded (target_soft) recalls
+# ----------------------------------------------------------------------------------------------------
+
+
+def _soft_split(rng: random.Random, num_queries: int, gallery: list[str]) -> CirrSplit:
+    """Like the release's val: target_soft holds target_hard at 1.0 and sometimes other images at 1.0, 0.5 or -1.0,
+    members or not, and now and then the reference (never retrieved)."""
+    data = _random_split(rng, num_queries, gallery)
+    for pair in data.pairs:
+        soft = {pair.target: 1.0}
+        for name in rng.sample(pair.members, 3) + rng.sample(gallery, 1):
+            soft.setdefault(name, rng.choice([1.0, 0.5, 0.2, -1.0]))
+        pair.target_soft = soft
+    return data
+
+
+def _graded_brute_force(scores: dict[str, dict[str, float]], data: CirrSplit, positives: str) -> dict[str, float]:
+    """CIRR's graded rule written out: walk the ranked list (reference removed), keep the best grade among the
+    positives seen in the top K, never below 0. positives: 'hard' ({target_hard: 1}) or 'soft' (target_soft)."""
+    totals = {f"r{k}": 0.0 for k in (1, 5, 10, 50)} | {f"rs{k}": 0.0 for k in (1, 2, 3)}
+    for pair in data.pairs:
+        grades = {pair.target: 1.0} if positives == "hard" else pair.target_soft
+        row = scores[pair.pairid]
+        ranked = sorted((n for n in data.images if n != pair.reference), key=lambda n: -row[n])
+        subset = [n for n in ranked if n in pair.members]
+        for prefix, ks, order in (("r", (1, 5, 10, 50), ranked), ("rs", (1, 2, 3), subset)):
+            for k in ks:
+                totals[f"{prefix}{k}"] += max([0.0] + [grades[n] for n in order[:k] if n in grades])
+    return {k: 100.0 * v / len(data.pairs) for k, v in totals.items()}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_graded_recalls_equal_brute_force(seed):
+    rng = random.Random(seed)
+    gallery = [f"img{i}" for i in range(70)]
+    data = _soft_split(rng, 40, gallery)
+    torch.manual_seed(seed)
+    query, feats = torch.randn(40, 8), torch.randn(70, 8)
+    index = {n: i for i, n in enumerate(gallery)}
+    scores = cirr_scores(query, feats, torch.tensor([index[p.reference] for p in data.pairs]))
+    raw = {p.pairid: {n: float(query[p.pairid] @ feats[index[n]]) for n in gallery} for p in data.pairs}
+    members = subset_matrix(data, index)
+    results = {}
+    for positives in ("hard", "soft"):
+        pos = positive_matrix(data, index, soft=positives == "soft")
+        got = recall_at_k(scores, *pos) | recall_subset_at_k(scores, members, *pos)
+        expected = _graded_brute_force(raw, data, positives)
+        for key in expected:
+            assert got[key] == pytest.approx(expected[key], abs=1e-4), (positives, key)
+        results[positives] = got
+    assert results["soft"]["rs1"] > results["hard"]["rs1"]  # the soft positives change the figure
+
+
+def test_soft_grades_count_their_best_hit():
+    # One query, members m0..m4 and reference ref; the hard target m0 is ranked last among the members.
+    gallery = ["ref", "m0", "m1", "m2", "m3", "m4"]
+    pair = CirrPair(1, "ref", "x", gallery, 0, "m0", {"m0": 1.0, "m1": 0.5, "m2": -1.0, "ref": 1.0})
+    data = CirrSplit("val", [pair], {n: n for n in gallery}, "", "", "")
+    index = {n: i for i, n in enumerate(gallery)}
+    scores = cirr_scores(torch.tensor([[0.0, 0.1, 0.8, 0.9, 0.5, 0.4]]), torch.eye(6), torch.tensor([0]))
+    members = subset_matrix(data, index)
+    soft, hard = positive_matrix(data, index, soft=True), positive_matrix(data, index, soft=False)
+    # Ranking m2 (-1.0), m1 (0.5), m3, m4, m0 (1.0): a -1.0 hit scores 0, the 0.5 hit 0.5, the reference nothing.
+    assert recall_subset_at_k(scores, members, *soft) == {"rs1": 0.0, "rs2": 50.0, "rs3": 50.0}
+    assert recall_subset_at_k(scores, members, *hard) == {"rs1": 0.0, "rs2": 0.0, "rs3": 0.0}
+    assert recall_at_k(scores, *soft, ks=(1, 2, 5)) == {"r1": 0.0, "r2": 50.0, "r5": 100.0}
+
+
+def _rewrite_val_soft(src: dict, dst) -> dict:
+    """A copy of the generated CIRR data whose val target_soft also grades two more members (1.0 and 0.5)."""
+    import shutil
+
+    shutil.copytree(src["ann_root"], dst, ignore=shutil.ignore_patterns("img_raw"))
+    path = os.path.join(dst, "captions", "cap.rc2.val.json")
+    with open(path) as f:
+        records = json.load(f)
+    for rec in records:
+        others = [m for m in rec["img_set"]["members"] if m not in (rec["reference"], rec["target_hard"])]
+        rec["target_soft"] = {rec["target_hard"]: 1.0, others[0]: 1.0, others[1]: 0.5}
+    with open(path, "w") as f:
+        json.dump(records, f)
+    return {**src, "ann_root": str(dst)}
+
+
+def test_val_targets_option_picks_the_positives(tmp_path, cirr_data):
+    paths = _rewrite_val_soft(cirr_data, tmp_path / "soft")
+    config = cir_config(tmp_path, paths)
+    torch.manual_seed(0)
+    model = spread_weights(build_cir_model(config))
+    val = load_cirr_split(paths["ann_root"], paths["image_root"], "val")
+    index = {n: i for i, n in enumerate(val.image_names)}
+    results = {}
+    for targets in ("soft_subset", "soft", "hard"):
+        result = evaluate_cirr(model, val, {**config, "cirr_val_targets": targets}, torch.device("cpu"))
+        assert result.metrics["targets"] == targets and result.metrics["gallery"] == "split"
+        raw = {p.pairid: {n: float(result.scores[q, index[n]]) for n in val.images} for q, p in enumerate(val.pairs)}
+        for key, value in raw.items():
+            value[val.pairs[[p.pairid for p in val.pairs].index(key)].reference] = -100.0
+        hard, soft = _graded_brute_force(raw, val, "hard"), _graded_brute_force(raw, val, "soft")
+        recall_from, subset_from = {"soft_subset": (hard, soft), "soft": (soft, soft), "hard": (hard, hard)}[targets]
+        for k in (1, 5, 10, 50):
+            assert result.metrics[f"r{k}"] == pytest.approx(recall_from[f"r{k}"], abs=1e-4), (targets, k)
+        for k in (1, 2, 3):
+            assert result.metrics[f"rs{k}"] == pytest.approx(subset_from[f"rs{k}"], abs=1e-4), (targets, k)
+        results[targets] = result.metrics
+    assert results["soft_subset"]["rs1"] > results["hard"]["rs1"]  # the fixture's soft positives matter
+    assert "soft_subset targets" in format_cirr_table(results["soft_subset"])
+
+
+def test_target_soft_values_are_checked(tmp_path):
+    _write_split(tmp_path, [{**GOOD, "target_soft": {"b": "yes"}}])
+    with pytest.raises(DataError, match=r"pairid 7: target_soft\['b'\] must be a number"):
+        load_cirr_split(str(tmp_path), str(tmp_path / "img_raw"), "val", check_images=False)
+    _write_split(tmp_path, [{**GOOD, "target_soft": {"b": 1.0, "zz": 0.5}}])
+    with pytest.raises(DataError, match=r"pairid 7: target_soft key 'zz' is not in the image split"):
+        load_cirr_split(str(tmp_path), str(tmp_path / "img_raw"), "val", check_images=False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The val gallery: the split file's images or the whole folder (CoVR)
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_folder_gallery_ranks_every_image_of_the_folder(tmp_path, cirr_data):
+    split = load_cirr_split(cirr_data["ann_root"], cirr_data["image_root"], "val")
+    folder = load_cirr_split(cirr_data["ann_root"], cirr_data["image_root"], "val", gallery="folder")
+    on_disk = sorted(f[:-4] for f in os.listdir(os.path.join(cirr_data["image_root"], "dev")) if f.endswith(".png"))
+    assert folder.image_names == on_disk and set(split.images) < set(folder.images)
+    assert folder.images["dev-unlisted-0-img0"] == os.path.join("dev", "dev-unlisted-0-img0.png")
+    config = cir_config(tmp_path, cirr_data)
+    torch.manual_seed(0)
+    model = build_cir_model(config)
+    a = evaluate_cirr(model, split, config, torch.device("cpu"))
+    b = evaluate_cirr(model, folder, config, torch.device("cpu"))
+    assert (a.metrics["gallery"], a.metrics["num_gallery"]) == ("split", len(split.images))
+    assert (b.metrics["gallery"], b.metrics["num_gallery"]) == ("folder", len(split.images) + 2)
+    assert f"(folder gallery, {len(split.images) + 2} images" in format_cirr_table(b.metrics)
+    # The split's columns score the same in both; the extra images only add competitors.
+    cols = [folder.image_names.index(n) for n in split.image_names]
+    assert torch.allclose(a.scores, b.scores[:, cols], atol=1e-5)
+    assert all(b.metrics[f"r{k}"] <= a.metrics[f"r{k}"] for k in (1, 5, 10, 50))
+    with pytest.raises(DataError, match="folder needs the images of .*split.rc2.train.json in one folder"):
+        load_cirr_split(cirr_data["ann_root"], cirr_data["image_root"], "train", gallery="folder")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -132,6 +287,64 @@ def test_hn_nce_matches_formula(alpha, beta):
     t = torch.nn.functional.normalize(torch.randn(6, 5), dim=1)
     got = hn_nce_loss(q, t, 0.07, alpha, beta)
     assert got.item() == pytest.approx(_hn_nce_formula(q, t, 0.07, alpha, beta).item(), rel=1e-5)
+
+
+def _covr_code_q2t(q: torch.Tensor, t: torch.Tensor, temp: float, alpha: float, beta: float) -> torch.Tensor:
+    """CoVR's released query->target term (src/model/blip/loss.py), written out: the negatives of row i are
+    weighted by (B - 1) exp(beta S_ij) / sum_{k != j} exp(beta S_jk), the off-diagonal sum of row j."""
+    s = (q.double() @ t.double().t()) / temp
+    n = len(s)
+    terms = []
+    for i in range(n):
+        denom = alpha * torch.exp(s[i, i])
+        for j in range(n):
+            if j != i:
+                z_j = sum(torch.exp(beta * s[j, k]) for k in range(n) if k != j)
+                denom = denom + (n - 1) * torch.exp(beta * s[i, j]) / z_j * torch.exp(s[i, j])
+        terms.append(torch.log(denom) - s[i, i])
+    return torch.stack(terms).mean()
+
+
+@pytest.mark.parametrize("alpha,beta", [(1.0, 0.5), (0.7, 2.0)])
+def test_hn_nce_variants_differ_only_in_the_query_to_target_weights(alpha, beta):
+    torch.manual_seed(2)
+    q = torch.nn.functional.normalize(torch.randn(7, 5), dim=1)
+    t = torch.nn.functional.normalize(torch.randn(7, 5), dim=1)
+    paper = hn_nce_terms(q, t, 0.07, alpha, beta, "paper")
+    covr = hn_nce_terms(q, t, 0.07, alpha, beta, "covr_code")
+    assert covr[1].item() == paper[1].item()  # target->query: the same computation
+    assert covr[0].item() == pytest.approx(_covr_code_q2t(q, t, 0.07, alpha, beta).item(), rel=1e-5)
+    assert abs(covr[0].item() - paper[0].item()) > 1e-3  # random batches: the row sums differ, so the terms do
+    total = hn_nce_loss(q, t, 0.07, alpha, beta, "covr_code")
+    assert total.item() == pytest.approx((covr[0] + covr[1]).item(), rel=1e-6)
+
+
+def test_hn_nce_variants_agree_when_every_row_sum_is_the_same():
+    # Queries and targets on a circle, the queries turned by a fixed angle: S is circulant (S_ij depends on i - j
+    # only), so every row's off-diagonal sum is the same and the released code's normaliser equals the paper's.
+    n = 6
+    angles = torch.arange(n, dtype=torch.float64) * 2 * math.pi / n
+    t = torch.stack([angles.cos(), angles.sin()], dim=1)
+    q = torch.stack([(angles + 0.4).cos(), (angles + 0.4).sin()], dim=1)
+    paper = hn_nce_loss(q, t, 0.1, 1.0, 0.5, "paper")
+    covr = hn_nce_loss(q, t, 0.1, 1.0, 0.5, "covr_code")
+    assert covr.item() == pytest.approx(paper.item(), rel=1e-6)
+    assert covr.item() == pytest.approx(_hn_nce_formula(q, t, 0.1, 1.0, 0.5).item(), rel=1e-6)
+
+
+def test_model_uses_the_configured_hn_nce_variant(tmp_path, cirr_data):
+    config = cir_config(tmp_path, cirr_data, cir_hnnce_variant="covr_code")
+    model = build_cir_model(config)
+    assert model.hnnce_variant == "covr_code"
+    model.eval()
+    torch.manual_seed(3)
+    images, texts = torch.randn(4, 3, 32, 32), ["make the red circle blue"] * 4
+    targets = torch.nn.functional.normalize(torch.randn(4, 16), dim=1)
+    loss = model(images, texts, targets, 1.0, 0.5)["loss"]
+    with torch.no_grad():
+        query = model.query_feat(model.image_tokens(images), texts)
+    expected = hn_nce_loss(query, targets, model.temp, 1.0, 0.5, "covr_code")
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_hn_nce_reduces_to_infonce_and_weights_hard_negatives():
@@ -378,12 +591,11 @@ def test_train_evaluate_resume_end_to_end(tmp_path, cirr_data):
         assert sorted(sub) == sorted(str(p.pairid) for p in test.pairs)
         for pair in test.pairs:
             names = sub[str(pair.pairid)]
-            assert len(names) == min(top, len(test.images) if metric == "recall" else 5) == len(set(names))
-            assert set(names) <= set(test.images)
+            # Every gallery image but the reference (a 12-image gallery: the top 50 is all of it), or 3 members.
+            assert len(names) == min(top, len(test.images) - 1 if metric == "recall" else 5) == len(set(names))
+            assert set(names) <= set(test.images) and pair.reference not in names
             if metric == "recall_subset":
-                assert set(names) <= set(pair.members) - {pair.reference}
-            else:
-                assert pair.reference not in names[: len(test.images) - 1]
+                assert set(names) <= set(pair.members)
 
     # The batched, sharded evaluation equals an independent one-by-one computation on the trained weights.
     model, val = result["model"], load_cirr_split(cirr_data["ann_root"], cirr_data["image_root"], "val")
@@ -394,23 +606,64 @@ def test_train_evaluate_resume_end_to_end(tmp_path, cirr_data):
 
     # --evaluate of the best checkpoint reproduces the selected epoch's val metrics.
     ev = train_cirr.main(
-        ["--config", str(cfg_path), "--output-dir", str(tmp_path / "ev"), "--evaluate", "--options"]
+        ["--config", str(cfg_path), "--output-dir", str(tmp_path / "ev"), "--evaluate", "--save-scores", "--options"]
         + [f"pretrained={out / 'checkpoint_best.pth'}"]
     )
     assert ev["best_val"]["r_avg"] == pytest.approx(metrics["r_avg"], abs=1e-4)
+
+    # --save-scores: the matrix and ranks behind the figures, audited from the file alone.
+    import numpy as np
+
+    saved = np.load(tmp_path / "ev" / "scores_val.npz")
+    assert list(saved["gallery"]) == val.image_names and list(saved["pairids"]) == [p.pairid for p in val.pairs]
+    rows = np.arange(len(val.pairs))
+    assert (saved["scores"][rows, saved["reference_index"]] == -100).all()
+    assert np.allclose(saved["scores"], ev["results"]["val"].scores.numpy())
+    for k in (1, 5, 10, 50):  # soft_subset: Recall@K counts target_hard
+        assert 100 * (saved["target_rank"] < k).mean() == pytest.approx(ev["best_val"][f"r{k}"], abs=1e-4)
+    target_scores = saved["scores"][rows, saved["target_index"]]
+    assert (saved["target_rank"] == (saved["scores"] > target_scores[:, None]).sum(1)).all()
+    assert saved["soft_index"].shape == saved["soft_grade"].shape and (saved["soft_grade"] == -1.0).any()
+    assert set(np.load(tmp_path / "ev" / "scores_test1.npz").files) == {
+        "scores",
+        "pairids",
+        "gallery",
+        "reference_index",
+        "members",
+    }
 
 
 def test_submissions_rank_members_without_reference():
     data = _random_split(random.Random(5), 4, [f"g{i}" for i in range(60)])
     index = {n: i for i, n in enumerate(data.images)}
     scores = cirr_scores(torch.randn(4, 3), torch.randn(60, 3), torch.tensor([index[p.reference] for p in data.pairs]))
-    members, _ = subset_matrix(data, index)
-    sub = submissions(scores, data, members, list(data.images))
+    reference_index = torch.tensor([index[p.reference] for p in data.pairs])
+    sub = submissions(scores, data, subset_matrix(data, index), list(data.images), reference_index)
     for pair in data.pairs:
         row = scores[pair.pairid]
         expected = sorted((m for m in pair.members if m != pair.reference), key=lambda n: -row[index[n]])[:3]
         assert sub["recall_subset"][str(pair.pairid)] == expected
-        assert sub["recall"][str(pair.pairid)] == sorted(data.images, key=lambda n: -row[index[n]])[:50]
+        others = (n for n in data.images if n != pair.reference)
+        assert sub["recall"][str(pair.pairid)] == sorted(others, key=lambda n: -row[index[n]])[:50]
+
+
+@pytest.mark.parametrize("reference_in_gallery", [True, False])
+def test_submission_never_lists_the_reference_in_a_small_gallery(reference_in_gallery):
+    # 30 images: the top 50 would be the whole gallery, the reference (scored -100) last, before the fix.
+    gallery = [f"g{i}" for i in range(30)]
+    data = _random_split(random.Random(7), 5, gallery)
+    index = {n: i for i, n in enumerate(gallery)}
+    reference_index = torch.tensor([index[p.reference] if reference_in_gallery else -1 for p in data.pairs])
+    scores = cirr_scores(torch.randn(5, 4), torch.randn(30, 4), reference_index)
+    sub = submissions(scores, data, subset_matrix(data, index), gallery, reference_index)
+    for q, pair in enumerate(data.pairs):
+        listed = sub["recall"][str(pair.pairid)]
+        if reference_in_gallery:
+            assert pair.reference not in listed and len(listed) == 29
+            assert listed == sorted((n for n in gallery if n != pair.reference), key=lambda n: -scores[q, index[n]])
+        else:  # a reference outside the gallery is not scored -100 and removes nothing
+            assert len(listed) == 30 and listed[0] == gallery[int(scores[q].argmax())]
+        assert pair.reference not in sub["recall_subset"][str(pair.pairid)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -455,3 +708,39 @@ def test_two_processes_equal_one(tmp_path, cirr_data):
         assert torch.allclose(r["grad"], model.text_proj.weight.grad, atol=1e-6, rtol=1e-4)
         for key in ("r1", "r5", "r10", "r50", "rs1", "rs2", "rs3"):
             assert r["metrics"][key] == pytest.approx(single[key], abs=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launch instructions and config keys
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_launch_instructions_give_covr_global_batch():
+    # configs/cirr.yaml and train_cirr.py name the same process count, and it times batch_size_train is CoVR's
+    # global batch (configs/machine/server.yaml 512 x configs/trainer/gpu.yaml 2 devices).
+    import re
+
+    import yaml
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "configs", "cirr.yaml")) as f:
+        text = f.read()
+    counts = {int(n) for n in re.findall(r"--nproc_per_node=(\d+)", text + train_cirr.__doc__)}
+    assert len(counts) == 1, counts
+    assert counts.pop() * yaml.safe_load(text)["batch_size_train"] == 1024
+
+
+@pytest.mark.parametrize(
+    "option,expected",
+    [
+        ("cir_hnnce_variant=covr", "paper, covr_code"),
+        ("cirr_val_targets=target_soft", "soft_subset, soft, hard"),
+        ("cirr_val_gallery=dev", "split, folder"),
+    ],
+)
+def test_new_cirr_keys_refuse_unknown_values(tmp_path, cirr_data, option, expected):
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(json.dumps(cir_config(tmp_path, cirr_data)))
+    key = option.split("=")[0]
+    with pytest.raises(ConfigError, match=f"{key}.*expected one of {expected}"):
+        train_cirr.main(["--config", str(cfg_path), "--output-dir", str(tmp_path / "o"), "--options", option])
