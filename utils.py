@@ -51,8 +51,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "max_epoch": 6,  # number of training epochs
     # Learning-rate schedule and AdamW settings (engine/training.py implements them).
     "lr_schedule": "cosine_epoch",  # cosine_epoch (official: per epoch, no warmup) | cosine_step | step_decay
-    "warmup_steps": 0,  # linear warmup over this many optimizer steps; 0 = none (official retrieval)
+    "warmup_steps": 0,  # cosine_step / step_decay: linear warmup over this many optimizer steps; 0 = none
     "lr_decay_rate": 0.9,  # step_decay: the learning rate is multiplied by this every epoch
+    "warmup_lr": 0.0,  # step_decay: the warmup's starting learning rate (ContextBLIP and BLIP pre-training: 1e-6)
     "optimizer_betas": [0.9, 0.999],  # AdamW betas (torch defaults, as the official code)
     "optimizer_eps": 1.0e-8,  # AdamW eps (torch default, as the official code)
     # Our keys.
@@ -80,6 +81,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "itm_negatives": "hard",  # ITM negatives: hard (official) | uniform | warmup | anneal (see itm_hard_fraction)
     "itm_negatives_steps": 0,  # warmup: uniform negatives for this many optimizer steps; anneal: uniform -> hard
     "eval_every": 1,  # evaluate every N epochs (the last epoch is always evaluated)
+    "select_epoch": "best",  # best (the best val score, BLIP's rule) | last (the last epoch, as CoVR reports)
     "grad_accum_steps": 1,  # micro-batches per optimizer step
     "clip_grad_norm": 0.0,  # max gradient norm; 0 = off (official)
     "log_every": 50,  # log training metrics every N steps
@@ -224,6 +226,7 @@ CONFIG_CHOICES: dict[str, tuple[str, ...]] = {
     "cir_sampler": ("random", "contrastive", "similar"),
     "cir_train_transform": ("train", "test"),
     "lr_schedule": ("cosine_epoch", "cosine_step", "step_decay"),
+    "select_epoch": ("best", "last"),
     "imagecode_scoring": ("both", "itm", "itc", "itm_prob"),
     "imagecode_text_cleaning": ("blip", "albef"),
     "cir_hnnce_variant": ("paper", "covr_code"),
@@ -261,6 +264,7 @@ _BOUNDS: dict[str, tuple[float | None, float | None]] = {
             "min_lr",
             "itm_negatives_steps",
             "warmup_steps",
+            "warmup_lr",
             "optimizer_eps",
             "weight_decay",
             "clip_grad_norm",

@@ -263,6 +263,32 @@ def cosine_lr(epoch: int, max_epoch: int, init_lr: float, min_lr: float) -> floa
     return min_lr + (init_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * epoch / max_epoch))
 
 
+def learning_rate(config: dict, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """The learning rate of optimizer step `step` (0-based, counted over the run) in `epoch`, per `lr_schedule`:
+
+    cosine_epoch: the official BLIP schedule, `cosine_lr` of the epoch (constant within it), no warmup.
+    cosine_step: open_clip's: linear warmup init_lr * (step + 1) / warmup_steps, then a cosine over the remaining
+        steps of the run from init_lr to min_lr (open_clip's `cosine_lr`, whose floor is 0).
+    step_decay: BLIP pre-training's and ContextBLIP's: epoch e runs at max(min_lr, init_lr * lr_decay_rate ** e), and
+        during epoch 0 step i is warmed up to min(init_lr, warmup_lr + (init_lr - warmup_lr) * i / warmup_steps) (the
+        warmup counts epoch 0's steps only, so a short epoch 0 cuts it off).
+    """
+    init_lr, min_lr, warmup = config["init_lr"], config["min_lr"], config["warmup_steps"]
+    schedule, max_epoch = config["lr_schedule"], config["max_epoch"]
+    if schedule == "cosine_epoch":
+        return cosine_lr(epoch, max_epoch, init_lr, min_lr)
+    if schedule == "step_decay":
+        if epoch == 0 and warmup > 0:
+            return min(init_lr, config["warmup_lr"] + (init_lr - config["warmup_lr"]) * step / warmup)
+        return max(min_lr, init_lr * config["lr_decay_rate"] ** epoch)
+    if schedule == "cosine_step":
+        if step < warmup:
+            return init_lr * (step + 1) / warmup
+        decay_steps = max(max_epoch * steps_per_epoch - warmup, 1)
+        return min_lr + (init_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / decay_steps))
+    raise ValueError(f"unknown lr_schedule {schedule!r}")
+
+
 def optimizer_step(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
@@ -334,6 +360,8 @@ class Trainer:
             task.optimizer_params(self.model),
             lr=config["init_lr"],
             weight_decay=config["weight_decay"],
+            betas=tuple(config["optimizer_betas"]),
+            eps=config["optimizer_eps"],
             fused=info.device.type == "cuda" or None,
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=info.device.type == "cuda" and config["amp"] == "fp16")
@@ -383,9 +411,7 @@ class Trainer:
         for epoch in range(state.epoch + 1, max_epoch):
             self.task.start_epoch(self.model, epoch)
             self.sampler.set_epoch(epoch)
-            lr = cosine_lr(epoch, max_epoch, config["init_lr"], config["min_lr"])
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            lr = self.set_lr(epoch)
             epoch_start = time.perf_counter()
             train_stats = self.train_epoch(epoch)
             record = {
@@ -409,11 +435,21 @@ class Trainer:
         if self.tb is not None:
             self.tb.close()
 
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one epoch (the last accumulation group may be shorter)."""
+        return math.ceil(len(self.loader) / self.config["grad_accum_steps"])
+
+    def set_lr(self, epoch: int) -> float:
+        """Set and return the learning rate of the next optimizer step."""
+        lr = learning_rate(self.config, epoch, self.state.global_step, self.steps_per_epoch())
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
     def train_epoch(self, epoch: int) -> dict:
         """One pass over the loader. Returns the train averages over all ranks."""
         config, task, device = self.config, self.task, self.info.device
         self.train_model.train()
-        lr = self.optimizer.param_groups[0]["lr"]
         n = len(self.loader)
         accum, log_every = config["grad_accum_steps"], config["log_every"]
         samples_per_batch = config["batch_size_train"] * utils.get_world_size()
@@ -430,6 +466,8 @@ class Trainer:
             group_start = i - i % accum
             group_size = min(accum, n - group_start)  # the last group of an epoch may be shorter
             last_micro = i - group_start == group_size - 1
+            if i == group_start:
+                lr = self.set_lr(epoch)  # the same all epoch with the official cosine_epoch
             # Skip the gradient all-reduce on all but the last micro-batch of an accumulation group.
             no_sync = self.ddp is not None and not last_micro
             with self.ddp.no_sync() if no_sync else contextlib.nullcontext():
@@ -478,9 +516,9 @@ class Trainer:
     # --- selection --------------------------------------------------------------------------------
 
     def select_epoch(self, epoch: int, record: dict) -> None:
-        """Evaluate the selection split; when its score improves (or, without one, at the last epoch) save
-        checkpoint_best.pth and score the test split with exactly these weights, so reported test numbers always
-        belong to the selected epoch."""
+        """Evaluate the selection split; when its score improves (or, without one or with `select_epoch: last`, at
+        the last epoch) save checkpoint_best.pth and score the test split with exactly these weights, so reported
+        test numbers always belong to the selected epoch."""
         task, state = self.task, self.state
         val_split, test_split = task.eval_splits
         last_epoch = epoch == self.config["max_epoch"] - 1
@@ -488,8 +526,9 @@ class Trainer:
         if val is not None:
             record.update(_scalars(val.metrics, f"{val_split}_"))
         # The main process decides (some tasks score on it alone) and every rank follows.
+        by_score = val is not None and self.config["select_epoch"] == "best"
         improved = is_main_process() and (
-            task.selection_score(val.metrics) > state.best_metric if val is not None else last_epoch
+            task.selection_score(val.metrics) > state.best_metric if by_score else last_epoch
         )
         improved = bool(utils.all_reduce_sum_(torch.tensor([float(improved)], device=self.info.device)).item())
         if not improved:
