@@ -567,7 +567,8 @@ def load_model(
 ) -> tuple[BlipRetrieval, LoadReport | None]:
     """Build the retrieval model for `config` and load `source` into it (the entry point of train and eval).
 
-    With `model: clip` the CLIP loader does it all (models/clip.py load_clip_model; None / '' = `pretrained`).
+    With `model: clip` the CLIP loader does it all (models/clip.py load_clip_model; None / '' = `pretrained`), and
+    with `model: blip2` the BLIP-2 one (models/blip2.py load_blip2_model).
     `source`: an HF directory (architecture and tokenizer from it; see load_hf_directory), a .pth path or http(s)
     URL (model from `config`, then load_checkpoint), or None / '' for a randomly initialised model (report None).
     For an HF directory, `config` is updated in place with the directory's architecture keys (vit, image_size,
@@ -577,6 +578,10 @@ def load_model(
         from models.clip import load_clip_model
 
         return load_clip_model(config, source or None), None
+    if config["model"] == "blip2":  # BLIP-2 first stage: HF directories, LAVIS and our .pth (models/blip2.py)
+        from models.blip2 import load_blip2_model  # imported here: blip2 imports this module
+
+        return load_blip2_model(config, source or None)
     if not source:
         return build_model(config), None
     if is_url(source):
