@@ -160,6 +160,10 @@ class Blip2Retrieval(nn.Module):
         ).last_hidden_state
         return self.net.itm_head(hidden[:, :num_queries]).float().mean(dim=1)
 
+    def forward(self, *args, **kwargs):
+        # Training (ITC + ITM with hard negatives, BlipRetrieval.forward's interface) comes with the shared trainer.
+        raise ConfigError("model: blip2 is evaluation-only so far (eval_retrieval.py); training it is not built yet")
+
     def similarity(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
         """ITC similarity matrix (n_images, n_captions): the maximum over the queries of the cosines."""
         _, query_feat = self.encode_image(images)
@@ -184,9 +188,9 @@ def query_max_similarity(query_feat: torch.Tensor, text_feat: torch.Tensor) -> t
 
 
 def blip2_hf_config(config: dict, vocab_size: int):
-    """The Blip2Config of `blip2_config`: '' = LAVIS's eva_clip_g first stage (ViT-g/14, 39 blocks, width 1408;
-    BERT-base
-    Q-Former with cross-attention every 2 layers, 32 queries, ITC dim 256) at `image_size`; a path to a config.json
+    """The Blip2Config of `blip2_config`: '' = LAVIS's eva_clip_g first stage (ViT-g/14, 39 blocks, width
+    1408; BERT-base Q-Former with cross-attention every 2 layers, 32 queries, ITC dim 256) at `image_size`; a path to a
+    config.json
     (an HF Blip2 config) or a mapping of Blip2Config fields. The input resolution is always `image_size` (a
     checkpoint's position embedding is resized to it on load); the Q-Former always gets its text path
     (use_qformer_text_input) and, unless given, the tokenizer's vocabulary."""
