@@ -9,7 +9,8 @@ Writes DIR/config.yaml (resolved), DIR/metrics_<split>.json (recalls, ranks, the
 with --save-scores DIR/scores_<split>.npz (the exact i2t and t2i matrices behind the metrics, and the per-query
 ranks) and DIR/index_<split>.json (image paths and captions, for compare_retrieval.py). `eval_mode: official` runs
 the reference re-ranking instead of the fast one; `eval_amp: bf16` evaluates in bf16 (fp32, the official numerics,
-by default). With `model: clip` (configs/clip_*.yaml) a CLIP model is ranked by ITC alone (models/clip.py).
+by default). With `model: clip` (configs/clip_*.yaml) a CLIP model is ranked by ITC alone (models/clip.py); with
+`model: blip2` (configs/blip2_retrieval_*.yaml) BLIP-2's first stage by its query-max ITC, re-ranked by its ITM head.
 """
 
 from __future__ import annotations

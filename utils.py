@@ -99,6 +99,11 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "clip_model": "",  # open_clip architecture (ViT-B-16, ViT-L-14-quickgelu or a model-config .json); "" = HF dir
     "clip_pretrained_tag": "",  # open_clip: tag the `pretrained` file was published under (openai, ...) or custom
     "clip_context_length": 77,  # CLIP text context in tokens (longer captions are truncated, end token kept)
+    # BLIP-2 first stage beside BLIP (models/blip2.py; model: blip2). A Hugging Face directory as `pretrained` brings
+    # its own architecture; LAVIS .pth files, our checkpoints and random initialisation take it from blip2_config.
+    "blip2_config": "",  # '' = LAVIS eva_clip_g (ViT-g/14 + BERT-base Q-Former, 32 queries) at image_size | HF
+    # Blip2 config.json path | mapping of Blip2Config fields (vision_config, qformer_config, num_query_tokens, ...)
+    "blip2_freeze_vit": True,  # freeze the image encoder (BLIP-2 pre-training); false trains it (its COCO fine-tuning)
     # Captioning (caption.py, train_caption.py; official configs/caption_coco.yaml). The official max_length /
     # min_length are named gen_max_length / gen_min_length here: max_length is the retrieval tokenizer's limit.
     "prompt": "a picture of ",  # every caption starts with it; its tokens are not in the loss
@@ -205,6 +210,7 @@ _TYPES.update(
     med_config=(str, dict),
     drop_path_rate=(float, type(None)),
     vit_ckpt_layer=(int, str),
+    blip2_config=(str, dict),
     **dict.fromkeys(("train_file", "val_file", "test_file"), (str, type(None))),
 )
 # The accepted values of each string-valued key; the modules that act on a key take its tuple from here.
@@ -221,7 +227,7 @@ CONFIG_CHOICES: dict[str, tuple[str, ...]] = {
     "vit": ("base", "large"),
     "vit_ckpt_layer": ("auto",),
     "search_feature_dtype": ("float16", "float32"),
-    "model": ("blip", "clip"),
+    "model": ("blip", "clip", "blip2"),
     "cir_query": ("multimodal", "text", "image"),
     "cir_sampler": ("random", "contrastive", "similar"),
     "cir_train_transform": ("train", "test"),
@@ -476,7 +482,7 @@ def validate_config(config: dict, origins: dict[str, str] | str | None = None) -
     if isinstance(config["vit"], dict):
         _check_vit(config["vit"], where("vit"))
     patch = config["vit"].get("patch_size", 16) if isinstance(config["vit"], dict) else 16
-    if config["image_size"] % patch:
+    if config["model"] == "blip" and config["image_size"] % patch:  # BLIP-2 checks its own patch (models/blip2.py)
         raise ConfigError(
             f"config key 'image_size' {where('image_size')}: {config['image_size']} is not "
             f"divisible by the ViT patch size {patch}"
@@ -488,11 +494,11 @@ def validate_config(config: dict, origins: dict[str, str] | str | None = None) -
                 f"is {config[amp_key]!r}; set {amp_key}: bf16 or amp_cpu: false"
             )
     config["finetune"] = check_finetune(config["finetune"], where("finetune"))
-    if config["model"] == "clip" and config["finetune"]["method"] != "full":
+    if config["model"] in ("clip", "blip2") and config["finetune"]["method"] != "full":
         # The methods hook into BLIP's modules (ViT blocks, MED attention, the momentum towers).
         raise ConfigError(
             f"config key 'finetune.method' {where('finetune')}: {config['finetune']['method']!r} is built for BLIP "
-            "models; with model: clip use finetune.method: full"
+            f"models; with model: {config['model']} use finetune.method: full"
         )
     if config["itm_negatives"] in ("warmup", "anneal") and config["itm_negatives_steps"] <= 0:
         raise ConfigError(

@@ -3,6 +3,9 @@ R@1/5/10 and ranks, the same metrics on ITC alone, and the files that hold them.
 
 `eval_mode` picks the re-ranking: `fast` (default) or `official` (engine/itm_rerank.py). Both give the same
 scores up to float rounding (tests/test_eval.py). Every rank calls `evaluate` and gets the full result.
+
+Three kinds of model: BLIP (ITC + ITM re-ranking), BLIP-2 (the same flow with its own features: the ITC similarity
+is the maximum over its 32 queries, models/blip2.py) and CLIP (ITC alone, `evaluate_itc_only`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import numpy as np
 import torch
 
 from engine.features import (
+    blip2_image_features,
+    blip2_text_features,
     clip_image_features,
     clip_text_features,
     image_features,
@@ -23,8 +28,9 @@ from engine.features import (
     token_dtype,
     token_home,
 )
-from engine.itm_rerank import rerank_fast, rerank_official
+from engine.itm_rerank import rerank_blip2, rerank_fast, rerank_official
 from engine.metrics import metrics_from_ranks, query_ranks
+from models.blip2 import Blip2Retrieval, query_max_similarity
 from models.blip_retrieval import BlipRetrieval
 from models.clip import ClipRetrieval
 from utils import gather_shards, get_rank, get_world_size, is_main_process, shard_range
@@ -45,7 +51,11 @@ def _sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def evaluate(
-    model: BlipRetrieval | ClipRetrieval, dataset, config: dict, device: torch.device, desc: str = "val"
+    model: BlipRetrieval | Blip2Retrieval | ClipRetrieval,
+    dataset,
+    config: dict,
+    device: torch.device,
+    desc: str = "val",
 ) -> EvalResult:
     """Full evaluation of one split; every rank calls it and every rank gets the full result. A model without an
     ITM head (CLIP) is ranked by its ITC cosines alone (`evaluate_itc_only`)."""
@@ -60,39 +70,44 @@ def evaluate(
     if n_img == 0 or n_txt == 0:
         raise ValueError(f"the {desc} split has {n_img} images and {n_txt} texts; nothing to evaluate")
     timings = {}
+    blip2 = isinstance(model, Blip2Retrieval)
+    text_features_of = blip2_text_features if blip2 else text_features
+    image_features_of = blip2_image_features if blip2 else image_features
 
     _sync(device)
     t0 = time.perf_counter()
     if mode == "fast":  # texts and images are sharded across ranks, ITC features gathered
         t_start, t_end = shard_range(n_txt, rank, world)
-        ids, atts, text_feat = text_features(model, dataset.text[t_start:t_end], device, config, show)
+        ids, atts, text_feat = text_features_of(model, dataset.text[t_start:t_end], device, config, show)
         text_ids, text_atts = gather_shards(ids, n_txt), gather_shards(atts, n_txt)
         text_feat = gather_shards(text_feat, n_txt)
     else:
-        text_ids, text_atts, text_feat = text_features(model, dataset.text, device, config, show)
+        text_ids, text_atts, text_feat = text_features_of(model, dataset.text, device, config, show)
     _sync(device)
     timings["time_text_features"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     if mode == "fast":
         i_start, i_end = shard_range(n_img, rank, world)
-        vit = model.visual_encoder
-        keep_on = token_home(
-            device, (i_end - i_start) * (vit.num_patches + 1) * vit.embed_dim, token_dtype(device, config)
-        )
-        image_tokens, image_feat = image_features(
+        if blip2:
+            values_per_image = model.num_image_tokens * model.vision_width
+        else:
+            values_per_image = (model.visual_encoder.num_patches + 1) * model.visual_encoder.embed_dim
+        keep_on = token_home(device, (i_end - i_start) * values_per_image, token_dtype(device, config))
+        image_tokens, image_feat = image_features_of(
             model, dataset, device, config, range(i_start, i_end), keep_on=keep_on, show_progress=show
         )
         image_feat = gather_shards(image_feat, n_img)
     else:  # official: every rank embeds every image and keeps the tokens on the CPU
-        image_tokens, image_feat = image_features(
+        image_tokens, image_feat = image_features_of(
             model, dataset, device, config, range(n_img), keep_on=torch.device("cpu"), show_progress=show
         )
     _sync(device)
     timings["time_image_features"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    sims = image_feat @ text_feat.t()  # plain cosines, no temperature
+    # plain cosines, no temperature; BLIP-2: the maximum over each image's queries
+    sims = query_max_similarity(image_feat, text_feat) if blip2 else image_feat @ text_feat.t()
     _sync(device)
     timings["time_itc"] = time.perf_counter() - t0
 
@@ -101,7 +116,7 @@ def evaluate(
     # from the same ITM forwards: what the option changes.
     also_official = mode == "fast" and config["rerank_score"] != "official"
     if mode == "fast":
-        scores_i2t, scores_t2i, *official_scores = rerank_fast(
+        scores_i2t, scores_t2i, *official_scores = (rerank_blip2 if blip2 else rerank_fast)(
             model,
             sims,
             image_tokens,
@@ -224,10 +239,10 @@ def write_eval_index(dataset, path: str) -> None:
         json.dump(index, f)
 
 
-def model_info(model: BlipRetrieval | ClipRetrieval, config: dict) -> dict:
+def model_info(model: BlipRetrieval | Blip2Retrieval | ClipRetrieval, config: dict) -> dict:
     """What the evaluated model is, for metrics_<split>.json (`model_info`) and reports: family, name, activation,
     input resolution and text context length."""
-    if not model.has_itm:
+    if not model.has_itm or isinstance(model, Blip2Retrieval):
         return dict(model.identity)
     return {
         "model": "blip",

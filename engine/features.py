@@ -4,6 +4,7 @@ precision and placement rules they follow.
 Texts are tokenised once (max_length 35, as the official code) and encoded shortest first in batches cut to their
 longest text (`length_batches`); `eval_mode: official` keeps the official batches of 256 padded to max_length.
 Image tokens are stored in the autocast dtype, on the GPU when they fit (`token_home`), else in pinned host memory.
+BLIP-2 (models/blip2.py) follows the same rules with its own encoders: its image ITC features are one vector per query.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from data import create_loader
+from models.blip2 import Blip2Retrieval
 from models.blip_retrieval import BlipRetrieval
 from models.clip import ClipRetrieval
 from utils import autocast, autocast_dtype, log
@@ -188,3 +190,66 @@ def clip_image_features(
         with eval_autocast(device, config):
             feats.append(model.encode_image(images.to(device, non_blocking=True)))
     return torch.cat(feats).float()
+
+
+# ----------------------------------------------------------------------------------------------------
+# BLIP-2 (models/blip2.py): Q-Former text [CLS] vectors, and per image its ViT tokens and one ITC vector per query
+# ----------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def blip2_text_features(
+    model: Blip2Retrieval, texts: list[str], device: torch.device, config: dict, show_progress: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, mask, unit ITC vectors) of every text: ids padded to max_length (LAVIS), [CLS] first (BLIP-2's ITM reads
+    the ids as they are). Encoded shortest first in batches cut to their longest text, or with `eval_mode: official`
+    in LAVIS's batches of 256 padded to max_length."""
+    if not texts:  # a rank whose shard is empty
+        empty_ids = torch.zeros(0, model.max_length, dtype=torch.long, device=device)
+        return empty_ids, empty_ids.clone(), torch.zeros(0, model.embed_dim, device=device)
+    ids, atts = zip(
+        *(model.tokenize(texts[start : start + TEXT_BATCH], device) for start in range(0, len(texts), TEXT_BATCH))
+    )
+    ids, atts = torch.cat(ids), torch.cat(atts)
+    lengths = atts.sum(dim=1).cpu()
+    official = is_official(config)
+    order = torch.arange(len(texts)) if official else torch.argsort(lengths, stable=True)
+    if official:
+        batches = [(start, min(start + TEXT_BATCH, len(texts))) for start in range(0, len(texts), TEXT_BATCH)]
+    else:
+        batches = length_batches(lengths[order].tolist(), TEXT_BATCH)
+    feats = torch.zeros(len(texts), model.embed_dim, device=device)
+    for start, end in tqdm(batches, desc="text features", disable=not show_progress):
+        batch = order[start:end]
+        max_len = ids.shape[1] if official else int(lengths[batch].max())
+        batch = batch.to(device)
+        with eval_autocast(device, config):
+            feats[batch] = model.encode_text(ids[batch, :max_len], atts[batch, :max_len])
+    return ids, atts, feats
+
+
+@torch.no_grad()
+def blip2_image_features(
+    model: Blip2Retrieval,
+    dataset,
+    device: torch.device,
+    config: dict,
+    indices: range,
+    keep_on: torch.device,
+    show_progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ViT tokens (for ITM, stored as `token_dtype` on `keep_on`) and unit query vectors (n, Q, D) for `indices`."""
+    subset = torch.utils.data.Subset(dataset, list(indices))
+    loader = create_loader(subset, config["batch_size_test"], config["num_workers"], is_train=False)
+    dtype = token_dtype(device, config)
+    tokens = [torch.zeros(0, model.num_image_tokens, model.vision_width, dtype=dtype, device=keep_on)]
+    feats = [torch.zeros(0, model.num_query_tokens, model.embed_dim, device=device)]  # a rank whose shard is empty
+    for images, _ in tqdm(loader, desc="image features", disable=not show_progress):
+        with eval_autocast(device, config):
+            image_embeds, query_feat = model.encode_image(images.to(device, non_blocking=True))
+        tokens.append(image_embeds.to(keep_on, dtype))
+        feats.append(query_feat.float())
+    tokens = torch.cat(tokens)
+    if device.type == "cuda" and keep_on.type == "cpu":
+        tokens = tokens.pin_memory()
+    return tokens, torch.cat(feats)

@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from engine.features import MAX_PADDING, eval_autocast, length_batches
+from models.blip2 import Blip2Retrieval
 from models.blip_retrieval import BlipRetrieval
 from utils import CONFIG_CHOICES, all_reduce_sum_, get_rank, get_world_size, shard_range
 
@@ -118,6 +119,49 @@ def _fill_outside(sims: torch.Tensor) -> torch.Tensor:
     return sims + OUTSIDE_TOP_K
 
 
+@dataclass
+class TopKPairs:
+    """The union of both directions' top-k pairs of a similarity matrix, each pair once: `keys` (image * N_txt +
+    text, sorted, so every image's pairs are contiguous), their `image` and `text`, and where each direction's
+    top-k lists sit (`topk_i2t` (N_img, k) text ids, `topk_t2i` (N_txt, k) image ids, their pair keys)."""
+
+    keys: torch.Tensor
+    image: torch.Tensor
+    text: torch.Tensor
+    topk_i2t: torch.Tensor
+    topk_t2i: torch.Tensor
+    keys_i2t: torch.Tensor
+    keys_t2i: torch.Tensor
+
+    @staticmethod
+    def of(sims: torch.Tensor, k_test: int) -> TopKPairs:
+        n_img, n_txt = sims.shape
+        topk_i2t = sims.topk(min(k_test, n_txt), dim=1).indices
+        topk_t2i = sims.t().topk(min(k_test, n_img), dim=1).indices
+        keys_i2t = (torch.arange(n_img, device=sims.device)[:, None] * n_txt + topk_i2t).flatten()
+        keys_t2i = (topk_t2i * n_txt + torch.arange(n_txt, device=sims.device)[:, None]).flatten()
+        keys = torch.unique(torch.cat([keys_i2t, keys_t2i]))  # sorted
+        return TopKPairs(keys, keys // n_txt, keys % n_txt, topk_i2t, topk_t2i, keys_i2t, keys_t2i)
+
+    def score_matrices(
+        self, sims: torch.Tensor, pair_logits: torch.Tensor, modes: tuple[str, ...], temp: float
+    ) -> tuple[torch.Tensor, ...]:
+        """(scores_i2t, scores_t2i) per score mode, from every pair's ITM logits (N_pairs, 2): re-ranked pairs get
+        `rerank_score`, the others `cosine - 100`."""
+        n_img, n_txt = sims.shape
+        pair_cosines = sims[self.image, self.text].float()
+        i2t_at, t2i_at = torch.searchsorted(self.keys, self.keys_i2t), torch.searchsorted(self.keys, self.keys_t2i)
+        matrices = []
+        for mode in modes:
+            pair_scores = rerank_score(pair_logits, pair_cosines, mode, temp)
+            scores_i2t = _fill_outside(sims.clone())
+            scores_i2t.scatter_(1, self.topk_i2t, pair_scores[i2t_at].view(n_img, -1).to(scores_i2t.dtype))
+            scores_t2i = _fill_outside(sims.t().contiguous())
+            scores_t2i.scatter_(1, self.topk_t2i, pair_scores[t2i_at].view(n_txt, -1).to(scores_t2i.dtype))
+            matrices += [scores_i2t, scores_t2i]
+        return tuple(matrices)
+
+
 @torch.no_grad()
 def rerank_official(
     model: BlipRetrieval,
@@ -131,9 +175,12 @@ def rerank_official(
     score: str = "official",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference algorithm: one ITM batch of k_test pairs per query, queries split across ranks. `score`:
-    see `rerank_score`."""
+    see `rerank_score`. For BLIP-2 this is LAVIS's compute_sim_matrix (the mean match logit over the queries + the
+    query-max ITC similarity, with the `official` score)."""
     rank, world = get_rank(), get_world_size()
     temp = float(model.temp.detach())
+    # BLIP runs its whole last layer here as the official code does; BLIP-2 (LAVIS compute_itm) reads every query.
+    itm_options = {"cls_only": False} if isinstance(model, BlipRetrieval) else {}
     n_img, n_txt = sims.shape
     scores_i2t = torch.zeros(n_img, n_txt, device=device)  # summed across ranks: each row filled by one rank
     scores_t2i = torch.zeros(n_txt, n_img, device=device)
@@ -142,7 +189,7 @@ def rerank_official(
     for i in tqdm(range(start, end), desc="ITM i2t", disable=not show_progress):
         topk_sim, topk_idx = sims[i].topk(k_i2t)
         encoder_states = image_tokens[i].repeat(k_i2t, 1, 1).to(device)
-        itm = model.itm_logits(text_ids[topk_idx], text_atts[topk_idx], encoder_states, cls_only=False)
+        itm = model.itm_logits(text_ids[topk_idx], text_atts[topk_idx], encoder_states, **itm_options)
         scores_i2t[i] = _fill_outside(sims[i])
         scores_i2t[i, topk_idx] = rerank_score(itm, topk_sim, score, temp)
     sims_t = sims.t()
@@ -151,7 +198,7 @@ def rerank_official(
         topk_sim, topk_idx = sims_t[t].topk(k_t2i)
         encoder_states = image_tokens[topk_idx.cpu()].to(device)
         itm = model.itm_logits(
-            text_ids[t].repeat(k_t2i, 1), text_atts[t].repeat(k_t2i, 1), encoder_states, cls_only=False
+            text_ids[t].repeat(k_t2i, 1), text_atts[t].repeat(k_t2i, 1), encoder_states, **itm_options
         )
         scores_t2i[t] = _fill_outside(sims_t[t])
         scores_t2i[t, topk_idx] = rerank_score(itm, topk_sim, score, temp)
@@ -180,17 +227,8 @@ def rerank_fast(
     `image_tokens` holds this rank's images [image_offset, image_offset + len), on the device or in host memory
     (then streamed KV_CHUNK images at a time).
     """
-    n_img, n_txt = sims.shape
-    k_i2t, k_t2i = min(k_test, n_txt), min(k_test, n_img)
-    topk_i2t = sims.topk(k_i2t, dim=1).indices  # (N_img, k) text ids
-    topk_t2i = sims.t().topk(k_t2i, dim=1).indices  # (N_txt, k) image ids
-    # Pair key = image * N_txt + text; sorting the unique keys groups every image's pairs contiguously.
-    img_of_i2t = torch.arange(n_img, device=device)[:, None].expand(-1, k_i2t)
-    txt_of_t2i = torch.arange(n_txt, device=device)[:, None].expand(-1, k_t2i)
-    keys_i2t = (img_of_i2t * n_txt + topk_i2t).flatten()
-    keys_t2i = (topk_t2i * n_txt + txt_of_t2i).flatten()
-    pair_keys = torch.unique(torch.cat([keys_i2t, keys_t2i]))  # sorted
-    pair_img, pair_txt = pair_keys // n_txt, pair_keys % n_txt
+    pairs = TopKPairs.of(sims, k_test)
+    pair_keys, pair_img, pair_txt = pairs.keys, pairs.image, pairs.text
     pair_logits = torch.zeros(len(pair_keys), 2, device=device)
 
     # Within each image, score its texts shortest first, so that a batch padded to its longest text carries
@@ -241,17 +279,48 @@ def rerank_fast(
     progress.close()
     pair_logits[length_order] = sorted_logits
     all_reduce_sum_(pair_logits)  # each pair was scored by the rank that owns its image
-    pair_cosines = sims[pair_img, pair_txt].float()
-    i2t_at, t2i_at = torch.searchsorted(pair_keys, keys_i2t), torch.searchsorted(pair_keys, keys_t2i)
-    matrices = []
-    for mode in (config["rerank_score"], *([also_score] if also_score else [])):
-        pair_scores = rerank_score(pair_logits, pair_cosines, mode, float(model.temp.detach()))
-        scores_i2t = _fill_outside(sims.clone())
-        scores_i2t.scatter_(1, topk_i2t, pair_scores[i2t_at].view(n_img, k_i2t).to(scores_i2t.dtype))
-        scores_t2i = _fill_outside(sims.t().contiguous())
-        scores_t2i.scatter_(1, topk_t2i, pair_scores[t2i_at].view(n_txt, k_t2i).to(scores_t2i.dtype))
-        matrices += [scores_i2t, scores_t2i]
-    return tuple(matrices)
+    modes = (config["rerank_score"], *([also_score] if also_score else []))
+    return pairs.score_matrices(sims, pair_logits, modes, float(model.temp.detach()))
+
+
+@torch.no_grad()
+def rerank_blip2(
+    model: Blip2Retrieval,
+    sims: torch.Tensor,
+    image_tokens: torch.Tensor,
+    image_offset: int,
+    text_ids: torch.Tensor,
+    text_atts: torch.Tensor,
+    k_test: int,
+    itm_batch_size: int,
+    device: torch.device,
+    config: dict,
+    show_progress: bool = False,
+    also_score: str | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """BLIP-2's fast re-ranking: the same scores as `rerank_official` (LAVIS's compute_sim_matrix), with each pair of
+    the union of both directions' top k scored once, by the rank that holds its image (`image_tokens` are this rank's
+    images [image_offset, image_offset + len)), in batches of up to `itm_batch_size` pairs of similar text length
+    padded to their longest. The queries cross-attend to the image in every second layer only, so there is no
+    key/value cache as in `rerank_fast`: each pair carries its image's tokens. Returns what `rerank_fast` returns.
+    """
+    pairs = TopKPairs.of(sims, k_test)
+    pair_logits = torch.zeros(len(pairs.keys), 2, device=device)
+    mine = ((pairs.image >= image_offset) & (pairs.image < image_offset + len(image_tokens))).nonzero().flatten()
+    lengths = text_atts.sum(dim=1)
+    mine = mine[torch.argsort(lengths[pairs.text[mine]], stable=True)]  # shortest texts first: little padding
+    mine_lengths = lengths[pairs.text[mine]].cpu().tolist()
+    batches = length_batches(mine_lengths, itm_batch_size)
+    with eval_autocast(device, config):
+        for start, end in tqdm(batches, desc="ITM pairs", disable=not show_progress):
+            rows, max_len = mine[start:end], mine_lengths[end - 1]
+            texts = pairs.text[rows]
+            images = (pairs.image[rows] - image_offset).to(image_tokens.device)
+            tokens = image_tokens[images].to(device, non_blocking=True)
+            pair_logits[rows] = model.itm_logits(text_ids[texts, :max_len], text_atts[texts, :max_len], tokens)
+    all_reduce_sum_(pair_logits)  # each pair was scored by the rank that holds its image
+    modes = (config["rerank_score"], *([also_score] if also_score else []))
+    return pairs.score_matrices(sims, pair_logits, modes, float(model.temp.detach()))
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 
+from models.blip2 import Blip2Retrieval, load_blip2_model
 from models.blip_retrieval import BlipRetrieval, build_model
 from models.checkpoint import (
     CheckpointError,
@@ -39,11 +40,12 @@ from utils import check_finetune, log
 
 def load_model(
     config: dict, source: str | None = None, cache_dir: str | None = None, allow_unsafe: bool = False
-) -> tuple[BlipRetrieval | ClipRetrieval, LoadReport | None]:
+) -> tuple[BlipRetrieval | ClipRetrieval | Blip2Retrieval, LoadReport | None]:
     """Build the retrieval model for `config` and load `source` into it (the entry point of train and eval).
 
     With `model: clip` the CLIP loader does it all (models/clip.py load_clip_model; None / '' = `pretrained`), and
-    the report carries only the config updates. `source`: an HF directory (architecture and tokenizer from it; see
+    the report carries only the config updates; with `model: blip2` the BLIP-2 one (models/blip2.py).
+    `source`: an HF directory (architecture and tokenizer from it; see
     load_hf_directory), a .pth path or http(s) URL (model from `config`, then load_checkpoint), or None / '' for a
     randomly initialised model (report None). `config` is not changed; apply `report.config_updates` with
     `apply_config_updates`. `allow_unsafe`: the user's `--unsafe-trust-checkpoint` (never passed on to the base of
@@ -53,6 +55,8 @@ def load_model(
         model = load_clip_model(config, source or None, allow_unsafe=allow_unsafe)
         label = source or config["pretrained"] or f"CLIP {model.identity['name']} (random init)"
         return model, LoadReport(source=label, config_updates={"image_size": model.image_size})
+    if config["model"] == "blip2":  # BLIP-2 first stage: HF directories, LAVIS and our .pth (models/blip2.py)
+        return load_blip2_model(config, source or None, allow_unsafe=allow_unsafe)
     if not source:
         return build_model(config), None
     if is_url(source):
