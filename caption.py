@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from configs.schema import load_config, validate_config
 from data import test_transform
 from data.captions import ImageFileDataset, collate_images, list_images
 from data.retrieval import DataError, load_annotation, load_image
@@ -42,7 +43,7 @@ from engine.generation import GenerationSettings, generate
 from models.caption_checkpoint import load_caption_model
 from models.checkpoint import add_unsafe_trust_flag, apply_config_updates
 from models.loading import load_model
-from utils import UserError, autocast, init_distributed, load_config, log, run_cli, validate_config
+from utils import UserError, autocast, init_distributed, log, run_cli
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -94,7 +95,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def resolve_config(args: argparse.Namespace) -> dict:
     """The config with the command-line generation flags applied over it (and checked again)."""
-    config = load_config(args.config, args.options)
+    config = load_config(args.config, args.options, script="caption.py")
     flags = {
         "num_beams": args.num_beams,
         "gen_max_length": args.max_length,
@@ -116,7 +117,11 @@ def resolve_config(args: argparse.Namespace) -> dict:
 def filter_pairs(args: argparse.Namespace, results: list[dict], path_of: dict[str, str], device) -> list[dict]:
     """CapFilt: score every generated (and --existing) pair with the retrieval model's ITM head and keep those
     above --threshold, as retrieval training records {image, caption, image_id, itm, source}."""
-    config = load_config(args.filter_config or args.config)
+    # The filter is a retrieval model: --filter-config is a retrieval config; without it the caption config's
+    # model keys build it.
+    config = (
+        load_config(args.filter_config, script="eval_retrieval.py") if args.filter_config else load_config(args.config)
+    )
     model, report = load_model(config, args.filter_checkpoint, allow_unsafe=args.unsafe_trust_checkpoint)
     apply_config_updates(config, report)
     model.to(device).eval()

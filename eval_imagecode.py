@@ -21,12 +21,13 @@ import argparse
 import json
 import os
 
+from configs.schema import load_config, save_config
 from data.imagecode import ImagecodeSet
 from data.utils import TEXT_CLEANINGS
 from engine.imagecode import SCORINGS, imagecode_accuracy, imagecode_predictions, imagecode_scores
 from models.checkpoint import add_unsafe_trust_flag, apply_config_updates
 from models.loading import load_model
-from utils import init_distributed, load_config, log, run_cli, save_config
+from utils import init_distributed, log, run_cli
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     add_unsafe_trust_flag(parser)
     args = parser.parse_args(argv)
 
-    config = load_config(args.config, args.options)
+    config = load_config(args.config, args.options, script="eval_imagecode.py")
     scoring = args.scoring or config["imagecode_scoring"]
     cleaning = args.text_cleaning or config["imagecode_text_cleaning"]
     config.update(imagecode_scoring=scoring, imagecode_text_cleaning=cleaning)  # what ran, in DIR/config.yaml

@@ -18,13 +18,14 @@ from __future__ import annotations
 import argparse
 import os
 
+from configs.schema import load_config, save_config
 from data import create_dataset
 from engine.evaluation import evaluate, model_info, write_eval_outputs
 from engine.metrics import format_metrics_table
 from models.checkpoint import add_unsafe_trust_flag, apply_config_updates
 from models.clip import dataset_transform
 from models.loading import load_model
-from utils import init_distributed, is_main_process, load_config, log, run_cli, save_config
+from utils import init_distributed, is_main_process, log, run_cli
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     add_unsafe_trust_flag(parser)
     args = parser.parse_args(argv)
 
-    config = load_config(args.config, args.options)
+    config = load_config(args.config, args.options, script="eval_retrieval.py")
     output_dir = args.output_dir or os.path.join("output", "eval_" + os.path.splitext(os.path.basename(args.config))[0])
     dist_info = init_distributed(config["device"])
     source = args.checkpoint if args.checkpoint is not None else config["pretrained"]

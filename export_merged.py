@@ -14,10 +14,11 @@ import argparse
 import os
 
 import utils
+from configs.schema import load_config
 from models.checkpoint import add_unsafe_trust_flag, apply_config_updates
 from models.loading import load_model
 from models.peft_methods import merge_lora
-from utils import UserError, load_config, log, run_cli
+from utils import UserError, log, run_cli
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
     add_unsafe_trust_flag(parser)
     args = parser.parse_args(argv)
-    config = load_config(args.config, args.options)
+    config = load_config(args.config, args.options, script="export_merged.py")
     model, report = load_model(config, args.checkpoint, allow_unsafe=args.unsafe_trust_checkpoint)
     apply_config_updates(config, report)
     if getattr(model, "finetune", None) is None:

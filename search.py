@@ -21,12 +21,13 @@ import json
 import os
 import sys
 
+from configs.schema import load_config
 from engine.search_index import SearchIndex, build_index, read_manifest
 from engine.search_query import Searcher
 from engine.search_server import make_server
 from models.checkpoint import add_unsafe_trust_flag, apply_config_updates
 from models.loading import load_model
-from utils import UserError, init_distributed, is_main_process, load_config, log, run_cli
+from utils import UserError, init_distributed, is_main_process, log, run_cli
 
 
 def _port(value: str) -> int:
@@ -90,7 +91,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run_index(args: argparse.Namespace) -> None:
-    config = load_config(args.config, args.options)
+    config = load_config(args.config, args.options, script="search.py")
     dist_info = init_distributed(config["device"])
     source = args.checkpoint if args.checkpoint is not None else config["pretrained"]
     if not source:
@@ -111,7 +112,7 @@ def load_searcher(args: argparse.Namespace) -> Searcher:
     """Model and index for query/serve: OUT/config.yaml (+ --options), the recorded or given checkpoint."""
     manifest = read_manifest(args.index)
     index = SearchIndex.load(args.index)  # raises the "no index here" message when manifest is None
-    config = load_config(os.path.join(args.index, "config.yaml"), args.options)
+    config = load_config(os.path.join(args.index, "config.yaml"), args.options, script="search.py")
     source = args.checkpoint if args.checkpoint is not None else manifest["model"]["checkpoint"]
     device = init_distributed(config["device"]).device
     model, report = load_model(config, source)  # never allow_unsafe: an index folder may come from anyone

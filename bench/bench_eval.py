@@ -38,12 +38,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np
 import torch
 
+from configs.schema import DEFAULT_CONFIG, validate_config
 from data import create_dataset
 from data.synthetic import config_keys, make_synthetic_dataset
 from engine.evaluation import evaluate
 from engine.itm_rerank import ITM_PIECE, plan_itm_forwards
 from models.blip_retrieval import BlipRetrieval, build_model, init_tokenizer
-from utils import DEFAULT_CONFIG, validate_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -24,10 +24,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
+from configs.schema import DEFAULT_CONFIG
 from engine.generation import GenerationSettings, generate
 from models.blip_caption import build_caption_model
 from models.caption_checkpoint import load_caption_state_dict
-from utils import DEFAULT_CONFIG, run_cli
+from utils import run_cli
 
 VITS = {"base": {"width": 768, "depth": 12, "heads": 12}, "tiny": {"width": 192, "depth": 4, "heads": 3}}
 TEXTS = {

@@ -1,6 +1,6 @@
 """Datasets, transforms and loaders for image-text retrieval.
 
-Config keys used here (a resolved config: utils.DEFAULT_CONFIG holds the defaults): ``dataset`` (flickr | coco |
+Config keys used here (a resolved config: configs/schema.py holds the defaults): ``dataset`` (flickr | coco |
 custom), ``image_root``, ``ann_root`` (flickr/coco), ``train_file`` / ``val_file`` / ``test_file`` (custom),
 ``image_size``, ``max_words``, and for training ``min_scale`` (RandomResizedCrop) and ``autocontrast`` (official |
 fixed, RandomAugment's AutoContrast).

@@ -22,8 +22,8 @@ from collections.abc import Iterator
 
 from torch.utils.data import Sampler
 
+from configs.schema import CONFIG_CHOICES
 from data.retrieval import DataError
-from utils import CONFIG_CHOICES
 
 SAMPLERS = CONFIG_CHOICES["cir_sampler"]
 

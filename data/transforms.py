@@ -15,7 +15,7 @@ from PIL import Image, ImageEnhance, ImageOps
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-from utils import CONFIG_CHOICES
+from configs.schema import CONFIG_CHOICES
 
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)

@@ -124,10 +124,12 @@ class CirTask:
 
     def start_epoch(self, model: torch.nn.Module, epoch: int) -> None:
         if self.target_feats is None or self.config["cir_train_vit"]:  # a frozen image side: targets never change
-            split = self.train_split
-            self.target_feats = gallery_features(
-                model, split, split.image_names, self.config, self.info.device, "train"
-            )
+            split, device = self.train_split, self.info.device
+            # With a frozen image side the features are computed once per process: at epoch 0, or at the first epoch
+            # after a resume. Iterating a DataLoader draws from the global RNG, so an isolated stream keeps the
+            # training draws (dropout) the same either way and a resumed run exact.
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                self.target_feats = gallery_features(model, split, split.image_names, self.config, device, "train")
 
     def train_step(self, train_model: torch.nn.Module, batch, step: StepInfo) -> dict[str, torch.Tensor]:
         images, texts, target_idx = batch

@@ -15,10 +15,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from configs.schema import CONFIG_CHOICES
 from data.imagecode import IMAGES_PER_SET, ImagecodeSet, is_static
 from engine.features import eval_autocast
 from models.blip_retrieval import BlipRetrieval
-from utils import CONFIG_CHOICES
 
 SCORINGS = CONFIG_CHOICES["imagecode_scoring"]
 

@@ -24,10 +24,11 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from configs.schema import CONFIG_CHOICES
 from engine.features import MAX_PADDING, eval_autocast, length_batches
 from models.blip2 import Blip2Retrieval
 from models.blip_retrieval import BlipRetrieval
-from utils import CONFIG_CHOICES, all_reduce_sum_, get_rank, get_world_size, shard_range
+from utils import all_reduce_sum_, get_rank, get_world_size, shard_range
 
 OUTSIDE_TOP_K = -100.0
 KV_CHUNK = 32  # fast mode: images whose cross-attention keys/values are projected (and streamed) together

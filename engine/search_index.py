@@ -39,22 +39,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from configs.schema import save_config
 from data import create_loader
 from data.image_folder import ImageFile, ImageFolderDataset, same_version, scan_image_folder
 from data.transforms import test_transform
 from engine.features import eval_autocast
 from models.blip_retrieval import BlipRetrieval
-from utils import (
-    UserError,
-    atomic_write,
-    barrier,
-    get_rank,
-    get_world_size,
-    is_main_process,
-    log,
-    save_config,
-    shard_range,
-)
+from utils import UserError, atomic_write, barrier, get_rank, get_world_size, is_main_process, log, shard_range
 
 FORMAT = "blip-search-index"
 FORMAT_VERSION = 1

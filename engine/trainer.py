@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import utils
+from configs import schema
 from models.checkpoint import add_unsafe_trust_flag
 from utils import ConfigError, JsonlLogger, is_main_process, log
 
@@ -143,7 +144,7 @@ class Task(Protocol):
 def training_arg_parser(description: str, writes: str, evaluate_help: str) -> argparse.ArgumentParser:
     """The command line every training script shares (--config, --output-dir, --resume, --evaluate, --options)."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", required=True, help="YAML config (keys: utils.DEFAULT_CONFIG)")
+    parser.add_argument("--config", required=True, help="YAML config (keys: configs.schema.DEFAULT_CONFIG)")
     parser.add_argument("--output-dir", required=True, help=f"where {writes} go")
     parser.add_argument(
         "--resume",
@@ -592,7 +593,7 @@ def main(task_class: type, argv: list[str] | None, description: str, writes: str
     parser = training_arg_parser(description, writes, evaluate_help)
     task_class.add_arguments(parser)
     args = parser.parse_args(argv)
-    config = utils.load_config(args.config, args.options)
+    config = schema.load_config(args.config, args.options, script=task_class.name)
     owns_group = not utils.is_dist_initialized()
     info = utils.init_distributed(config["device"])
     try:
@@ -607,7 +608,7 @@ def main(task_class: type, argv: list[str] | None, description: str, writes: str
         model.to(info.device)
         if is_main_process():
             os.makedirs(args.output_dir, exist_ok=True)
-            utils.save_config(config, os.path.join(args.output_dir, "config.yaml"))
+            schema.save_config(config, os.path.join(args.output_dir, "config.yaml"))
         task.build_eval_data(model)
         trainer = Trainer(task, model, config, info, args.output_dir)
         if args.evaluate:

@@ -106,7 +106,7 @@ class BlipCaption(nn.Module):
 
 
 def build_caption_model(config: dict, tokenizer=None) -> BlipCaption:
-    """Build the caption model from a resolved config (utils.DEFAULT_CONFIG keys, the captioning block included)."""
+    """Build the caption model from a resolved config (configs/schema.py keys, the captioning block included)."""
     return build_from_config(
         BlipCaption,
         config,

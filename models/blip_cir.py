@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from configs.schema import CONFIG_CHOICES
 from models.blip_retrieval import build_from_config
 from models.checkpoint import (
     CheckpointError,
@@ -39,7 +40,7 @@ from models.checkpoint import (
 from models.loading import load_model
 from models.med import BertModel, MedConfig
 from models.vit import create_vit
-from utils import CONFIG_CHOICES, ConfigError, all_gather_with_grad, log
+from utils import ConfigError, all_gather_with_grad, log
 
 QUERY_MODES = ("multimodal", "text", "image")
 
@@ -204,7 +205,7 @@ class BlipCir(nn.Module):
 
 
 def build_cir_model(config: dict, tokenizer=None) -> BlipCir:
-    """Build BlipCir from a resolved config (keys: utils.DEFAULT_CONFIG). Bad values become ConfigError."""
+    """Build BlipCir from a resolved config (keys: configs.schema.DEFAULT_CONFIG). Bad values become ConfigError."""
     if config["vit_ckpt_layer"] == "auto":
         raise ConfigError("vit_ckpt_layer: auto is not supported by train_cirr.py; set a number of ViT blocks")
     return build_from_config(

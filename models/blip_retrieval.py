@@ -468,7 +468,7 @@ def build_from_config(model_cls: type[nn.Module], config: dict, tokenizer=None, 
 
 
 def build_model(config: dict, tokenizer=None) -> BlipRetrieval:
-    """Build the retrieval model from a resolved config (see utils.DEFAULT_CONFIG for the keys).
+    """Build the retrieval model from a resolved config (see configs.schema.DEFAULT_CONFIG for the keys).
 
     Every key is read, so a partial dict must be merged over the defaults first: `{**DEFAULT_CONFIG, **config}`.
     """

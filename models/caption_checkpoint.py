@@ -20,6 +20,7 @@ from collections.abc import Mapping
 
 import torch
 
+from configs.schema import DEFAULT_CONFIG
 from models.blip_caption import BlipCaption, build_caption_model
 from models.blip_retrieval import init_tokenizer
 from models.checkpoint import (
@@ -40,7 +41,7 @@ from models.hf_blip import (
     write_preprocessor_config,
 )
 from models.hf_keys import official_to_hf_state_dict
-from utils import DEFAULT_CONFIG, log
+from utils import log
 
 # Parts of pre-trained / retrieval checkpoints that captioning does not use.
 _NOT_FOR_CAPTIONING = (

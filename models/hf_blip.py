@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from configs.schema import DEFAULT_CONFIG
 from models.blip_retrieval import BlipRetrieval, build_model, init_tokenizer
 from models.checkpoint import CheckpointError, LoadReport, load_state_dict_checked, safe_torch_load
 from models.hf_keys import hf_to_official_state_dict, official_to_hf_state_dict
 from models.vit import VIT_SIZES
-from utils import DEFAULT_CONFIG, log
+from utils import log
 
 if TYPE_CHECKING:  # transformers is imported only when a directory is read (it is slow to import)
     from transformers import BlipConfig, BlipVisionConfig
@@ -113,7 +114,7 @@ def _read_hf_config(path: str) -> BlipConfig:
 
 
 def _architecture_config(path: str, hf_config: BlipConfig) -> dict:
-    """The config keys that describe the directory's architecture, in our config's terms (see utils.DEFAULT_CONFIG).
+    """The config keys that describe the directory's architecture, in our config's terms (see configs/schema.py).
 
     HF's vision LayerNorm eps (1e-5) differs from the official 1e-6, so the directory's value is carried over.
     """

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 
+from configs.schema import check_finetune
 from models.blip2 import Blip2Retrieval, load_blip2_model
 from models.blip_retrieval import BlipRetrieval, build_model
 from models.checkpoint import (
@@ -35,7 +36,7 @@ from models.checkpoint import (
 from models.clip import ClipRetrieval, load_clip_model
 from models.hf_blip import load_hf_directory
 from models.peft_methods import apply_finetune, is_delta_checkpoint, load_delta, parameter_counts
-from utils import check_finetune, log
+from utils import log
 
 
 def load_model(

@@ -1,6 +1,6 @@
 """Parameter-efficient fine-tuning of BlipRetrieval: which weights train, and checkpoints that hold only those.
 
-`finetune.method` (utils.DEFAULT_CONFIG):
+`finetune.method` (configs.schema.DEFAULT_CONFIG):
 - full: every weight trains (the official recipe); checkpoints hold the whole state dict, as before.
 - lora: low-rank adapters injected with the `peft` library (`inject_adapter_in_model`, LoraConfig) into the
   modules named by `finetune.lora.target_modules` (suffixes: ViT `attn.qkv`, `attn.proj`, `mlp.fc1`, `mlp.fc2`;

@@ -22,6 +22,7 @@ from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from configs.schema import load_config
 from data.captions import caption_references, create_caption_dataset
 from data.retrieval import load_annotation
 from data.utils import pre_caption
@@ -29,7 +30,7 @@ from engine.caption_metrics import caption_metrics, format_caption_metrics
 from engine.captioning import caption_split
 from models.caption_checkpoint import load_caption_model
 from models.checkpoint import apply_config_updates
-from utils import init_distributed, load_config, run_cli, set_seed
+from utils import init_distributed, run_cli, set_seed
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -28,13 +28,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np
 import torch
 
+from configs.schema import load_config
 from data import create_dataset
 from data.synthetic import GENERATOR_FILE, generate_split, true_captions
 from data.utils import pre_caption
 from engine.features import image_features, text_features
 from models.checkpoint import apply_config_updates
 from models.loading import load_model
-from utils import load_config, run_cli
+from utils import run_cli
 
 
 def pairwise_auc(scores: list[np.ndarray], truth: list[np.ndarray]) -> float:

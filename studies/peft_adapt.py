@@ -30,12 +30,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from configs.schema import load_config
 from data.imagecode import make_imagecode_sample
 from data.synthetic import STYLES, config_keys, make_synthetic_dataset
 from models.blip_retrieval import build_model
 from models.peft_methods import apply_finetune, parameter_counts
 from studies.itm_negatives import read_run, run_jobs
-from utils import load_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The adapter on the demo's 2-block ViT reads both blocks; a TMIM decoder sized for a 64-wide model.

@@ -43,10 +43,11 @@ from bench.bench_eval import (
     make_model,
     sync,
 )
+from configs.schema import DEFAULT_CONFIG, validate_config
 from data import create_dataset
 from models.blip_retrieval import build_model
 from models.peft_methods import apply_finetune, parameter_counts
-from utils import DEFAULT_CONFIG, autocast, set_seed, validate_config
+from utils import autocast, set_seed
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {

@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from configs.schema import load_config
 from data.retrieval import DataError, load_annotation, load_image
 from data.synthetic import LOCATIONS
 from data.transforms import test_transform
@@ -31,7 +32,7 @@ from data.utils import pre_caption
 from models.blip_retrieval import BlipRetrieval
 from models.checkpoint import apply_config_updates
 from models.loading import load_model
-from utils import load_config, run_cli
+from utils import run_cli
 
 PHRASE_CELL = {phrase: cell for cell, phrases in LOCATIONS.items() for phrase in phrases}
 # Longest phrases first, so "at the top of the image" is not read as "at the top".

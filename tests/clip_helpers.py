@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from utils import DEFAULT_CONFIG, validate_config
+from configs.schema import DEFAULT_CONFIG, validate_config
 
 TINY_OPEN_CLIP = {
     "embed_dim": 16,

@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
+from configs import schema
+from configs.schema import DEFAULT_CONFIG, validate_config
 from data.synthetic import config_keys
 from models.blip_retrieval import BlipRetrieval, build_model
-from utils import DEFAULT_CONFIG, validate_config
 
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # Enough everyday words that tokenised captions are mostly whole words, not [UNK].
@@ -83,6 +84,13 @@ def tiny_config(tmp_path: str | os.PathLike, **overrides: Any) -> dict:
     )
     config.update(copy.deepcopy(overrides))
     return validate_config(config, "tiny_config")
+
+
+def for_script(config: dict, script: str) -> dict:
+    """`config` with every key that `script` does not honour back at its default (tiny_config sets a small
+    queue_size for retrieval, which train_caption.py and train_cirr.py would refuse)."""
+    allowed = {key for group in schema.SCRIPT_GROUPS[script] for key in schema.KEY_GROUPS[group]}
+    return {key: value if key in allowed else copy.deepcopy(DEFAULT_CONFIG[key]) for key, value in config.items()}
 
 
 def synthetic_config(root: str | os.PathLike, paths: dict[str, str], **overrides: Any) -> dict:

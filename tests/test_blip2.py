@@ -15,6 +15,7 @@ import transformers
 
 import compare_retrieval
 import eval_retrieval
+from configs.schema import DEFAULT_CONFIG, save_config, validate_config
 from data import create_dataset
 from data.synthetic import config_keys, make_synthetic_dataset
 from engine.evaluation import evaluate
@@ -23,7 +24,7 @@ from models.checkpoint import CheckpointError
 from models.loading import load_model
 from tests.dist_helpers import run_distributed
 from tests.helpers import tiny_config
-from utils import DEFAULT_CONFIG, ConfigError, save_config, validate_config
+from utils import ConfigError
 
 pytestmark = pytest.mark.skipif(
     not hasattr(transformers, "Blip2ForImageTextRetrieval"),

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from bench import caption_decode_speed
+from configs.schema import save_config
 from data.synthetic import make_synthetic_dataset
 from models.blip_caption import build_caption_model
 from studies import caption_baselines
 from tests.helpers import synthetic_config
-from utils import save_config
 
 
 @pytest.fixture(autouse=True)

@@ -12,14 +12,15 @@ import torch
 
 import caption
 import train_caption
+from configs.schema import save_config
 from data.captions import coco_image_id, load_coco_gt
 from data.retrieval import DataError
 from data.synthetic import make_synthetic_dataset
 from engine import caption_metrics, captioning, trainer
 from engine.generation import GenerationSettings
 from tests.dist_helpers import run_distributed
-from tests.helpers import synthetic_config
-from utils import ConfigError, UserError, save_config
+from tests.helpers import for_script, synthetic_config
+from utils import ConfigError, UserError
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -50,7 +51,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict:
         num_beams=2,
     )
     path = os.path.join(root, "caption.yaml")
-    save_config(config, path)
+    save_config(for_script(config, "train_caption.py"), path)
     return {"config": path, "root": str(root), "images": os.path.join(str(root), "images", "test")}
 
 

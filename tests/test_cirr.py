@@ -29,7 +29,7 @@ from engine.cir import (
 )
 from models.blip_cir import build_cir_model, hn_nce_loss, hn_nce_terms, load_cir_model
 from models.blip_retrieval import build_model
-from tests.helpers import spread_weights, tiny_config
+from tests.helpers import for_script, spread_weights, tiny_config
 from utils import ConfigError
 
 SMALL = {"train": 8, "val": 3, "test1": 2}
@@ -43,7 +43,7 @@ def cirr_data(tmp_path_factory) -> dict:
 
 def cir_config(root, paths: dict, **overrides) -> dict:
     base = {**config_keys(paths), "batch_size_train": 8, "batch_size_test": 7, "log_every": 1, "max_epoch": 1}
-    return tiny_config(root, **{**base, **overrides})
+    return for_script(tiny_config(root, **{**base, **overrides}), "train_cirr.py")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from PIL import Image
 
 import eval_retrieval
 import train_retrieval
+from configs.schema import save_config
 from data import create_dataset
 from data.synthetic import config_keys, make_synthetic_dataset
 from engine.evaluation import evaluate
@@ -33,7 +34,7 @@ from models.clip import (
 from models.loading import load_model
 from tests.clip_helpers import clip_config, save_open_clip_checkpoint, write_hf_clip_dir, write_open_clip_config
 from tests.dist_helpers import run_distributed
-from utils import ConfigError, save_config
+from utils import ConfigError
 
 
 @pytest.fixture(scope="module")

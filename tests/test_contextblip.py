@@ -12,6 +12,7 @@ import torch
 
 import eval_imagecode
 import models.blip_retrieval as blip_retrieval
+from configs.schema import CONFIG_CHOICES, load_config, save_config
 from data.imagecode import ImagecodeSet, make_imagecode_sample, sorted_set_images
 from data.retrieval import load_image
 from data.transforms import test_transform
@@ -20,7 +21,7 @@ from engine.imagecode import imagecode_accuracy, imagecode_scores
 from models.blip_retrieval import build_model, sample_hard_negatives
 from models.peft_methods import apply_finetune, delta_state_dict, trainable_names
 from tests.helpers import spread_weights, tiny_config
-from utils import CONFIG_CHOICES, ConfigError, load_config, save_config
+from utils import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_ADAPTER = {"layers": [1, 2], "decoder_width": 32, "decoder_depth": 1, "decoder_heads": 2}

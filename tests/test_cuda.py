@@ -19,12 +19,13 @@ import torch
 
 import models.blip_retrieval as br
 import train_retrieval
+from configs.schema import save_config
 from data import create_dataset
 from data.synthetic import make_synthetic_dataset
 from engine import evaluation, features, itm_rerank, memory
 from models.blip_retrieval import build_model
 from tests.helpers import spread_weights, synthetic_config
-from utils import autocast, save_config
+from utils import autocast
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import data
+from configs.schema import DEFAULT_CONFIG, validate_config
 from data import (
     ANNOTATION_FILES,
     DataError,
@@ -30,7 +31,7 @@ from data.captions import create_caption_dataset
 from data.synthetic import SPECIAL_TOKENS, make_synthetic_dataset
 from data.synthetic import main as synthetic_main
 from data.utils import pre_caption
-from utils import DEFAULT_CONFIG, ConfigError, validate_config
+from utils import ConfigError
 
 # ----------------------------------------------------------------------------- helpers and fixtures
 

@@ -18,6 +18,7 @@ import torch
 import yaml
 
 import eval_retrieval
+from configs.schema import DEFAULT_CONFIG, load_config
 from data import DataError, create_dataset
 from data.synthetic import make_synthetic_dataset
 from engine import evaluation, features, itm_rerank
@@ -25,7 +26,7 @@ from engine.metrics import compute_metrics, format_metrics_table, query_ranks
 from models.blip_retrieval import build_model
 from tests.dist_helpers import run_distributed
 from tests.helpers import TINY_MED, spread_weights, synthetic_config
-from utils import DEFAULT_CONFIG, ConfigError, load_config
+from utils import ConfigError
 
 CPU = torch.device("cpu")
 RECALL_KEYS = ["txt_r1", "txt_r5", "txt_r10", "txt_r_mean", "img_r1", "img_r5", "img_r10", "img_r_mean", "r_mean"]

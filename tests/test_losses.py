@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import models.blip_retrieval as br
 import utils
+from configs import schema
 from engine.retrieval_task import itm_hard_fraction
 from models.blip_retrieval import sample_hard_negatives
 from tests.helpers import TINY_MED, tiny_model
@@ -312,11 +313,11 @@ def test_official_hard_negatives_are_the_default_and_in_every_paper_config():
     """The official sampler, augmentation and re-ranking score are the defaults and what every paper config
     gets; the demo departs from all three (docs/notes/itm_from_scratch.md)."""
     official = {"itm_negatives": "hard", "train_augment": "official", "rerank_score": "official"}
-    assert {key: utils.DEFAULT_CONFIG[key] for key in official} == official
+    assert {key: schema.DEFAULT_CONFIG[key] for key in official} == official
     for name in ("retrieval_flickr", "retrieval_coco", "retrieval_flickr_large", "retrieval_coco_large"):
-        config = utils.load_config(f"configs/{name}.yaml")
+        config = schema.load_config(f"configs/{name}.yaml")
         assert {key: config[key] for key in official} == official, name
-    demo = utils.load_config("configs/demo.yaml")
+    demo = schema.load_config("configs/demo.yaml")
     assert {key: demo[key] for key in official} == {
         "itm_negatives": "uniform",
         "train_augment": "none",
@@ -326,7 +327,7 @@ def test_official_hard_negatives_are_the_default_and_in_every_paper_config():
 
 def test_warmup_and_anneal_need_a_step_count():
     with pytest.raises(utils.ConfigError, match="itm_negatives_steps.*'warmup'"):
-        utils.validate_config({**utils.DEFAULT_CONFIG, "itm_negatives": "warmup"}, "test")
+        schema.validate_config({**schema.DEFAULT_CONFIG, "itm_negatives": "warmup"}, "test")
 
 
 def test_negative_all_rank_in_one_process_equals_local_mode(tmp_path):

@@ -16,7 +16,8 @@ from PIL import Image
 
 import eval_retrieval
 import train_retrieval
-import utils
+from configs import schema
+from configs.schema import save_config
 from data.imagecode import (
     POSITIONAL_TEMPLATES,
     ImagecodeSet,
@@ -43,7 +44,7 @@ from models.peft_methods import (
     trainable_names,
 )
 from tests.helpers import spread_weights, synthetic_config, tiny_config
-from utils import ConfigError, UserError, save_config
+from utils import ConfigError, UserError
 
 TINY_ADAPTER = {"layers": [1, 2], "decoder_width": 32, "decoder_depth": 1, "decoder_heads": 2}
 METHODS = {
@@ -107,8 +108,8 @@ def test_clip_with_a_blip_only_method_is_refused(tmp_path):
 def test_partial_finetune_mapping_is_merged_over_the_defaults(tmp_path):
     config = tiny_config(tmp_path, finetune={"method": "lora", "lora": {"rank": 2}})
     assert config["finetune"]["lora"]["rank"] == 2
-    assert config["finetune"]["lora"]["alpha"] == utils.DEFAULT_CONFIG["finetune"]["lora"]["alpha"]
-    assert config["finetune"]["adapter"] == utils.DEFAULT_CONFIG["finetune"]["adapter"]
+    assert config["finetune"]["lora"]["alpha"] == schema.DEFAULT_CONFIG["finetune"]["lora"]["alpha"]
+    assert config["finetune"]["adapter"] == schema.DEFAULT_CONFIG["finetune"]["adapter"]
 
 
 def test_model_dependent_errors_are_clear(tmp_path):
@@ -292,7 +293,7 @@ def test_vision_prompts_keep_the_image_token_shape_and_only_the_prompts_train(tm
 
 def test_prompt_tuning_needs_at_least_one_token(tmp_path):
     with pytest.raises(ConfigError, match="both are 0"):
-        utils.check_finetune({"method": "prompt", "prompt": {"text_tokens": 0}}, "in test")
+        schema.check_finetune({"method": "prompt", "prompt": {"text_tokens": 0}}, "in test")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -348,7 +349,7 @@ def test_gated_adapter_starts_as_the_base_model_and_its_gate_trains(tmp_path):
     vit(images).square().sum().backward()
     assert vit.adapter.gate.grad is not None and vit.adapter.gate.grad.abs() > 0
     with pytest.raises(ConfigError, match="finetune.adapter.gate"):
-        utils.validate_config({**config, "finetune": {**config["finetune"], "adapter": {"gate": "yes"}}})
+        schema.validate_config({**config, "finetune": {**config["finetune"], "adapter": {"gate": "yes"}}})
 
 
 def test_vit_on_kept_patches_equals_the_same_tokens_selected_up_front(tmp_path):
@@ -444,7 +445,7 @@ def _config_file(data_root, tmp_path, finetune: dict) -> str:
     config = copy.deepcopy(config)
     config["finetune"] = finetune
     path = os.path.join(tmp_path, "config.yaml")
-    save_config(utils.validate_config(config), path)
+    save_config(schema.validate_config(config), path)
     return path
 
 
@@ -509,7 +510,7 @@ def test_a_delta_on_the_wrong_base_is_refused(data_root, tmp_path):
     config_path = _config_file(data_root, tmp_path, METHODS["prompt"])
     out = tmp_path / "run"
     train_retrieval.main(["--config", config_path, "--output-dir", str(out), "--options", "max_epoch=1"])
-    config = utils.load_config(config_path)
+    config = schema.load_config(config_path)
     # Another queue_size (say, eval with the default config) loads: the queues are the one shape that may differ.
     resized = copy.deepcopy(config)
     resized["queue_size"] = 2 * config["queue_size"]
@@ -775,7 +776,7 @@ def test_peft_adapt_bench_runs_every_step_and_tabulates_gains_over_zero_shot(tmp
     vocab = make_synthetic_dataset(str(tmp_path / "vocab_data"), 20, 1, 1)["vocab_file"]
     base = str(tmp_path / "base.pth")
     torch.manual_seed(0)
-    torch.save({"model": build_model(utils.load_config(DEMO_CONFIG, [f"text_encoder={vocab}"])).state_dict()}, base)
+    torch.save({"model": build_model(schema.load_config(DEMO_CONFIG, [f"text_encoder={vocab}"])).state_dict()}, base)
     out = str(tmp_path / "bench")
     args = ["--out", out, "--base", base, "--base-vocab", vocab, "--methods", "full", "adapter_gate_itc"]
     args += ["--epochs", "1", "--num-train", "8", "--num-eval", "6", "--imagecode-sets", "1"]

@@ -13,11 +13,12 @@ from PIL import Image
 
 import compare_retrieval
 import eval_retrieval
+from configs.schema import save_config
 from data.synthetic import config_keys, make_synthetic_dataset
 from engine.report import bucket_names, caption_phenomena, phenomenon_buckets, rank_buckets
 from tests.clip_helpers import clip_config, save_open_clip_checkpoint, write_open_clip_config
 from tests.helpers import synthetic_config
-from utils import UserError, save_config
+from utils import UserError
 
 
 @pytest.fixture(scope="module")

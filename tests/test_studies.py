@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from configs.schema import save_config
 from data.synthetic import make_synthetic_dataset
 from models.blip_retrieval import build_model
 from studies import itm_negatives, itm_topk_auc, position_probe
 from tests.helpers import spread_weights, synthetic_config
-from utils import save_config
 
 
 @pytest.fixture(autouse=True)

@@ -13,6 +13,8 @@ import torch
 import eval_retrieval
 import train_retrieval
 import utils
+from configs import schema
+from configs.schema import save_config
 from data.synthetic import make_synthetic_dataset
 from engine import memory, retrieval_task, trainer
 from engine.retrieval_task import is_retrieval_finetuned
@@ -21,7 +23,7 @@ from models.blip_retrieval import build_model
 from models.checkpoint import CheckpointError
 from tests.dist_helpers import run_distributed
 from tests.helpers import synthetic_config
-from utils import ConfigError, save_config
+from utils import ConfigError
 
 RECALL_KEYS = ["txt_r1", "txt_r5", "txt_r10", "txt_r_mean", "img_r1", "img_r5", "img_r10", "img_r_mean", "r_mean"]
 
@@ -353,7 +355,7 @@ def test_fit_ckpt_layers_follows_the_linear_memory_model():
 
 
 def _tiny_train_model(config_path):
-    config = utils.load_config(config_path, ["vit_grad_ckpt=true", "vit_ckpt_layer=auto"])
+    config = schema.load_config(config_path, ["vit_grad_ckpt=true", "vit_ckpt_layer=auto"])
     torch.manual_seed(0)
     return build_model(config), config
 

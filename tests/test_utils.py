@@ -13,10 +13,12 @@ import torch.distributed as dist
 import yaml
 
 import utils
+from configs import schema
+from configs.schema import load_config
 from engine.retrieval_task import alpha_at
 from engine.trainer import cosine_lr
 from tests.dist_helpers import DistributedChildError, run_distributed
-from utils import ConfigError, load_config
+from utils import ConfigError
 
 # ---------------------------------------------------------------------------------------------------
 # Config
@@ -35,8 +37,8 @@ def test_defaults_are_valid_and_cover_official_keys():
         "batch_size_test init_lr image_size queue_size alpha k_test negative_all_rank weight_decay "
         "min_lr max_epoch"
     ).split()
-    assert set(official) <= set(utils.DEFAULT_CONFIG)
-    utils.validate_config(dict(utils.DEFAULT_CONFIG))
+    assert set(official) <= set(schema.DEFAULT_CONFIG)
+    schema.validate_config(dict(schema.DEFAULT_CONFIG))
 
 
 def test_load_merges_over_defaults_and_parses_scientific_floats(tmp_path):
@@ -46,7 +48,7 @@ def test_load_merges_over_defaults_and_parses_scientific_floats(tmp_path):
     assert cfg["init_lr"] == 1e-5 and isinstance(cfg["init_lr"], float)  # PyYAML alone gives '1e-5'
     assert cfg["min_lr"] == 0.0 and isinstance(cfg["min_lr"], float)
     assert cfg["queue_size"] == 57600 and cfg["embed_dim"] == 256  # untouched defaults
-    assert utils.DEFAULT_CONFIG["dataset"] == "flickr"  # defaults not mutated
+    assert schema.DEFAULT_CONFIG["dataset"] == "flickr"  # defaults not mutated
 
 
 def test_overrides_dotted_and_yaml_typed(tmp_path):
@@ -73,7 +75,7 @@ def test_overrides_dotted_and_yaml_typed(tmp_path):
 
 
 def test_empty_file_means_defaults(tmp_path):
-    assert load_config(_write(tmp_path, "")) == utils.DEFAULT_CONFIG
+    assert load_config(_write(tmp_path, "")) == schema.DEFAULT_CONFIG
 
 
 @pytest.mark.parametrize(
@@ -133,7 +135,7 @@ def test_save_load_round_trip(tmp_path):
         ["init_lr=3e-6", "med_config={hidden_size: 32, num_hidden_layers: 2}"],
     )
     out = str(tmp_path / "out" / "config.yaml")
-    utils.save_config(cfg, out)
+    schema.save_config(cfg, out)
     assert not os.path.exists(out + ".tmp")
     assert list(yaml.safe_load(open(out))) == list(cfg)  # key order kept
     assert load_config(out) == cfg

@@ -1,0 +1,1 @@
+"""Config files (YAML, one per task and dataset) and their schema (configs/schema.py)."""
