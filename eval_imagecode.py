@@ -13,13 +13,12 @@ takes, delta checkpoints of finetune.method runs included).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 from data.imagecode import ImagecodeSet
 from engine.imagecode import SCORINGS, imagecode_accuracy, imagecode_predictions, imagecode_scores
 from models.checkpoint import load_model
-from utils import init_distributed, load_config, log, run_cli, save_config
+from utils import atomic_write_json, check_output_dir, init_distributed, load_config, log, run_cli, save_config
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -38,6 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     config = load_config(args.config, args.options)
+    check_output_dir(args.output_dir, "--output-dir")  # before the scoring, not after it
     info = init_distributed(config["device"])
     source = args.checkpoint if args.checkpoint is not None else config["pretrained"]
     model, _ = load_model(config, source)
@@ -47,13 +47,12 @@ def main(argv: list[str] | None = None) -> dict:
     scores = imagecode_scores(model, dataset, config, info.device, args.scoring)
     os.makedirs(args.output_dir, exist_ok=True)
     save_config(config, os.path.join(args.output_dir, "config.yaml"))
-    with open(os.path.join(args.output_dir, "imagecode_predictions.json"), "w") as f:
-        json.dump(imagecode_predictions(scores, dataset), f, indent=1)
+    predictions = imagecode_predictions(scores, dataset)
+    atomic_write_json(os.path.join(args.output_dir, "imagecode_predictions.json"), predictions, indent=1)
     result = {"checkpoint": source, "scoring": args.scoring}
     if dataset.labelled:
         result.update(imagecode_accuracy(scores, dataset))
-        with open(os.path.join(args.output_dir, "imagecode_metrics.json"), "w") as f:
-            json.dump(result, f, indent=1)
+        atomic_write_json(os.path.join(args.output_dir, "imagecode_metrics.json"), result, indent=1)
 
         def fmt(value: float | None) -> str:
             return "n/a" if value is None else f"{value:.2f}"

@@ -22,7 +22,7 @@ from engine.evaluation import evaluate, model_info, write_eval_outputs
 from engine.metrics import format_metrics_table
 from models.checkpoint import load_model
 from models.clip import dataset_transform
-from utils import init_distributed, is_main_process, load_config, log, run_cli, save_config
+from utils import check_output_dir, init_distributed, is_main_process, load_config, log, run_cli, save_config
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     config = load_config(args.config, args.options)
     output_dir = args.output_dir or os.path.join("output", "eval_" + os.path.splitext(os.path.basename(args.config))[0])
+    check_output_dir(output_dir, "--output-dir")  # before the evaluation, not after it
     dist_info = init_distributed(config["device"])
     source = args.checkpoint if args.checkpoint is not None else config["pretrained"]
     if not source:

@@ -66,6 +66,7 @@ def selection_score(metrics: dict) -> float:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     config = utils.load_config(args.config, args.options)
+    utils.check_output_dir(args.output_dir, "--output-dir")
     owns_group = not utils.is_dist_initialized()
     info = utils.init_distributed(config["device"])
     try:

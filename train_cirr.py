@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Train (or --evaluate). Returns {'model', 'best_epoch', 'best_val', 'results'}."""
     args = parse_args(argv)
     config = utils.load_config(args.config, args.options)
+    utils.check_output_dir(args.output_dir, "--output-dir")
     check_config(config, args.evaluate)
     owns_group = not utils.is_dist_initialized()
     info = utils.init_distributed(config["device"])

@@ -334,6 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Run training (or --evaluate). Returns {'model', 'best_epoch', 'best_val', 'best_test'}."""
     args = parse_args(argv)
     config = utils.load_config(args.config, args.options)
+    utils.check_output_dir(args.output_dir, "--output-dir")
     owns_group = not utils.is_dist_initialized()
     info = utils.init_distributed(config["device"])
     try:
