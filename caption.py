@@ -25,8 +25,6 @@ relative to: --image-root).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 
 import torch
@@ -43,7 +41,7 @@ from engine.generation import GenerationSettings, generate
 from models.caption_checkpoint import load_caption_model
 from models.checkpoint import add_unsafe_trust_flag, apply_config_updates
 from models.loading import load_model
-from utils import UserError, autocast, init_distributed, log, run_cli
+from utils import UserError, atomic_write_json, autocast, check_output_file, init_distributed, log, run_cli
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -114,9 +112,16 @@ def resolve_config(args: argparse.Namespace) -> dict:
 
 
 @torch.no_grad()
-def filter_pairs(args: argparse.Namespace, results: list[dict], path_of: dict[str, str], device) -> list[dict]:
+def filter_pairs(
+    args: argparse.Namespace,
+    results: list[dict],
+    path_of: dict[str, str],
+    device,
+    unreadable: frozenset[str] = frozenset(),
+) -> list[dict]:
     """CapFilt: score every generated (and --existing) pair with the retrieval model's ITM head and keep those
-    above --threshold, as retrieval training records {image, caption, image_id, itm, source}."""
+    above --threshold, as retrieval training records {image, caption, image_id, itm, source}. --existing pairs of
+    the `unreadable` images (already reported by the captioning) are left out."""
     # The filter is a retrieval model: --filter-config is a retrieval config; without it the caption config's
     # model keys build it.
     config = (
@@ -137,7 +142,8 @@ def filter_pairs(args: argparse.Namespace, results: list[dict], path_of: dict[st
                     f"{args.existing}: record {i} names image {rec['image']!r}, which is not among the captioned "
                     f"images (names are relative to --image-root or to the folder given to --images)"
                 )
-            pairs.append((rec["image"], rec["caption"], "existing"))
+            if rec["image"] not in unreadable:
+                pairs.append((rec["image"], rec["caption"], "existing"))
     transform = test_transform(config["image_size"])
     kept, batch = [], config["batch_size_test"]
     for start in tqdm(range(0, len(pairs), batch), desc="filter (ITM)", unit="batch", dynamic_ncols=True):
@@ -159,6 +165,7 @@ def filter_pairs(args: argparse.Namespace, results: list[dict], path_of: dict[st
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     config = resolve_config(args)
+    check_output_file(args.output, "--output")  # before the captioning, not after it
     device = init_distributed(config["device"]).device
     paths, names = list_images(args.images, args.image_root)
     source = args.checkpoint if args.checkpoint is not None else config["pretrained"]
@@ -190,10 +197,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             bar.update(len(indices) + len(errors))
     results = [{"image": names[i], "caption": captions[i]} for i in sorted(captions)]
     if args.filter:
-        results = filter_pairs(args, results, dict(zip(names, paths, strict=True)), device)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(results, f, indent=1)
+        path_of = dict(zip(names, paths, strict=True))
+        results = filter_pairs(args, results, path_of, device, frozenset(name for name, _ in failed))
+    atomic_write_json(args.output, results, indent=1)
     log(f"wrote {len(results)} captions to {args.output}")
     if failed:
         listed = "\n".join(f"  {name}: {message}" for name, message in failed)

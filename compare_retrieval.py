@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from engine.report import load_run, write_report
-from utils import UserError, run_cli
+from utils import UserError, check_output_dir, run_cli
 
 
 def main(argv: list[str] | None = None) -> dict[str, str]:
@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     args = parser.parse_args(argv)
     if args.names is not None and len(args.names) != len(args.runs):
         raise UserError(f"--names gives {len(args.names)} names for {len(args.runs)} runs; give one per run")
+    check_output_dir(args.output_dir, "--output-dir")
     names = args.names or [None] * len(args.runs)
     runs = [load_run(path, args.split, name) for path, name in zip(args.runs, names, strict=True)]
     files = write_report(runs, args.output_dir, args.num_failures)

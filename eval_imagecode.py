@@ -18,7 +18,6 @@ takes, delta checkpoints of finetune.method runs included).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 from configs.schema import load_config, save_config
@@ -27,7 +26,7 @@ from data.utils import TEXT_CLEANINGS
 from engine.imagecode import SCORINGS, imagecode_accuracy, imagecode_predictions, imagecode_scores
 from models.checkpoint import add_unsafe_trust_flag, apply_config_updates
 from models.loading import load_model
-from utils import init_distributed, log, run_cli
+from utils import atomic_write_json, check_output_dir, init_distributed, log, run_cli
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -59,6 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     config = load_config(args.config, args.options, script="eval_imagecode.py")
+    check_output_dir(args.output_dir, "--output-dir")  # before the scoring, not after it
     scoring = args.scoring or config["imagecode_scoring"]
     cleaning = args.text_cleaning or config["imagecode_text_cleaning"]
     config.update(imagecode_scoring=scoring, imagecode_text_cleaning=cleaning)  # what ran, in DIR/config.yaml
@@ -72,13 +72,12 @@ def main(argv: list[str] | None = None) -> dict:
     scores = imagecode_scores(model, dataset, config, info.device, scoring)
     os.makedirs(args.output_dir, exist_ok=True)
     save_config(config, os.path.join(args.output_dir, "config.yaml"))
-    with open(os.path.join(args.output_dir, "imagecode_predictions.json"), "w") as f:
-        json.dump(imagecode_predictions(scores, dataset), f, indent=1)
+    predictions = imagecode_predictions(scores, dataset)
+    atomic_write_json(os.path.join(args.output_dir, "imagecode_predictions.json"), predictions, indent=1)
     result = {"checkpoint": source, "scoring": scoring, "text_cleaning": cleaning}
     if dataset.labelled:
         result.update(imagecode_accuracy(scores, dataset))
-        with open(os.path.join(args.output_dir, "imagecode_metrics.json"), "w") as f:
-            json.dump(result, f, indent=1)
+        atomic_write_json(os.path.join(args.output_dir, "imagecode_metrics.json"), result, indent=1)
 
         def fmt(value: float | None) -> str:
             return "n/a" if value is None else f"{value:.2f}"

@@ -25,7 +25,7 @@ from engine.metrics import format_metrics_table
 from models.checkpoint import add_unsafe_trust_flag, apply_config_updates
 from models.clip import dataset_transform
 from models.loading import load_model
-from utils import init_distributed, is_main_process, log, run_cli
+from utils import check_output_dir, init_distributed, is_main_process, log, run_cli
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     config = load_config(args.config, args.options, script="eval_retrieval.py")
     output_dir = args.output_dir or os.path.join("output", "eval_" + os.path.splitext(os.path.basename(args.config))[0])
+    check_output_dir(output_dir, "--output-dir")  # before the evaluation, not after it
     dist_info = init_distributed(config["device"])
     source = args.checkpoint if args.checkpoint is not None else config["pretrained"]
     if not source:

@@ -11,7 +11,6 @@ full checkpoint does (eval_retrieval.py --checkpoint, pretrained:, models/hf_bli
 from __future__ import annotations
 
 import argparse
-import os
 
 import utils
 from configs.schema import load_config
@@ -30,13 +29,13 @@ def main(argv: list[str] | None = None) -> str:
     add_unsafe_trust_flag(parser)
     args = parser.parse_args(argv)
     config = load_config(args.config, args.options, script="export_merged.py")
+    utils.check_output_file(args.output, "--output")  # before the merge, not after it
     model, report = load_model(config, args.checkpoint, allow_unsafe=args.unsafe_trust_checkpoint)
     apply_config_updates(config, report)
     if getattr(model, "finetune", None) is None:
         raise UserError(f"{args.checkpoint} is not a parameter-efficient (delta) checkpoint; nothing to merge")
     merge_lora(model)
     config["finetune"] = {**config["finetune"], "method": "full", "base": ""}
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     utils.atomic_save({"model": model.state_dict(), "config": config}, args.output)
     log(f"merged LoRA into the base weights: {args.output}")
     return args.output

@@ -6,12 +6,16 @@ Everything here also works in a single process without torch.distributed initial
 from __future__ import annotations
 
 import contextlib
+import errno
 import http.client
 import json
 import os
 import random
+import re
 import socket
 import sys
+import tempfile
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 
 
 class UserError(Exception):
@@ -31,13 +36,67 @@ class ConfigError(UserError, ValueError):
     """A config file, override or value that cannot be used; the message says where and why."""
 
 
+# OS errors that mean "this path cannot be used as given" or "the disk is full": the user's to fix, so run_cli
+# reports them in one line. Any other OSError (a bad file descriptor, a broken pipe inside a library ...) is a bug
+# or an environment failure and keeps its traceback.
+_USER_OS_ERRORS: dict[int, str] = {
+    errno.ENOENT: "no such file or folder",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EISDIR: "is a folder, expected a file",
+    errno.ENOTDIR: "a part of the path is a file, expected a folder",
+    errno.EEXIST: "already exists and is in the way",
+    errno.EROFS: "read-only file system",
+    errno.ENOSPC: "no space left on the device; free some space (or choose another location) and rerun",
+    errno.EDQUOT: "disk quota exceeded; free some space (or choose another location) and rerun",
+    errno.ENAMETOOLONG: "file name too long",
+}
+
+
+def describe_os_error(err: OSError) -> str | None:
+    """One line for an OSError that is the user's to fix (see _USER_OS_ERRORS), naming the path; None otherwise.
+
+    A path error only counts with a path attached (open, stat, makedirs ... set `filename`); disk full and quota
+    count without one (a failing write() carries none), the path being added by atomic_write where it can."""
+    reason = _USER_OS_ERRORS.get(err.errno) if err.errno is not None else None
+    if reason is None:
+        return None
+    if err.filename is None:
+        return f"{reason} ({err.strerror})" if err.errno in (errno.ENOSPC, errno.EDQUOT) else None
+    path = os.fsdecode(err.filename)
+    if err.filename2 is not None:
+        path += f" -> {os.fsdecode(err.filename2)}"
+    return f"{path}: {reason}"
+
+
+def _user_error_line(err: UserError) -> str:
+    """The message of a UserError; one raised in a DataLoader worker arrives re-raised in this process with the
+    worker's whole traceback as its text, of which only the original message is kept."""
+    text = str(err)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        cls = type(err)
+        for marker in (f"{cls.__module__}.{cls.__qualname__}: ", f"{cls.__name__}: "):
+            if marker in text:
+                return text.rsplit(marker, 1)[1].rstrip("\n")
+    return text
+
+
 def run_cli(main: Callable[[], Any]) -> None:
     """A script's console entry point: a UserError ends the process with `error: <message>` on stderr (exit
-    status 1) instead of a traceback; anything else is a bug and keeps its traceback."""
+    status 1) instead of a traceback, and so do OS errors that are the user's (a path that is missing, unreadable,
+    unwritable or of the wrong kind, a full disk: describe_os_error) and YAML that does not parse. Anything else is
+    a bug and keeps its traceback."""
     try:
         main()
     except UserError as err:
-        sys.exit(f"error: {err}")
+        sys.exit(f"error: {_user_error_line(err)}")
+    except OSError as err:
+        message = describe_os_error(err)
+        if message is None:
+            raise
+        sys.exit(f"error: {message}")
+    except yaml.YAMLError as err:
+        sys.exit(f"error: not valid YAML: {' '.join(str(err).split())}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -248,10 +307,43 @@ def restore_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# When this process started (close enough: utils is imported before anything is written). A temporary file of ours
+# older than that cannot belong to a write of this process; see remove_stale_temporaries.
+_PROCESS_STARTED = time.time()
+_TMP_SUFFIX = re.compile(r"\.tmp-[0-9a-f]{12}")  # atomic_write's temporary names: <target>.tmp-<12 hex digits>
+
+
+def remove_stale_temporaries(path: str) -> list[str]:
+    """Delete the temporary files a killed atomic_write to `path` left behind (`<path>.tmp-<12 hex>`, regular files
+    last modified before this process started) and return their paths. Nothing else is touched: not other
+    targets' temporaries, not names that merely look alike, and not a temporary a live writer is still filling
+    (its modification time is recent)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:  # no folder yet: nothing to clean
+        return removed
+    for entry in entries:
+        if not (entry.name.startswith(name) and _TMP_SUFFIX.fullmatch(entry.name[len(name) :])):
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < _PROCESS_STARTED:
+                os.remove(entry.path)
+                removed.append(entry.path)
+        except OSError:  # gone already, or not ours to delete: leave it
+            continue
+    if removed:
+        log(f"removed {len(removed)} temporary file(s) left by an interrupted write of {path}: {', '.join(removed)}")
+    return removed
+
+
 def atomic_write(path: str, write: Callable[[Any], Any]) -> None:
     """Write through `write(binary_file)` to a temporary name beside `path`, fsync, rename: a crash never leaves a
-    half-written file under `path` (it is whole or absent). The temporary name is unique per process and call."""
+    half-written file under `path` (it is whole or absent). The temporary name is unique per process and call;
+    those a killed earlier run left for the same `path` are deleted first (remove_stale_temporaries)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    remove_stale_temporaries(path)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"  # uuid4 reads os.urandom: the seeded RNGs stay untouched
     try:
         with open(tmp, "wb") as f:
@@ -259,14 +351,65 @@ def atomic_write(path: str, write: Callable[[Any], Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if err.filename is None and err.errno is not None:  # a failing write() names no file: name the target
+            raise OSError(err.errno, err.strerror, path) from err
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def atomic_write_text(path: str, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically (atomic_write)."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_write_json(path: str, obj: Any, indent: int | None = None) -> None:
+    """Write `obj` as JSON to `path` atomically (atomic_write); tensors and numpy values become plain numbers."""
+    atomic_write_text(path, json.dumps(obj, indent=indent, default=_json_default))
+
+
 def atomic_save(obj: Any, path: str) -> None:
     """torch.save to `path` atomically (temp file in the same directory, fsync, rename)."""
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _blocking_file(path: str) -> str | None:
+    """The first component of `path` (from the root down) that exists and is not a folder, or None."""
+    parts = os.path.abspath(path)
+    prefix = os.sep
+    for part in parts.split(os.sep)[1:]:
+        prefix = os.path.join(prefix, part)
+        if not os.path.exists(prefix):
+            return None
+        if not os.path.isdir(prefix):
+            return prefix
+    return None
+
+
+def check_output_dir(path: str, what: str) -> None:
+    """Make sure the output folder `path` (named `what` in messages, e.g. "--output-dir") exists and can be
+    written, before any work: create it, write and delete a probe file. Raises UserError naming the folder and
+    why (a file in the way, a parent that is a file, no permission, a read-only or full disk)."""
+    blocker = _blocking_file(path)
+    if blocker is not None:
+        where = "is a file" if os.path.abspath(blocker) == os.path.abspath(path) else f"lies under the file {blocker}"
+        raise UserError(f"{what} {path} cannot be an output folder: it {where}; expected a folder (or a new name)")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        reason = _USER_OS_ERRORS.get(err.errno, err.strerror) if err.errno is not None else str(err)
+        raise UserError(f"{what} {path} cannot be written: {reason}") from err
+
+
+def check_output_file(path: str, what: str) -> None:
+    """check_output_dir for the folder of the output file `path`, and `path` itself must not be a folder."""
+    if os.path.isdir(path):
+        raise UserError(f"{what} {path} is a folder; expected the name of a file to write")
+    check_output_dir(os.path.dirname(os.path.abspath(path)), f"{what} {path}: its folder")
 
 
 DOWNLOAD_TIMEOUT_S = 60  # seconds without data before a download fails

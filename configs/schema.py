@@ -590,10 +590,14 @@ def load_config(path: str, overrides: list[str] | None = None, script: str | Non
     """Load a YAML config, merge it over DEFAULT_CONFIG, apply `key=value` overrides and validate. With `script`
     (a name in SCRIPT_GROUPS), a key set in the file or the overrides that the script does not use is refused."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             loaded = yaml.safe_load(f)
     except FileNotFoundError as err:
         raise ConfigError(f"config file not found: {path}") from err
+    except IsADirectoryError as err:
+        raise ConfigError(f"config file {path} is a folder; expected a YAML file") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
     if loaded is None:  # an empty file means "all defaults"

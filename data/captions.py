@@ -69,8 +69,8 @@ def load_coco_gt(path: str) -> dict[int, list[str]]:
             data = json.load(f)
     except FileNotFoundError:
         raise DataError(f"COCO ground-truth file not found: {path}") from None
-    except json.JSONDecodeError as err:
-        raise DataError(f"COCO ground-truth file {path} is not valid JSON: {err}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"COCO ground-truth file {path} is not valid JSON (UTF-8 text): {err}") from None
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
         raise DataError(f"{path} is not a COCO caption file: expected an object with an 'annotations' list")
     refs: dict[int, list[str]] = {}

@@ -238,6 +238,12 @@ class CirrTrainDataset(Dataset):
     def __init__(self, data: CirrSplit, transform: Callable[[Image.Image], Any], max_words: int = 30):
         if not data.has_targets:
             raise DataError(f"CIRR split {data.split} has no targets and cannot be trained on")
+        for index, pair in enumerate(data.pairs):
+            if not pre_caption(pair.caption, max_words):  # the query would be the reference image alone
+                raise DataError(
+                    f"{data.captions_file}: entry {index} (pairid {pair.pairid}) has an empty caption {pair.caption!r}"
+                    " (no words once punctuation is removed); a training pair needs a modification text"
+                )
         self.data, self.transform, self.max_words = data, transform, max_words
         self.image_index = {name: i for i, name in enumerate(data.image_names)}
 

@@ -88,8 +88,8 @@ class ImagecodeSet(Dataset):
         try:
             with open(ann_file, encoding="utf-8") as f:
                 data = json.load(f)
-        except json.JSONDecodeError as err:
-            raise DataError(f"IMAGECODE annotation file {ann_file} is not valid JSON: {err}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DataError(f"IMAGECODE annotation file {ann_file} is not valid JSON (UTF-8 text): {err}") from None
         if not isinstance(data, dict) or not data:
             raise DataError(
                 f"{ann_file}: expected a non-empty mapping {{set_name: {{index: description}}}} (labelled) or "

@@ -32,13 +32,23 @@ class DataError(UserError, ValueError):
 
 
 def load_image(path: str) -> Image.Image:
-    """Open ``path`` as an RGB PIL image, raising DataError (naming the file) if that fails."""
+    """Open ``path`` as an RGB PIL image, raising DataError (naming the file) if that fails.
+
+    The pixel limit is PIL's own (``Image.MAX_IMAGE_PIXELS``, 89.5M pixels by default, left unchanged): PIL warns
+    above it and refuses above twice it (179M pixels, e.g. 13400 x 13400) before decoding, so a small file that
+    claims a huge size (a decompression bomb) is an unreadable image like any other, not a crash or 10s of GB.
+    """
     try:
         with Image.open(path) as img:
             # convert() forces a full decode, so truncated files fail here and not later.
             return img.convert("RGB")
     except FileNotFoundError as exc:
         raise DataError(f"Image file not found: {path}") from exc
+    except Image.DecompressionBombError as exc:  # not an OSError: PIL's refusal of a too-large image
+        raise DataError(
+            f"Could not read image file {path}: more pixels than the limit of {2 * Image.MAX_IMAGE_PIXELS} "
+            f"(2 x PIL's Image.MAX_IMAGE_PIXELS), refused as a possible decompression bomb ({exc})"
+        ) from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         # PIL raises a mix of these for corrupt or truncated files.
         raise DataError(f"Could not read image file {path}: {type(exc).__name__}: {exc}") from exc
@@ -178,6 +188,11 @@ class RetrievalTrainDataset(Dataset):
                 )
                 raise DataError(
                     f"Record {i} in {ann_file}: 'caption' must be a string, got {type(rec['caption']).__name__}{hint}."
+                )
+            if not pre_caption(rec["caption"], max_words):  # nothing to learn from; the model would see [CLS] [SEP]
+                raise DataError(
+                    f"Record {i} in {ann_file}: 'caption' {rec['caption']!r} is empty (no words once punctuation "
+                    "is removed); fix or remove the record."
                 )
             image_id = rec["image_id"]
             if not isinstance(image_id, (str, int)) or isinstance(image_id, bool):

@@ -7,7 +7,6 @@ writes the official results format `[{"image_id": ..., "caption": ...}]` and the
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -20,7 +19,7 @@ import utils
 from data.captions import CaptionEvalDataset
 from engine.caption_metrics import caption_metrics, format_caption_metrics
 from engine.generation import GenerationSettings, generate
-from utils import get_rank, get_world_size, is_main_process, log, shard_range
+from utils import atomic_write_json, get_rank, get_world_size, is_main_process, log, shard_range
 
 
 @torch.no_grad()
@@ -70,10 +69,8 @@ def write_caption_outputs(metrics: dict, results: list[dict], output_dir: str, s
     if not is_main_process():
         return
     os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, f"caption_metrics_{split}.json"), "w") as f:
-        json.dump({**metrics, **(extra or {})}, f, indent=2)
-    with open(os.path.join(output_dir, f"captions_{split}.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    atomic_write_json(os.path.join(output_dir, f"caption_metrics_{split}.json"), {**metrics, **(extra or {})}, indent=2)
+    atomic_write_json(os.path.join(output_dir, f"captions_{split}.json"), results, indent=1)
 
 
 @torch.no_grad()

@@ -21,7 +21,6 @@ A target_hard that is not among the members misses in Recall_subset (counted in 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ import utils
 from data import create_loader, pre_caption, test_transform
 from data.cirr import CIRR_VERSION, CirrImageDataset, CirrSplit
 from models.blip_cir import BlipCir
-from utils import gather_shards, get_rank, get_world_size, is_main_process, shard_range
+from utils import atomic_write_json, gather_shards, get_rank, get_world_size, is_main_process, shard_range
 
 RECALL_KS = (1, 5, 10, 50)
 SUBSET_KS = (1, 2, 3)
@@ -305,8 +304,7 @@ def write_cirr_outputs(result: CirResult, output_dir: str, extra: dict, save_sco
         return []
     os.makedirs(output_dir, exist_ok=True)
     written = [os.path.join(output_dir, f"metrics_{result.split}.json")]
-    with open(written[0], "w") as f:
-        json.dump({**result.metrics, **extra}, f, indent=1)
+    atomic_write_json(written[0], {**result.metrics, **extra}, indent=1)
     if save_scores:
         written.append(os.path.join(output_dir, f"scores_{result.split}.npz"))
         arrays = {k: np.asarray(v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in result.arrays.items()}
@@ -314,7 +312,6 @@ def write_cirr_outputs(result: CirResult, output_dir: str, extra: dict, save_sco
     if result.split == "test1":
         for metric, content in result.submissions.items():
             path = os.path.join(output_dir, f"cirr_submission_{result.split}_{metric}.json")
-            with open(path, "w") as f:
-                json.dump(content, f)
+            atomic_write_json(path, content)
             written.append(path)
     return written

@@ -10,7 +10,6 @@ is the maximum over its 32 queries, models/blip2.py) and CLIP (ITC alone, `evalu
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from engine.metrics import metrics_from_ranks, query_ranks
 from models.blip2 import Blip2Retrieval, query_max_similarity
 from models.blip_retrieval import BlipRetrieval
 from models.clip import ClipRetrieval
-from utils import gather_shards, get_rank, get_world_size, is_main_process, shard_range
+from utils import atomic_write, atomic_write_json, gather_shards, get_rank, get_world_size, is_main_process, shard_range
 
 
 @dataclass
@@ -213,15 +212,10 @@ def write_eval_outputs(
     if not is_main_process():
         return
     os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, f"metrics_{split}.json"), "w") as f:
-        json.dump({**result.metrics, **(extra or {})}, f, indent=2)
+    atomic_write_json(os.path.join(output_dir, f"metrics_{split}.json"), {**result.metrics, **(extra or {})}, indent=2)
     if save_scores:
-        np.savez(
-            os.path.join(output_dir, f"scores_{split}.npz"),
-            i2t=result.scores_i2t,
-            t2i=result.scores_t2i,
-            **result.ranks,
-        )
+        arrays = {"i2t": result.scores_i2t, "t2i": result.scores_t2i, **result.ranks}
+        atomic_write(os.path.join(output_dir, f"scores_{split}.npz"), lambda f: np.savez(f, **arrays))
         if dataset is not None:
             write_eval_index(dataset, os.path.join(output_dir, f"index_{split}.json"))
 
@@ -235,8 +229,7 @@ def write_eval_index(dataset, path: str) -> None:
         "texts": list(dataset.text),
         "txt2img": [dataset.txt2img[t] for t in range(len(dataset.text))],
     }
-    with open(path, "w") as f:
-        json.dump(index, f)
+    atomic_write_json(path, index)
 
 
 def model_info(model: BlipRetrieval | Blip2Retrieval | ClipRetrieval, config: dict) -> dict:

@@ -14,13 +14,15 @@ import io
 import json
 import os
 import re
+import zipfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
 from engine.metrics import metrics_from_ranks, query_ranks
-from utils import UserError
+from utils import UserError, atomic_write, atomic_write_json, atomic_write_text
 
 # ----------------------------------------------------------------------------------------------------
 # Caption phenomena: word lists matched on whole lower-case words (multi-word phrases as phrases)
@@ -97,12 +99,28 @@ class Run:
 
 def _read_json(path: str) -> dict:
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
         raise UserError(f"{path} not found: run eval_retrieval.py with --save-scores into that directory") from None
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not valid JSON: {err}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is not valid JSON (UTF-8 text): {err}") from None
+
+
+def _read_scores(path: str) -> dict[str, np.ndarray]:
+    """Every array of a scores_<split>.npz, read now: a truncated or corrupt file fails here, naming it."""
+    try:
+        with np.load(path) as scores:
+            arrays = {key: scores[key] for key in scores.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise UserError(
+            f"{path} cannot be read ({type(err).__name__}: {err}); it is truncated or not an eval_retrieval.py "
+            "--save-scores file: rerun that evaluation"
+        ) from None
+    missing = [key for key in ("i2t", "t2i") if key not in arrays]
+    if missing:
+        raise UserError(f"{path} has no {' or '.join(missing)} array: not an eval_retrieval.py --save-scores file")
+    return arrays
 
 
 def load_run(path: str, split: str, name: str | None = None) -> Run:
@@ -114,7 +132,7 @@ def load_run(path: str, split: str, name: str | None = None) -> Run:
     scores_path = os.path.join(path, f"scores_{split}.npz")
     if not os.path.isfile(scores_path):
         raise UserError(f"{scores_path} not found: run eval_retrieval.py with --save-scores into that directory")
-    scores = np.load(scores_path)
+    scores = _read_scores(scores_path)
     t2i = scores["t2i"]
     if t2i.shape != (len(index["texts"]), len(index["images"])):
         raise UserError(
@@ -235,7 +253,7 @@ def recall_curves(runs: list[Run], path: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"))
     plt.close(fig)
 
 
@@ -274,7 +292,7 @@ def rank_histograms(runs: list[Run], path: str) -> None:
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"))
     plt.close(fig)
 
 
@@ -383,8 +401,7 @@ def failure_gallery(runs: list[Run], path: str, num_queries: int = 20, thumb: in
             )
             parts.append("</div></div>")
     parts.append("</body></html>")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(parts))
+    atomic_write_text(path, "\n".join(parts))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -407,11 +424,13 @@ def write_report(runs: list[Run], out_dir: str, num_queries: int = 20) -> dict[s
     }
     table = metrics_table(runs)
     phenomena, phenomenon_numbers = phenomenon_table(runs)
-    with open(files["table"], "w") as f:
-        f.write(table + "\n")
-    with open(files["phenomena"], "w") as f:
-        f.write("Text->image R@1 (%) per caption bucket (a caption can be in several phenomenon buckets).\n\n")
-        f.write(phenomena + "\n")
+    atomic_write_text(files["table"], table + "\n")
+    atomic_write_text(
+        files["phenomena"],
+        "Text->image R@1 (%) per caption bucket (a caption can be in several phenomenon buckets).\n\n"
+        + phenomena
+        + "\n",
+    )
     recall_curves(runs, files["recall_curves"])
     rank_histograms(runs, files["rank_histograms"])
     failure_gallery(runs, files["gallery"], num_queries)
@@ -420,6 +439,5 @@ def write_report(runs: list[Run], out_dir: str, num_queries: int = 20) -> dict[s
         "metrics": {r.name: metrics_from_ranks(r.ranks) for r in runs},
         "phenomena_t2i_r1": phenomenon_numbers,
     }
-    with open(files["summary"], "w") as f:
-        json.dump(summary, f, indent=2)
+    atomic_write_json(files["summary"], summary, indent=2)
     return files

@@ -594,6 +594,7 @@ def main(task_class: type, argv: list[str] | None, description: str, writes: str
     task_class.add_arguments(parser)
     args = parser.parse_args(argv)
     config = schema.load_config(args.config, args.options, script=task_class.name)
+    utils.check_output_dir(args.output_dir, "--output-dir")  # a file in the way fails now, not after an epoch
     owns_group = not utils.is_dist_initialized()
     info = utils.init_distributed(config["device"])
     try:

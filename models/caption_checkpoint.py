@@ -14,7 +14,6 @@ is a CheckpointError that says what the checkpoint looks like.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 
@@ -41,7 +40,7 @@ from models.hf_blip import (
     write_preprocessor_config,
 )
 from models.hf_keys import official_to_hf_state_dict
-from utils import log
+from utils import atomic_write, atomic_write_json, log
 
 # Parts of pre-trained / retrieval checkpoints that captioning does not use.
 _NOT_FOR_CAPTIONING = (
@@ -187,7 +186,7 @@ def load_caption_model(
 def export_hf_caption_directory(model: BlipCaption, out_dir: str) -> str:
     """Write `model` as a transformers BlipForConditionalGeneration directory (weights, config, tokenizer,
     preprocessor); returns out_dir."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     os.makedirs(out_dir, exist_ok=True)
     official = model.state_dict()
@@ -196,15 +195,11 @@ def export_hf_caption_directory(model: BlipCaption, out_dir: str) -> str:
         if key.startswith("text_decoder.") and not key.endswith("position_ids"):
             state[key] = value
     # clone: tied tensors share storage, which safetensors refuses to write twice.
-    save_file(
-        {k: v.detach().cpu().clone().contiguous() for k, v in state.items()},
-        os.path.join(out_dir, "model.safetensors"),
-        metadata={"format": "pt"},
-    )
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
+    atomic_write(os.path.join(out_dir, "model.safetensors"), lambda f: f.write(save(tensors, {"format": "pt"})))
     hf_config = _hf_config_dict(model)
     hf_config["architectures"] = ["BlipForConditionalGeneration"]
-    with open(os.path.join(out_dir, HF_CONFIG), "w") as f:
-        json.dump(hf_config, f, indent=2)
+    atomic_write_json(os.path.join(out_dir, HF_CONFIG), hf_config, indent=2)
     model.tokenizer.save_pretrained(out_dir)
     write_preprocessor_config(out_dir, model.visual_encoder.image_size)
     log(f"exported Hugging Face BlipForConditionalGeneration to {out_dir} ({len(state)} tensors)")

@@ -21,7 +21,7 @@ from models.blip_retrieval import BlipRetrieval, build_model, init_tokenizer
 from models.checkpoint import CheckpointError, LoadReport, load_state_dict_checked, safe_torch_load
 from models.hf_keys import hf_to_official_state_dict, official_to_hf_state_dict
 from models.vit import VIT_SIZES
-from utils import log
+from utils import atomic_write, atomic_write_json, log
 
 if TYPE_CHECKING:  # transformers is imported only when a directory is read (it is slow to import)
     from transformers import BlipConfig, BlipVisionConfig
@@ -247,8 +247,7 @@ def write_preprocessor_config(out_dir: str, size: int) -> None:
         "image_std": [0.26862954, 0.26130258, 0.27577711],
         "do_convert_rgb": True,
     }
-    with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
-        json.dump(preprocessor, f, indent=2)
+    atomic_write_json(os.path.join(out_dir, "preprocessor_config.json"), preprocessor, indent=2)
 
 
 def export_hf_directory(model: BlipRetrieval, out_dir: str) -> str:
@@ -258,17 +257,13 @@ def export_hf_directory(model: BlipRetrieval, out_dir: str) -> str:
     square bicubic resize). Not exported, because HF has no slot for them: momentum encoders, queues, `temp`.
     Note that HF's ITM forward reads whatever first token it is given; BLIP retrieval puts [ENC] there.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     os.makedirs(out_dir, exist_ok=True)
     state = official_to_hf_state_dict(model.state_dict())
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in state.items()},
-        os.path.join(out_dir, "model.safetensors"),
-        metadata={"format": "pt"},
-    )
-    with open(os.path.join(out_dir, HF_CONFIG), "w") as f:
-        json.dump(_hf_config_dict(model), f, indent=2)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    atomic_write(os.path.join(out_dir, "model.safetensors"), lambda f: f.write(save(tensors, {"format": "pt"})))
+    atomic_write_json(os.path.join(out_dir, HF_CONFIG), _hf_config_dict(model), indent=2)
     model.tokenizer.save_pretrained(out_dir)
     write_preprocessor_config(out_dir, model.visual_encoder.image_size)
     log(
