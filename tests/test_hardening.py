@@ -36,7 +36,7 @@ from data.cirr import CirrPair, CirrSplit, CirrTrainDataset
 from data.imagecode import ImagecodeSet
 from data.retrieval import DataError, RetrievalEvalDataset, RetrievalTrainDataset, load_image
 from engine import captioning, cir, evaluation
-from tests.helpers import tiny_config
+from tests.helpers import for_script, tiny_config
 from utils import ConfigError, UserError, atomic_save, atomic_write, run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,13 +150,17 @@ def _dir_scripts(config_file: str, tmp_path, monkeypatch) -> dict:
     monkeypatch.setattr(compare_retrieval, "load_run", _no_work)
     monkeypatch.setattr(utils, "init_distributed", _no_work)  # the trainers' first step after the config
     cfg = ["--config", config_file]
+    per_script = {}
+    for script in ("train_caption.py", "train_cirr.py"):  # tiny_config's retrieval keys are not theirs
+        per_script[script] = str(tmp_path / f"tiny_{script}.yaml")
+        save_config(for_script(tiny_config(tmp_path), script), per_script[script])
     return {
         "eval_retrieval": (eval_retrieval.main, [*cfg, "--checkpoint", "x.pth"]),
         "eval_imagecode": (eval_imagecode.main, [*cfg, "--ann-file", "a.json", "--image-root", "sets"]),
         "compare_retrieval": (compare_retrieval.main, [str(tmp_path)]),
         "train_retrieval": (train_retrieval.main, cfg),
-        "train_caption": (train_caption.main, cfg),
-        "train_cirr": (train_cirr.main, cfg),
+        "train_caption": (train_caption.main, ["--config", per_script["train_caption.py"]]),
+        "train_cirr": (train_cirr.main, ["--config", per_script["train_cirr.py"]]),
     }
 
 
@@ -185,8 +189,10 @@ def test_an_unusable_output_file_is_refused_before_the_work(config_file, tmp_pat
     Image.new("RGB", (8, 8)).save(images / "a.png")
     in_the_way = tmp_path / "a_file"
     in_the_way.write_text("x")
+    caption_config = str(tmp_path / "caption.yaml")
+    save_config(for_script(tiny_config(tmp_path), "caption.py"), caption_config)
     scripts = {
-        "caption": (caption.main, ["--config", config_file, "--images", str(images)]),
+        "caption": (caption.main, ["--config", caption_config, "--images", str(images)]),
         "export_merged": (export_merged.main, ["--config", config_file, "--checkpoint", "x.pth"]),
     }
     for main, argv in scripts.values():
@@ -237,7 +243,7 @@ def test_a_decompression_bomb_is_skipped_by_the_image_loader(tmp_path) -> None:
 
 def test_caption_cli_captions_the_others_and_names_the_bomb(tmp_path) -> None:
     config = str(tmp_path / "tiny.yaml")
-    save_config(tiny_config(tmp_path, gen_max_length=8, num_beams=1), config)
+    save_config(for_script(tiny_config(tmp_path, gen_max_length=8, num_beams=1), "caption.py"), config)
     images = tmp_path / "images"
     images.mkdir()
     for name in ("a.png", "c.png"):
