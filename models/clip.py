@@ -165,6 +165,12 @@ def clip_contrastive_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, log
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
+def _pooler_output(tower_output) -> torch.Tensor:
+    """The pooled state of an HF CLIP tower: an output object's `pooler_output`, or item 1 of the tuple a config
+    with return_dict false gives (the towers' return_dict argument exists only in some transformers versions)."""
+    return tower_output.pooler_output if hasattr(tower_output, "pooler_output") else tower_output[1]
+
+
 class ClipRetrieval(nn.Module):
     """A CLIP dual encoder (HF CLIPModel or open_clip CLIP in `net`) with its tokenizer and preprocessing.
 
@@ -217,8 +223,8 @@ class ClipRetrieval(nn.Module):
         if self.backend == "hf":
             # The text tower's pooled end-token state, then the projection: what get_text_features computes, called
             # part by part because its return type changed (a tensor up to transformers 4.x, an output object in 5.x)
-            pooled = self.net.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
-            feats = self.net.text_projection(pooled.pooler_output)
+            tower = self.net.text_model(input_ids=input_ids, attention_mask=attention_mask)
+            feats = self.net.text_projection(_pooler_output(tower))
         else:  # open_clip pools at the end token (the highest id) and needs no mask
             feats = self.net.encode_text(input_ids)
         return F.normalize(feats.float(), dim=-1)
@@ -226,8 +232,8 @@ class ClipRetrieval(nn.Module):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Unit image vectors (B, embed_dim), float32."""
         if self.backend == "hf":
-            pooled = self.net.vision_model(pixel_values=images, return_dict=True)  # as encode_text: every version
-            feats = self.net.visual_projection(pooled.pooler_output)
+            tower = self.net.vision_model(pixel_values=images)  # as encode_text: the same on every version
+            feats = self.net.visual_projection(_pooler_output(tower))
         else:
             feats = self.net.encode_image(images)
         return F.normalize(feats.float(), dim=-1)
