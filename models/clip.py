@@ -25,7 +25,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -56,16 +58,23 @@ class ClipCheckpointError(UserError, RuntimeError):
 @dataclass
 class ClipPreprocess:
     """How a CLIP model wants its images: `resize_mode` shortest (resize the short side to `size`, then centre crop
-    `size`) or squash (resize to size x size), interpolation, and the normalisation statistics."""
+    `size`) or squash (resize to size x size), interpolation, and the normalisation statistics.
+
+    `image_processor` is set for Hugging Face directories: evaluation images then go through the directory's own
+    image processor (transformers' resize, centre crop with its floored offset, rescale, normalise), so the pixels
+    are the ones transformers gives on the installed version; the other fields describe it and drive the training
+    augmentation. open_clip models leave it None and use the torchvision transform below, which is open_clip's.
+    """
 
     size: int = 224
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
-    interpolation: str = "bicubic"
+    interpolation: str | None = "bicubic"  # None: a resample the training transform cannot reproduce (HF only)
     resize_mode: str = "shortest"
+    image_processor: Any = None
 
     def __post_init__(self):
-        if self.interpolation not in _INTERPOLATION:
+        if self.interpolation not in _INTERPOLATION and not (self.interpolation is None and self.image_processor):
             raise ConfigError(
                 f"CLIP preprocessing: interpolation {self.interpolation!r} is not one of bicubic, bilinear"
             )
@@ -73,9 +82,16 @@ class ClipPreprocess:
             raise ConfigError(f"CLIP preprocessing: resize_mode {self.resize_mode!r} is not one of shortest, squash")
         self.mean, self.std = tuple(self.mean), tuple(self.std)
 
-    def transform(self, train: bool) -> transforms.Compose:
-        """Eval: resize + centre crop (or squash), tensor, normalise. Train: open_clip's RandomResizedCrop with scale
-        (0.9, 1), tensor, normalise."""
+    def transform(self, train: bool) -> Callable:
+        """Eval: the HF image processor, or resize + centre crop (or squash), tensor, normalise. Train: open_clip's
+        RandomResizedCrop with scale (0.9, 1), tensor, normalise."""
+        if not train and self.image_processor is not None:
+            return HfImageProcessorTransform(self.image_processor)
+        if self.interpolation is None:
+            raise ConfigError(
+                "CLIP preprocessing: the Hugging Face directory's resample is not bilinear (2) or bicubic (3), which "
+                "the training augmentation needs"
+            )
         mode = _INTERPOLATION[self.interpolation]
         if train:
             geometry = [transforms.RandomResizedCrop(self.size, scale=TRAIN_CROP_SCALE, interpolation=mode)]
@@ -87,31 +103,50 @@ class ClipPreprocess:
         return transforms.Compose([to_rgb, *geometry, transforms.ToTensor(), transforms.Normalize(self.mean, self.std)])
 
 
+class HfImageProcessorTransform:
+    """A dataset transform that runs one PIL image through a transformers image processor: (3, H, W) float32."""
+
+    def __init__(self, image_processor):
+        self.image_processor = image_processor
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    def __repr__(self) -> str:
+        return f"HfImageProcessorTransform({type(self.image_processor).__name__})"
+
+
 def hf_preprocess(path: str, image_size: int) -> ClipPreprocess:
-    """The preprocessing in an HF directory's preprocessor_config.json (CLIPImageProcessor keys); the OpenAI
-    defaults at the vision tower's resolution when the file is absent."""
+    """The image processor of an HF directory (preprocessor_config.json, loaded by transformers' AutoImageProcessor
+    as CLIPProcessor does) and the size, statistics and resample it uses; without that file, a CLIPImageProcessor
+    with OpenAI's defaults at the vision tower's resolution."""
+    from transformers import AutoImageProcessor, CLIPImageProcessor
+
     file = os.path.join(path, "preprocessor_config.json")
-    if not os.path.isfile(file):
+    if os.path.isfile(file):
+        try:
+            processor = AutoImageProcessor.from_pretrained(path)
+        except (OSError, ValueError, KeyError) as err:
+            raise ConfigError(f"{file}: transformers cannot load this image processor: {err}") from err
+    else:
         log(f"{path}: no preprocessor_config.json; using the OpenAI CLIP preprocessing at {image_size} px")
-        return ClipPreprocess(size=image_size)
-    with open(file) as f:
-        cfg = json.load(f)
-
-    def side(value, key: str) -> int:
-        return value if isinstance(value, int) else value[key]
-
-    crop = side(cfg.get("crop_size", image_size), "height")
-    short = side(cfg.get("size", crop), "shortest_edge")
-    if short != crop or not cfg.get("do_center_crop", True):
-        raise ConfigError(
-            f"{file}: resize {short} and crop {crop} differ (or no centre crop); only resize-then-crop to one size is "
-            "supported"
+        processor = CLIPImageProcessor(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
         )
+    crop = getattr(processor, "crop_size", None)
+    if not getattr(processor, "do_center_crop", False) or not crop or crop["height"] != crop["width"]:
+        raise ConfigError(
+            f"{file}: the image processor must centre crop to a square (do_center_crop true, crop_size height = "
+            f"width), so that every image has one size; got do_center_crop {getattr(processor, 'do_center_crop', None)}"
+            f", crop_size {crop}"
+        )
+    resample = getattr(processor, "resample", None)
     return ClipPreprocess(
-        size=crop,
-        mean=tuple(cfg.get("image_mean", OPENAI_MEAN)),
-        std=tuple(cfg.get("image_std", OPENAI_STD)),
-        interpolation=_HF_RESAMPLE.get(cfg.get("resample", 3), "bicubic"),
+        size=int(crop["height"]),
+        mean=tuple(processor.image_mean),
+        std=tuple(processor.image_std),
+        interpolation=_HF_RESAMPLE.get(int(resample)) if resample is not None else None,
+        image_processor=processor,
     )
 
 
@@ -129,6 +164,12 @@ def clip_contrastive_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, log
     logits_per_image = logit_scale * image_feat @ all_text.t()
     logits_per_text = logit_scale * text_feat @ all_image.t()
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def _pooler_output(tower_output) -> torch.Tensor:
+    """The pooled state of an HF CLIP tower: an output object's `pooler_output`, or item 1 of the tuple a config
+    with return_dict false gives (the towers' return_dict argument exists only in some transformers versions)."""
+    return tower_output.pooler_output if hasattr(tower_output, "pooler_output") else tower_output[1]
 
 
 class ClipRetrieval(nn.Module):
@@ -163,7 +204,7 @@ class ClipRetrieval(nn.Module):
     def image_size(self) -> int:
         return self.preprocess.size
 
-    def image_transform(self, train: bool) -> transforms.Compose:
+    def image_transform(self, train: bool) -> Callable:
         return self.preprocess.transform(train)
 
     @torch.compiler.disable
@@ -181,7 +222,10 @@ class ClipRetrieval(nn.Module):
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Unit text vectors (B, embed_dim), float32."""
         if self.backend == "hf":
-            feats = self.net.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+            # The text tower's pooled end-token state, then the projection: what get_text_features computes, called
+            # part by part because its return type changed (a tensor up to transformers 4.x, an output object in 5.x)
+            tower = self.net.text_model(input_ids=input_ids, attention_mask=attention_mask)
+            feats = self.net.text_projection(_pooler_output(tower))
         else:  # open_clip pools at the end token (the highest id) and needs no mask
             feats = self.net.encode_text(input_ids)
         return F.normalize(feats.float(), dim=-1)
@@ -189,7 +233,8 @@ class ClipRetrieval(nn.Module):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Unit image vectors (B, embed_dim), float32."""
         if self.backend == "hf":
-            feats = self.net.get_image_features(pixel_values=images).pooler_output
+            tower = self.net.vision_model(pixel_values=images)  # as encode_text: the same on every version
+            feats = self.net.visual_projection(_pooler_output(tower))
         else:
             feats = self.net.encode_image(images)
         return F.normalize(feats.float(), dim=-1)
@@ -460,6 +505,6 @@ def load_clip_model(
     return model
 
 
-def dataset_transform(model: nn.Module, train: bool) -> transforms.Compose | None:
+def dataset_transform(model: nn.Module, train: bool) -> Callable | None:
     """The image transform a dataset must use for `model`: CLIP's own, or None (BLIP's, from the config keys)."""
     return model.image_transform(train) if isinstance(model, ClipRetrieval) else None

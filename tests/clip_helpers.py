@@ -67,13 +67,23 @@ def _openai_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
-def write_hf_clip_dir(out_dir: str, seed: int = 0, hidden_act: str = "quick_gelu", image_size: int = 32) -> str:
+def write_hf_clip_dir(
+    out_dir: str, seed: int = 0, hidden_act: str = "quick_gelu", image_size: int = 32, **processor_keys: Any
+) -> str:
     """save_pretrained a tiny random CLIPModel (widths 32, 2 layers, 16-px patches) with a CLIPTokenizer and a
-    CLIPImageProcessor (resize short side + centre crop at `image_size`) into `out_dir`."""
+    CLIPImageProcessor (resize short side + centre crop at `image_size`; `processor_keys` override its settings,
+    e.g. image_mean, resample) into `out_dir`."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
     vocab, merges = _openai_vocab()
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
+    # vocab.json + merges.txt, read back by from_pretrained: the one way to build a CLIPTokenizer that every
+    # transformers version accepts (4.x takes file paths in the constructor, 5.x the vocabulary itself)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(out_dir, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "\n".join(" ".join(pair) for pair in merges) + "\n")
+    tokenizer = CLIPTokenizer.from_pretrained(out_dir)
     text = dict(
         vocab_size=len(vocab),
         hidden_size=32,
@@ -101,7 +111,8 @@ def write_hf_clip_dir(out_dir: str, seed: int = 0, hidden_act: str = "quick_gelu
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     size = {"shortest_edge": image_size}
-    CLIPImageProcessor(size=size, crop_size={"height": image_size, "width": image_size}).save_pretrained(out_dir)
+    crop = {"height": image_size, "width": image_size}
+    CLIPImageProcessor(**{"size": size, "crop_size": crop, **processor_keys}).save_pretrained(out_dir)
     return out_dir
 
 

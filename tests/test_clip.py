@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms
 
 import eval_retrieval
 import train_retrieval
@@ -151,6 +152,100 @@ def test_each_model_keeps_its_own_preprocessing(files):
     assert apply_config_updates(config, report)["image_size"] == 224  # the saved config describes the model
     laion = load_clip_model(clip_config(clip_model="ViT-L-14", clip_pretrained_tag="laion2b_s32b_b82k"))
     assert laion.preprocess.mean == (0.5, 0.5, 0.5) and laion.preprocess.std == (0.5, 0.5, 0.5)
+
+
+# Non-square sizes (width, height): at 32 px, 500x334 and 203x150 resize to a long side 11 or 15 px over the crop,
+# where a rounded centre-crop offset is one pixel off transformers' floored one; at 224 px, so are the Flickr-sized
+# 500x334 and 64x97. The others have even or harmless odd differences.
+NON_SQUARE_SIZES = [(500, 334), (333, 500), (301, 207), (64, 97), (97, 64), (50, 35), (203, 150), (150, 203)]
+
+
+def _noise_images(sizes: list[tuple[int, int]], seed: int = 0) -> list[Image.Image]:
+    """RGB noise images: any one-pixel shift of the crop changes the pixels."""
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+
+
+def _rounded_crop_transform(preprocess) -> transforms.Compose:
+    """The previous HF eval transform: torchvision resize + centre crop, whose offset is rounded, not floored."""
+    return transforms.Compose(
+        [
+            transforms.Resize(preprocess.size, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(preprocess.size),
+            transforms.ToTensor(),
+            transforms.Normalize(preprocess.mean, preprocess.std),
+        ]
+    )
+
+
+@pytest.mark.parametrize("image_size", [32, 224])
+def test_hf_preprocessing_is_clip_image_processor_on_non_square_images(image_size, tmp_path):
+    """An HF directory's eval transform gives CLIPImageProcessor's pixels (floored crop offset, its resample, the
+    directory's mean/std) on non-square images, where a rounded offset would move the crop by one pixel."""
+    from transformers import CLIPImageProcessor
+
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)  # not OpenAI's: the directory's own statistics must be used
+    directory = write_hf_clip_dir(str(tmp_path / "hf"), image_size=image_size, image_mean=mean, image_std=std)
+    model = load_clip_model(clip_config(pretrained=directory))
+    assert model.preprocess.mean == pytest.approx(mean) and model.preprocess.std == pytest.approx(std)
+    processor = CLIPImageProcessor.from_pretrained(directory)
+    transform = dataset_transform(model, train=False)
+    images = _noise_images(NON_SQUARE_SIZES)
+    rounded_offsets_differ = 0
+    for image in images:
+        ours = transform(image)
+        expected = processor(images=image, return_tensors="pt")["pixel_values"][0]
+        assert ours.shape == expected.shape == (3, image_size, image_size)
+        torch.testing.assert_close(ours, expected, atol=1e-6, rtol=0)
+        rounded_offsets_differ += not torch.allclose(_rounded_crop_transform(model.preprocess)(image), expected)
+    assert rounded_offsets_differ >= 2  # the sizes include cases the previous transform got wrong
+
+
+def test_hf_cosines_on_non_square_images_equal_transformers(files):
+    """Cosines of non-square images through our transform and encoders equal CLIPProcessor + CLIPModel.forward."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = load_clip_model(_hf_config(files)).eval()
+    images = _noise_images(NON_SQUARE_SIZES, seed=1)
+    captions = ["a red circle", "two blue squares to the left of a green triangle", "noise"]
+    with torch.no_grad():
+        ours = model.similarity(torch.stack([model.image_transform(False)(im) for im in images]), captions)
+        reference = CLIPModel.from_pretrained(files["hf_dir"]).eval()
+        inputs = CLIPProcessor.from_pretrained(files["hf_dir"])(
+            text=captions, images=images, return_tensors="pt", padding=True
+        )
+        out = reference(**inputs)
+        expected = out.logits_per_image / reference.logit_scale.exp()
+    assert expected.abs().max() > 0.05
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+
+
+def test_hf_processor_with_a_larger_resize_than_crop_and_bad_processors(files, tmp_path):
+    """Resize 40 then crop 32 (as OpenAI's 256 -> 224 style configs do) is the processor's; a processor that does
+    not crop to a square is refused with the file named."""
+    from transformers import CLIPImageProcessor
+
+    directory = write_hf_clip_dir(str(tmp_path / "hf"), size={"shortest_edge": 40})
+    model = load_clip_model(clip_config(pretrained=directory))
+    processor = CLIPImageProcessor.from_pretrained(directory)
+    for image in _noise_images([(500, 334), (64, 97)]):
+        expected = processor(images=image, return_tensors="pt")["pixel_values"][0]
+        torch.testing.assert_close(model.image_transform(False)(image), expected, atol=1e-6, rtol=0)
+    assert model.image_transform(True)(_noise_images([(500, 334)])[0]).shape == (3, 32, 32)
+    no_crop = write_hf_clip_dir(str(tmp_path / "no_crop"), do_center_crop=False)
+    with pytest.raises(ConfigError, match=r"no_crop/preprocessor_config.json: the image processor must centre crop"):
+        load_clip_model(clip_config(pretrained=no_crop))
+
+
+def test_open_clip_keeps_open_clips_transform_on_non_square_images(files):
+    """open_clip models are preprocessed as open_clip does (its preprocess from create_model_and_transforms)."""
+    import open_clip
+
+    model = load_clip_model(_oc_config(files))
+    _, _, preprocess = open_clip.create_model_and_transforms("tiny-clip-qg", pretrained=files["oc_ckpt"])
+    transform = dataset_transform(model, train=False)
+    for image in _noise_images(NON_SQUARE_SIZES):
+        torch.testing.assert_close(transform(image), preprocess(image), atol=1e-6, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------------

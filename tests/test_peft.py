@@ -224,8 +224,8 @@ def test_lora_merge_gives_the_same_scores_as_the_unmerged_model(tmp_path):
     assert not any("lora" in k or "base_layer" in k for k in model.state_dict())
     assert model.state_dict().keys() == build_model(config).state_dict().keys()  # official key names again
     merged = _scores(model, images)
-    for key in unmerged:
-        torch.testing.assert_close(merged[key], unmerged[key], rtol=1e-5, atol=1e-5)
+    for key in unmerged:  # equal up to float32 rounding of W + BA, which varies with peft's merge (4e-5 with 0.14)
+        torch.testing.assert_close(merged[key], unmerged[key], rtol=1e-4, atol=1e-4)
 
 
 def test_merge_refuses_methods_that_cannot_merge(tmp_path):
