@@ -104,6 +104,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "blip2_config": "",  # '' = LAVIS eva_clip_g (ViT-g/14 + BERT-base Q-Former, 32 queries) at image_size | HF
     # Blip2 config.json path | mapping of Blip2Config fields (vision_config, qformer_config, num_query_tokens, ...)
     "blip2_freeze_vit": True,  # freeze the image encoder (BLIP-2 pre-training); false trains it (its COCO fine-tuning)
+    # BLIP-2 as the composed-retrieval backbone (models/blip2_cir.py): how the 32 query outputs become one vector.
+    "cir_blip2_pooling": "mean",  # mean (the study's better one) | max over the queries, before the projection
     # Captioning (caption.py, train_caption.py; official configs/caption_coco.yaml). The official max_length /
     # min_length are named gen_max_length / gen_min_length here: max_length is the retrieval tokenizer's limit.
     "prompt": "a picture of ",  # every caption starts with it; its tokens are not in the loss
@@ -236,6 +238,7 @@ CONFIG_CHOICES: dict[str, tuple[str, ...]] = {
     "imagecode_scoring": ("both", "itm", "itc", "itm_prob"),
     "imagecode_text_cleaning": ("blip", "albef"),
     "cir_hnnce_variant": ("paper", "covr_code"),
+    "cir_blip2_pooling": ("mean", "max"),
     "cirr_val_targets": ("soft_subset", "soft", "hard"),
     "cirr_val_gallery": ("split", "folder"),
 }
