@@ -171,6 +171,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
     # The val gallery: split (the images of image_splits/split.rc2.val.json, as CIRR's own code ranks) | folder (every
     # .png of the folder holding them, img_raw/dev, as CoVR's validation ranks); test1 always uses its split file
     "cirr_val_gallery": "split",
+    # BLIP-2 as the composed-retrieval backbone (models/blip2_cir.py): how the 32 query outputs become one vector.
+    "cir_blip2_pooling": "mean",  # mean (the study's better one) | max over the queries, before the projection
 }
 
 
@@ -183,9 +185,10 @@ KEY_GROUPS: dict[str, tuple[str, ...]] = {
         "optimizer_betas", "optimizer_eps", "eval_every", "select_epoch", "grad_accum_steps", "clip_grad_norm",
         "log_every", "compile", "tensorboard",
     ),
-    # The BLIP network, its tokenizer, text cleaning and training augmentation: every BLIP-based task.
+    # The network (BLIP, or BLIP-2 / CLIP where a task takes them), its tokenizer, text cleaning and training
+    # augmentation: every task.
     "model": (
-        "pretrained", "vit", "vit_grad_ckpt", "vit_ckpt_layer", "image_size", "text_encoder", "med_config",
+        "model", "blip2_config", "blip2_freeze_vit", "pretrained", "vit", "vit_grad_ckpt", "vit_ckpt_layer", "image_size", "text_encoder", "med_config",
         "embed_dim", "max_words", "max_length", "vit_layer_norm_eps", "drop_path_rate", "train_augment", "min_scale",
         "autocontrast",
     ),
@@ -193,8 +196,8 @@ KEY_GROUPS: dict[str, tuple[str, ...]] = {
     "data": ("image_root", "ann_root", "dataset", "train_file", "val_file", "test_file"),
     "retrieval": (
         "queue_size", "alpha", "momentum", "k_test", "negative_all_rank", "eval_mode", "itm_batch_size",
-        "rerank_score", "itm_negatives", "itm_negatives_steps", "model", "clip_model", "clip_pretrained_tag",
-        "clip_context_length", "blip2_config", "blip2_freeze_vit", "finetune",
+        "rerank_score", "itm_negatives", "itm_negatives_steps", "clip_model", "clip_pretrained_tag",
+        "clip_context_length", "finetune",
     ),
     "search": ("search_feature_dtype", "search_chunk_images", "search_block_rows", "search_cache_images"),
     "imagecode": ("imagecode_scoring", "imagecode_text_cleaning"),
@@ -205,7 +208,7 @@ KEY_GROUPS: dict[str, tuple[str, ...]] = {
     "cir": (
         "cirr_ann_root", "cirr_image_root", "cir_query", "cir_temp", "cir_hnnce_alpha", "cir_hnnce_beta",
         "cir_hnnce_variant", "cir_train_vit", "cir_sampler", "cir_train_transform", "cirr_val_targets",
-        "cirr_val_gallery",
+        "cirr_val_gallery", "cir_blip2_pooling",
     ),
 }  # fmt: skip
 _RETRIEVAL_FAMILY = ("run", "model", "data", "retrieval", "search", "imagecode")
@@ -272,6 +275,7 @@ CONFIG_CHOICES: dict[str, tuple[str, ...]] = {
     "cir_hnnce_variant": ("paper", "covr_code"),
     "cirr_val_targets": ("soft_subset", "soft", "hard"),
     "cirr_val_gallery": ("split", "folder"),
+    "cir_blip2_pooling": ("mean", "max"),
 }
 # Inclusive (low, high) bounds; None = unbounded.
 _BOUNDS: dict[str, tuple[float | None, float | None]] = {

@@ -53,6 +53,8 @@ class CaptionTask:
         pass  # no flags of its own: captions_<split>.json always holds what the metrics were computed from
 
     def check(self, resume_path: str | None, evaluate: bool) -> None:
+        if self.config["model"] != "blip":
+            raise ConfigError(f"config key 'model': the captioner is BLIP's decoder; got {self.config['model']!r}")
         if self.config["vit_grad_ckpt"] and self.config["vit_ckpt_layer"] == "auto":
             raise ConfigError("config key 'vit_ckpt_layer': auto is measured by train_retrieval.py only; give a number")
 

@@ -1,6 +1,7 @@
 """Composed image retrieval on CIRR as a training task (CoVR's recipe): BLIP's query over the reference image with
-the modification text, HN-NCE against the target images' features, selected by val (R@5 + Rs@1)/2, with the test1
-submission files of the selected epoch (engine/cir.py)."""
+the modification text (with `model: blip2`, BLIP-2's Q-Former's pooled queries, models/blip2_cir.py), HN-NCE
+against the target images' features, selected by val (R@5 + Rs@1)/2, with the test1 submission files of the selected
+epoch (engine/cir.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from data.cirr import CirrSplit, CirrTrainDataset, load_cirr_split
 from data.cirr_sampler import CirrBatchSampler
 from engine.cir import CirResult, evaluate_cirr, format_cirr_table, gallery_features, write_cirr_outputs
 from engine.trainer import StepInfo, TrainState
+from models.blip2_cir import load_blip2_cir_model, load_blip2_cir_state
 from models.blip_cir import check_cir_checkpoint, load_cir_model, load_cir_state_dict
 from models.checkpoint import apply_config_updates
 from utils import ConfigError, log
@@ -54,6 +56,8 @@ class CirTask:
 
     def check(self, resume_path: str | None, evaluate: bool) -> None:
         config = self.config
+        if config["model"] == "clip":
+            raise ConfigError("config key 'model': composed retrieval is built on BLIP or BLIP-2 (blip | blip2)")
         if not evaluate and config["cir_query"] == "image" and not config["cir_train_vit"]:
             raise ConfigError(
                 "cir_query: image with a frozen ViT and vision_proj has nothing to train; evaluate it with --evaluate"
@@ -72,9 +76,13 @@ class CirTask:
     def build_model(self, ckpt: dict | None, resume_path: str | None) -> torch.nn.Module:
         config = self.config
         source = None if ckpt else (config["pretrained"] or None)
-        model, report = load_cir_model(config, source, allow_unsafe=self.allow_unsafe)
+        blip2 = config["model"] == "blip2"  # BLIP-2's first stage as the backbone (models/blip2_cir.py)
+        load = load_blip2_cir_model if blip2 else load_cir_model
+        model, report = load(config, source, allow_unsafe=self.allow_unsafe)
         apply_config_updates(config, report)
-        if ckpt:
+        if ckpt and blip2:
+            load_blip2_cir_state(model, ckpt["model"], resume_path)
+        elif ckpt:
             check_cir_checkpoint(load_cir_state_dict(model, ckpt["model"], resume_path), resume_path)
         return model
 

@@ -22,6 +22,7 @@ from engine.evaluation import EvalResult, evaluate, write_eval_outputs
 from engine.memory import choose_vit_ckpt_layers
 from engine.metrics import format_metrics_table
 from engine.trainer import StepInfo, TrainState
+from models.blip2 import blip2_train_transform
 from models.blip_retrieval import check_queue_size
 from models.checkpoint import CheckpointError, apply_config_updates, load_state_dict_checked
 from models.clip import dataset_transform, load_clip_state
@@ -84,7 +85,8 @@ SAVE_SCORES_HELP = "also write scores_<split>.npz and index_<split>.json of the 
 
 
 class RetrievalTask:
-    """train_retrieval.py: BLIP (ITC + ITM) or CLIP (InfoNCE) on Flickr30K, COCO or a custom retrieval JSON."""
+    """train_retrieval.py: BLIP (ITC + ITM), BLIP-2's first stage (ITC + ITM, LAVIS's retrieval fine-tuning) or CLIP
+    (InfoNCE) on Flickr30K, COCO or a custom retrieval JSON."""
 
     name = "train_retrieval.py"
     checkpoint_format = "blip-retrieval-train-v2"
@@ -147,6 +149,8 @@ class RetrievalTask:
             )
         if ckpt and config["model"] == "clip":
             load_clip_state(model, ckpt["model"], resume_path)  # strict: every key must match
+        elif ckpt and config["model"] == "blip2":
+            model.load_state_dict(ckpt["model"], strict=True)  # our own keys: every one must match
         elif delta:
             load_delta(model, ckpt, resume_path)
         elif ckpt:
@@ -167,7 +171,9 @@ class RetrievalTask:
 
     def train_loader(self, model: torch.nn.Module) -> tuple[DataLoader, DistributedSampler]:
         config, info = self.config, self.info
-        train_set = create_dataset(config, "train", dataset_transform(model, train=True))
+        # BLIP-2 trains with LAVIS's blip2_image_train (crop + flip, no RandomAugment) under train_augment official.
+        transform = blip2_train_transform(config) if config["model"] == "blip2" else dataset_transform(model, True)
+        train_set = create_dataset(config, "train", transform)
         # DistributedSampler with explicit replicas/rank needs no process group, and its order is a pure function
         # of (seed, epoch): the same code serves one process and N, and a resumed epoch sees the same batches.
         sampler = DistributedSampler(
@@ -180,7 +186,8 @@ class RetrievalTask:
         return loader, sampler
 
     def optimizer_params(self, model: torch.nn.Module) -> list:
-        if self.config["model"] == "clip":  # open_clip's rule: no weight decay on gains, biases and the logit scale
+        # open_clip's rule for CLIP (no weight decay on gains, biases and the logit scale), LAVIS's for BLIP-2
+        if self.config["model"] in ("clip", "blip2"):
             return model.optimizer_groups(self.config["weight_decay"])
         return [p for p in model.parameters() if p.requires_grad]  # momentum encoders have requires_grad False
 

@@ -22,6 +22,13 @@ The architecture of the last three comes from `blip2_config` (default: ViT-g/14 
 
 `blip2_freeze_vit` freezes the image encoder (requires_grad False, kept in eval mode), as BLIP-2 pre-training does;
 false trains it, as BLIP-2's COCO retrieval fine-tuning does.
+
+Training (`Blip2Retrieval.forward`, train_retrieval.py with `model: blip2`) follows LAVIS's retrieval fine-tuning
+(lavis/projects/blip2/train/retrieval_coco_ft.yaml, which runs Blip2Qformer.forward of
+lavis/models/blip2_models/blip2_qformer.py with COCO image ids): ITC over the query-max similarities with image-id
+targets and label smoothing 0.1, ITM with hard negatives from every rank; no momentum encoder, no queue. LAVIS's
+forward also adds the Q-Former's image-grounded LM loss; it is not computed here (transformers'
+Blip2ForImageTextRetrieval has no LM head: LAVIS's `Qformer.cls.*` weights are reported as unused on load).
 """
 
 from __future__ import annotations
@@ -35,11 +42,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.blip_retrieval import sample_hard_negatives
 from models.checkpoint import CheckpointError, LoadReport, _abbreviate, is_url, read_checkpoint
 from models.hf_blip import _read_hf_weights, is_hf_directory
-from utils import ConfigError, log
+from utils import ConfigError, all_gather_concat, all_gather_with_grad, log
 
 LAVIS_TEMP_INIT = 0.07  # LAVIS Blip2Qformer: temp = 0.07 at initialisation (HF directories hold no temperature)
+LAVIS_ITC_LABEL_SMOOTHING = 0.1  # Blip2Qformer.forward with image ids: 0.9 x id targets + 0.1 x uniform
 SIM_CHUNK_VALUES = 2**26  # query-max similarity: at most this many (image, query, text) products at once
 
 
@@ -161,14 +170,121 @@ class Blip2Retrieval(nn.Module):
         ).last_hidden_state
         return self.net.itm_head(hidden[:, :num_queries]).float().mean(dim=1)
 
-    def forward(self, *args, **kwargs):
-        # Training (ITC + ITM with hard negatives, BlipRetrieval.forward's interface) comes with the shared trainer.
-        raise ConfigError("model: blip2 is evaluation-only so far (eval_retrieval.py); training it is not built yet")
+    # ----------------------------------------------------------------------------------------------
+    # Training: LAVIS Blip2Qformer.forward with image ids (its COCO retrieval fine-tuning), without the LM loss
+    # ----------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        image: torch.Tensor,
+        caption: list[str],
+        alpha: float,
+        idx: torch.Tensor,
+        hard_negative_fraction: float = 1.0,
+        text_compute: str = "static",
+        update_queues: bool = True,
+    ) -> dict:
+        """Training losses and ITM statistics, with BlipRetrieval.forward's call and keys: {'loss' (loss_ita +
+        loss_itm), 'loss_ita', 'loss_itm', 'loss_tmim' (always 0), 'itm_acc_pos', 'itm_acc_neg', 'num_neg_fallback'}.
+
+        ITC (LAVIS, image ids given): the query-max similarities / temp of this rank's images against every rank's
+        texts and of this rank's texts against every rank's images; the other ranks' features are gathered without
+        gradient (LAVIS concat_all_gather, which also detaches in one process); targets spread evenly over the
+        columns sharing the row's image id, smoothed 0.9 x that + 0.1 x uniform. The temperature is learned and not
+        clamped (LAVIS). ITM: per text one negative image and per image one negative text, drawn from
+        softmax(ITC similarity / temp) over every rank's batch with same-image columns excluded
+        (`sample_hard_negatives`; `hard_negative_fraction` as for BLIP), scored by the ITM head on [queries; text].
+        `alpha` and `update_queues` are accepted for the trainer's call and unused (BLIP-2 has no momentum encoder
+        and no queue); captions are always padded to max_length (LAVIS; one shape on every rank for the gathers),
+        whatever `text_compute` says.
+        """
+        del alpha, update_queues
+        if text_compute not in ("trimmed", "static", "official"):
+            raise ValueError(f"text_compute must be trimmed, static or official, got {text_compute!r}")
+        idx = idx.view(-1, 1)
+        bs = len(image)
+        image_embeds, image_feat = self.encode_image(image)  # (B, 1 + N, W), (B, Q, D)
+        text_ids, text_atts = self.tokenize(caption, image.device)
+        text_feat = self.encode_text(text_ids, text_atts)  # (B, D)
+
+        image_feat_world = all_gather_concat(image_feat.detach())
+        text_feat_world = all_gather_concat(text_feat.detach())
+        idx_world = all_gather_concat(idx)
+        positive = torch.eq(idx, idx_world.t())  # (B, world batch): same image id
+        sim_i2t = torch.einsum("bqd,nd->bnq", image_feat, text_feat_world).amax(dim=-1) / self.temp
+        sim_t2i = torch.einsum("bd,nqd->bnq", text_feat, image_feat_world).amax(dim=-1) / self.temp
+        targets = itc_targets(positive)
+        loss_i2t = -(F.log_softmax(sim_i2t, dim=1) * targets).sum(dim=1).mean()
+        loss_t2i = -(F.log_softmax(sim_t2i, dim=1) * targets).sum(dim=1).mean()
+        loss_ita = (loss_i2t + loss_t2i) / 2
+
+        with torch.no_grad():
+            neg_image_idx, fallback_t2i = sample_hard_negatives(sim_t2i, positive, hard_negative_fraction)
+            neg_text_idx, fallback_i2t = sample_hard_negatives(sim_i2t, positive, hard_negative_fraction)
+        image_embeds_world = all_gather_with_grad(image_embeds)  # a negative's gradient reaches its own rank
+        ids_world, atts_world = all_gather_concat(text_ids), all_gather_concat(text_atts)
+        # One ITM pass over (text b, image b), (text b, negative image), (negative text, image b), as LAVIS.
+        all_ids = torch.cat([text_ids, text_ids, ids_world[neg_text_idx]], dim=0)
+        all_atts = torch.cat([text_atts, text_atts, atts_world[neg_text_idx]], dim=0)
+        all_images = torch.cat([image_embeds, image_embeds_world[neg_image_idx], image_embeds], dim=0)
+        itm_logits = self.itm_logits(all_ids, all_atts, all_images)
+        itm_labels = torch.zeros(3 * bs, dtype=torch.long, device=image.device)
+        itm_labels[:bs] = 1
+        loss_itm = F.cross_entropy(itm_logits, itm_labels)
+        with torch.no_grad():
+            called_match = itm_logits.argmax(dim=1) == 1
+            itm_acc_pos = called_match[:bs].float().mean()
+            itm_acc_neg = 1.0 - called_match[bs:].float().mean()
+        return {
+            "loss": loss_ita + loss_itm,
+            "loss_ita": loss_ita,
+            "loss_itm": loss_itm,
+            "loss_tmim": torch.zeros((), device=image.device),
+            "itm_acc_pos": itm_acc_pos,
+            "itm_acc_neg": itm_acc_neg,
+            "num_neg_fallback": fallback_t2i + fallback_i2t,
+        }
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups as LAVIS Blip2Base.get_optimizer_params: no weight decay for 1-D tensors and biases, decay
+        for everything else (the 0-d temperature and the query tokens included). Frozen parameters are left out.
+        LAVIS also gives the ViT layers `lr_scale`s (lr_layer_decay), but its schedulers overwrite every group's lr,
+        so they have no effect there and none here."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.dim() == 1 or name.endswith(".bias") else decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def similarity(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
         """ITC similarity matrix (n_images, n_captions): the maximum over the queries of the cosines."""
         _, query_feat = self.encode_image(images)
         return query_max_similarity(query_feat, self.encode_text(*self.tokenize(captions, images.device)))
+
+
+def itc_targets(positive: torch.Tensor, smoothing: float = LAVIS_ITC_LABEL_SMOOTHING) -> torch.Tensor:
+    """LAVIS's ITC targets with image ids: each row spread evenly over its positive columns, then
+    (1 - smoothing) x that + smoothing x uniform over all columns."""
+    spread = positive.float() / positive.float().sum(dim=1, keepdim=True)
+    return (1.0 - smoothing) * spread + smoothing / positive.shape[1]
+
+
+def blip2_train_transform(config: dict):
+    """The training image transform of `model: blip2`. train_augment official: LAVIS's blip2_image_train (random
+    resized crop, scale (min_scale, 1), bicubic, and a horizontal flip; no RandomAugment, unlike BLIP); crop and none
+    as for BLIP (data.config_train_transform)."""
+    from torchvision import transforms
+    from torchvision.transforms import InterpolationMode
+
+    from data import config_train_transform
+    from data.transforms import _normalize
+
+    if config["train_augment"] != "official":
+        return config_train_transform(config)
+    size = int(config["image_size"])
+    crop = transforms.RandomResizedCrop(
+        size, scale=(float(config["min_scale"]), 1.0), interpolation=InterpolationMode.BICUBIC
+    )
+    return transforms.Compose([crop, transforms.RandomHorizontalFlip(), transforms.ToTensor(), _normalize()])
 
 
 def query_max_similarity(query_feat: torch.Tensor, text_feat: torch.Tensor) -> torch.Tensor:
@@ -241,6 +357,11 @@ def build_blip2(config: dict, hf_config=None, tokenizer=None, identity: dict | N
         )
     net = transformers.Blip2ForImageTextRetrieval(hf_config).float()
     net.config.image_token_index = None  # our ids never carry query placeholders
+    if config["vit_grad_ckpt"]:  # LAVIS blip2_coco: use_grad_checkpoint, every ViT block
+        enable = getattr(net.vision_model, "activation_checkpointing_enable", None)  # transformers 5's name
+        (enable or net.vision_model.gradient_checkpointing_enable)(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     vision = hf_config.vision_config
     identity = identity or {
         "model": "blip2",

@@ -209,9 +209,9 @@ def test_capfilt_samples_by_default_and_beam_search_is_an_option(data: dict, tmp
 
 
 def test_capfilt_writes_retrieval_training_records(data: dict, straight: str, tmp_path) -> None:
+    from configs.schema import load_config
     from data.retrieval import RetrievalTrainDataset
     from models.blip_retrieval import build_model
-    from configs.schema import load_config
 
     retrieval_ckpt = str(tmp_path / "retrieval.pth")
     torch.manual_seed(0)
