@@ -29,18 +29,28 @@ still leaves the others' results; `--in-process` runs them in this process inste
     train_compile the training step under torch.compile (captions padded to max_length) against eager; last,
                   because compiling is the slowest and least predictable part
 
-On a CPU the CUDA-only parts (peak, and any part whose figures only mean something on a GPU) are reported as
-skipped with the reason; `--quick` runs every part at tiny sizes (tiny towers, 32 px) so that the code paths
-are exercised on a CPU in about a minute.
+On a CPU the CUDA-only measurements (the peak, hence MFU; the cuDNN comparison of the query part) are reported as
+skipped with the reason. `--quick` runs every other part at tiny sizes (tiny towers, 32 px, bf16 autocast on the CPU,
+torch.compile with the aot_eager backend instead of inductor) so that the code paths are exercised on a CPU in
+about two minutes (tests/test_gpu_suite.py).
 
 FLOP counts (2 FLOPs per multiply-add; torch.utils.flop_counter.FlopCounterMode, matrix products and attention
-only) at the default sizes, from `--flops` on a CPU under FakeTensorMode (no compute):
+only, AdamW's elementwise work not counted) at the default sizes, from `--flops` on a CPU under FakeTensorMode (no
+compute; results/gpu_prep_2026-12-02/flops_at_defaults.json):
 
-    training step, ViT-B/16 + BERT-base, 384 px, batch 32, trimmed text (ours)      see FLOPS_AT_DEFAULTS below
-    per step = ViT fwd+bwd (3 F_vit) + momentum ViT fwd (F_vit) + text ITC fwd+bwd + momentum text fwd
-               + ITM on 3B pairs fwd+bwd, F_vit = 32 images x ViT-B/16 forward at 577 tokens
-    evaluation, fast mode: N_img x F_vit(1) + text encoder on N_txt texts + ITM re-rank (bench_eval.py's analytic
-               count: per text token per layer 4H^2 + 2LH + 2H^2 + 2NH + 2HI, K/V 2NEH once per image)
+    training step, BERT-base text, 384 px (577 image tokens), batch 32, queue 57600:
+        per step = ViT fwd+bwd (about 3 F_vit) + momentum ViT fwd (F_vit) + text ITC fwd+bwd + momentum text fwd
+                   + ITM on 3B (text, image) pairs fwd+bwd; F_vit(1 image, ViT-B/16, 384 px) = 98.7 GFLOP
+        ViT-B/16:  20.40 TFLOP (ours: trimmed text), 20.80 (static: captions padded to 35, as compiled),
+                   21.01 (official text work)          -> MFU = 20.40 TFLOP / step time / measured bf16 peak
+        ViT-L/16:  55.22 TFLOP (trimmed), 55.61 (static), 55.82 (official)
+    evaluation, 1,000 images, 5,000 captions, k_test 128, ViT-B/16 at 384 px:
+        image features 1,000 x 98.7 GFLOP = 98.7 TFLOP (both modes)
+        official re-rank: (128 x 1,000 + 128 x 5,000) = 768,000 pair forwards x 24.06 GFLOP (35-token text through
+            12 layers: per token per layer 4H^2 + 2LH + 2H^2 + 2NH + 2HI, plus the K/V projections 2 x 2NEH per layer
+            of the pair's 577 image tokens) = 18,479 TFLOP
+        fast re-rank: counted per run from the pairs it scored (bench_eval.py's rerank_flops); about 300 TFLOP per
+            150 images in the 2026-11-23 H100 run, so roughly 2,000 TFLOP at 1,000 images
 """
 
 from __future__ import annotations
@@ -91,9 +101,6 @@ PART_LIMIT_S = {
     "train_compile": 300,
 }
 CUDA_ONLY = {"peak": "the dense matmul peak is a GPU figure (the MFU reference)"}
-
-# FlopCounterMode counts at the default GPU sizes (`--flops`, FakeTensorMode on a CPU, torch 2.x), in TFLOP.
-FLOPS_AT_DEFAULTS: dict[str, float] = {}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -248,7 +255,15 @@ def part_vit_large(quick: bool, device: torch.device, peak: dict | None) -> dict
 def eval_sizes(quick: bool) -> dict:
     if quick:
         return {"vit": "tiny", "text": "tiny", "image_size": 32, "num_images": 8, "k_test": 4, "subset": 4, "warm": 2}
-    return {"vit": "base", "text": "base", "image_size": 384, "num_images": 1000, "k_test": 128, "subset": 32, "warm": 4}
+    return {
+        "vit": "base",
+        "text": "base",
+        "image_size": 384,
+        "num_images": 1000,
+        "k_test": 128,
+        "subset": 32,
+        "warm": 4,
+    }
 
 
 def timed_evaluate(model, dataset, config: dict, device: torch.device) -> tuple[dict, object]:
@@ -399,9 +414,7 @@ def part_query(quick: bool, device: torch.device, peak: dict | None) -> dict:
         cos, rows = itc_topk(index, feat, k, config["search_block_rows"], device)
         if not rerank:
             return rows[0].cpu()
-        logits = itm_match_one_text(
-            model, ids[:, :length], atts[:, :length], tokens[rows[0] % pool_n], device, config
-        )
+        logits = itm_match_one_text(model, ids[:, :length], atts[:, :length], tokens[rows[0] % pool_n], device, config)
         return rows[0][(logits[:, 1].float() + cos[0]).argsort(descending=True)].cpu()
 
     def latencies(index: torch.Tensor, rerank: bool) -> dict:
@@ -423,7 +436,10 @@ def part_query(quick: bool, device: torch.device, peak: dict | None) -> dict:
         finally:
             features.AVOID_CUDNN_ATTENTION = True
     else:
-        out[f"{pool_n}"]["itc_itm_rerank_cudnn_allowed"] = {"status": "skipped", "reason": "cuDNN attention is CUDA only"}
+        out[f"{pool_n}"]["itc_itm_rerank_cudnn_allowed"] = {
+            "status": "skipped",
+            "reason": "cuDNN attention is CUDA only",
+        }
     out["goal"] = "p99 within 2x of p50"
     return out
 
@@ -473,13 +489,12 @@ def part_clip_eval(quick: bool, device: torch.device, peak: dict | None) -> dict
 
 
 def part_cir_eval(quick: bool, device: torch.device, peak: dict | None) -> dict:
+    from bench.bench_eval import VIT_PRESETS, med_config_for
     from data.cirr import load_cirr_split
     from data.cirr_synthetic import config_keys, make_cirr_dataset
     from engine.cir import evaluate_cirr
     from models.blip_cir import build_cir_model
     from utils import DEFAULT_CONFIG, validate_config
-
-    from bench.bench_eval import VIT_PRESETS, med_config_for
 
     subsets, size, vit, text = (2, 32, "tiny", "tiny") if quick else (40, 384, "base", "base")
     with tempfile.TemporaryDirectory(prefix="gpu_suite_cir_") as tmp:
@@ -551,7 +566,11 @@ def run_part_subprocess(name: str, args: argparse.Namespace, peak: dict | None, 
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit_s)
     except subprocess.TimeoutExpired as err:
         tail = (err.stdout or b"")[-2000:]
-        return {"status": "timeout", "limit_s": limit_s, "stdout_tail": tail.decode() if isinstance(tail, bytes) else tail}
+        return {
+            "status": "timeout",
+            "limit_s": limit_s,
+            "stdout_tail": tail.decode() if isinstance(tail, bytes) else tail,
+        }
     if os.path.isfile(part_out):
         with open(part_out) as f:
             return json.load(f)
@@ -603,8 +622,7 @@ def count_flops() -> dict:
 
     out = {}
     for vit in ("base", "large"):
-        args = train_args(False, True, vit=vit)
-        args.device = "cpu"
+        args = train_args(False, False, vit=vit, batch_size=32, image_size=384)  # the GPU defaults, built on a CPU
         model, _, (images, captions, idx), _ = bench_train.setup(args, torch.device("cpu"))
         model.train()
         for text_compute in ("trimmed", "static", "official"):
