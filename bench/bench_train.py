@@ -105,7 +105,9 @@ def run_variant(model, init_state: dict, batch: tuple, variant: str, args, devic
     model.visual_encoder.ckpt_layer = args.ckpt_layer if ckpt else 0
     # fp32: the official text work; compiled: captions padded to max_length, as training with compile: true
     text_compute = "official" if kind == "fp32" else "static" if compiled else "trimmed"
-    step_model = torch.compile(model) if compiled else model  # compiled during the warm-up steps
+    # compiled during the warm-up steps; compile_backend (not a command-line option) lets bench/gpu_suite.py --quick
+    # trace the same step with aot_eager on a CPU, where inductor's C++ build takes minutes
+    step_model = torch.compile(model, backend=getattr(args, "compile_backend", "inductor")) if compiled else model
     model.train()
     amp = args.amp if kind == "ours" and (device.type == "cuda" or args.amp_cpu) else "none"
     images, captions, idx = batch
@@ -161,9 +163,9 @@ def run_variant(model, init_state: dict, batch: tuple, variant: str, args, devic
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    device, env = start_run(args)
+def setup(args: argparse.Namespace, device: torch.device) -> tuple:
+    """The model (random init, seeded), a CPU copy of its initial state, one fixed generated batch
+    (images, captions, idx) on `device`, and the trainable parameter count. Also used by bench/gpu_suite.py."""
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         paths = make_data(tmp, args.batch_size, 1, args.image_size, split="train", seed=args.seed)
         config = bench_config(
@@ -188,6 +190,13 @@ def main(argv: list[str] | None = None) -> dict:
     idx = torch.tensor([it[2] for it in items], device=device)
     init_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return model, init_state, (images, captions, idx), n_params
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device, env = start_run(args)
+    model, init_state, (images, captions, idx), n_params = setup(args, device)
     print(
         f"model: vit {args.vit}, text {args.text}, {n_params / 1e6:.1f}M trainable parameters; batch "
         f"{args.batch_size} at {args.image_size} px, queue {args.queue_size}; {args.warmup} warm-up + "

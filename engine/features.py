@@ -39,16 +39,22 @@ def eval_autocast_args(device: torch.device, config: dict) -> tuple[torch.device
 
 @contextlib.contextmanager
 def eval_autocast(device: torch.device, config: dict):
-    """Autocast of `eval_amp` (fast mode only), and on CUDA attention without the cuDNN backend: cuDNN builds an
-    execution plan for every new input shape, and the fast mode's length-cut batches come in hundreds of shapes."""
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(autocast(*eval_autocast_args(device, config)))
-        if device.type == "cuda" and AVOID_CUDNN_ATTENTION and hasattr(torch.nn, "attention"):
-            from torch.nn.attention import SDPBackend, sdpa_kernel
+    """Autocast of `eval_amp` (fast mode only), and attention without the cuDNN backend (`without_cudnn_attention`)."""
+    with autocast(*eval_autocast_args(device, config)), without_cudnn_attention(device):
+        yield
 
-            stack.enter_context(
-                sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-            )
+
+@contextlib.contextmanager
+def without_cudnn_attention(device: torch.device):
+    """On CUDA, scaled_dot_product_attention without the cuDNN backend: cuDNN builds an execution plan for every new
+    input shape (tens of ms each), and evaluation's length-cut batches and every query's own text length come in
+    hundreds of shapes. Flash / memory-efficient attention need no planning. A no-op elsewhere."""
+    if device.type != "cuda" or not AVOID_CUDNN_ATTENTION or not hasattr(torch.nn, "attention"):
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
         yield
 
 
