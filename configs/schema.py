@@ -188,9 +188,9 @@ KEY_GROUPS: dict[str, tuple[str, ...]] = {
     # The network (BLIP, or BLIP-2 / CLIP where a task takes them), its tokenizer, text cleaning and training
     # augmentation: every task.
     "model": (
-        "model", "blip2_config", "blip2_freeze_vit", "pretrained", "vit", "vit_grad_ckpt", "vit_ckpt_layer", "image_size", "text_encoder", "med_config",
-        "embed_dim", "max_words", "max_length", "vit_layer_norm_eps", "drop_path_rate", "train_augment", "min_scale",
-        "autocontrast",
+        "model", "blip2_config", "blip2_freeze_vit", "pretrained", "vit", "vit_grad_ckpt", "vit_ckpt_layer",
+        "image_size", "text_encoder", "med_config", "embed_dim", "max_words", "max_length", "vit_layer_norm_eps",
+        "drop_path_rate", "train_augment", "min_scale", "autocontrast",
     ),
     # Flickr30K / COCO / custom image-caption files: retrieval and captioning.
     "data": ("image_root", "ann_root", "dataset", "train_file", "val_file", "test_file"),
