@@ -26,6 +26,7 @@ from engine.cir import evaluate_cirr
 from models.blip2_cir import Blip2Cir, load_blip2_cir_model, pool_queries
 from models.loading import load_model
 from tests.dist_helpers import run_distributed
+from tests.helpers import for_script
 from tests.test_blip2 import TINY_BLIP2
 from tests.test_cirr import _independent_metrics
 from utils import ConfigError
@@ -205,7 +206,7 @@ def _cir_config(data: dict, **overrides) -> dict:
         "cir_train_transform": "test",
         "max_words": 30,  # tests.test_cirr._independent_metrics cuts captions at 30 words
     }
-    return _config(data, **{**base, **overrides})
+    return for_script(_config(data, **{**base, **overrides}), "train_cirr.py")
 
 
 @pytest.mark.parametrize("pooling", ["mean", "max"])
