@@ -319,10 +319,8 @@ def open_tensorboard(output_dir: str) -> Any:
 
 
 def _scalars(metrics: dict | None, prefix: str) -> dict:
-    """The numeric entries of a metrics dict, prefixed, for an epoch record."""
-    return {
-        f"{prefix}{k}": v for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-    }
+    """The scalar entries of a metrics dict (numbers and names, no lists or mappings), prefixed, for an epoch record."""
+    return {f"{prefix}{k}": v for k, v in (metrics or {}).items() if isinstance(v, (int, float, str))}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -207,7 +207,7 @@ def test_the_checker_reports_each_kind_of_broken_reference(tmp_path):
         "torchrun --nproc_per_node=2 eval_retrieval.py --config configs/retrieval_flickr.yaml\n"
         "make demo && make no-such-target\n"
         "```\n\n"
-        "```python\nfrom models.checkpoint import load_model, no_such_function\n```\n\n"
+        "```python\nfrom models.loading import load_model, no_such_function\n```\n\n"
         "```text\nconfigs/planned_module.py   layout prose is not checked\n```\n"
     )
     problems = "\n".join(check_markdown(page))
@@ -219,7 +219,7 @@ def test_the_checker_reports_each_kind_of_broken_reference(tmp_path):
         "config 'configs/no_such.yaml' not found",
         "'configs/also_missing.yaml' not found",
         "make target 'no-such-target'",
-        "'no_such_function' not defined in models/checkpoint.py",
+        "'no_such_function' not defined in models/loading.py",
     ):
         assert expected in problems, f"{expected!r} not reported in:\n{problems}"
     assert "planned_module" not in problems
