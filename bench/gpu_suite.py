@@ -453,10 +453,10 @@ def part_caption(quick: bool, device: torch.device, peak: dict | None) -> dict:
 
 
 def part_clip_eval(quick: bool, device: torch.device, peak: dict | None) -> dict:
+    from configs.schema import DEFAULT_CONFIG, validate_config
     from data import create_dataset
     from data.synthetic import config_keys
     from models.clip import dataset_transform, load_clip_model
-    from utils import DEFAULT_CONFIG, validate_config
 
     n = 4 if quick else 200
     with tempfile.TemporaryDirectory(prefix="gpu_suite_clip_") as tmp:
@@ -490,11 +490,11 @@ def part_clip_eval(quick: bool, device: torch.device, peak: dict | None) -> dict
 
 def part_cir_eval(quick: bool, device: torch.device, peak: dict | None) -> dict:
     from bench.bench_eval import VIT_PRESETS, med_config_for
+    from configs.schema import DEFAULT_CONFIG, validate_config
     from data.cirr import load_cirr_split
     from data.cirr_synthetic import config_keys, make_cirr_dataset
     from engine.cir import evaluate_cirr
     from models.blip_cir import build_cir_model
-    from utils import DEFAULT_CONFIG, validate_config
 
     subsets, size, vit, text = (2, 32, "tiny", "tiny") if quick else (40, 384, "base", "base")
     with tempfile.TemporaryDirectory(prefix="gpu_suite_cir_") as tmp:
