@@ -13,9 +13,11 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
 
 from data.retrieval import DataError, RetrievalEvalDataset, RetrievalTrainDataset, load_image
-from data.transforms import CLIP_MEAN, CLIP_STD, RandomAugment, test_transform, train_transform
+from data.transforms import CLIP_MEAN, CLIP_STD, RandomAugment, _normalize, test_transform, train_transform
 from data.utils import pre_caption
 from utils import download_file
 
@@ -30,6 +32,7 @@ __all__ = [
     "RetrievalTrainDataset",
     "SPLITS",
     "annotation_path",
+    "blip2_train_transform",
     "config_train_transform",
     "create_dataset",
     "create_loader",
@@ -119,6 +122,18 @@ def config_train_transform(config: dict[str, Any]) -> Any:
         autocontrast=config["autocontrast"],
         augment=config["train_augment"],
     )
+
+
+def blip2_train_transform(config: dict[str, Any]) -> Any:
+    """The training transform of `model: blip2`. train_augment official: LAVIS's blip2_image_train (random resized
+    crop, scale (min_scale, 1), bicubic, and a horizontal flip; no RandomAugment, unlike BLIP); crop and none as for
+    BLIP (config_train_transform)."""
+    if config["train_augment"] != "official":
+        return config_train_transform(config)
+    crop = transforms.RandomResizedCrop(
+        int(config["image_size"]), scale=(float(config["min_scale"]), 1.0), interpolation=InterpolationMode.BICUBIC
+    )
+    return transforms.Compose([crop, transforms.RandomHorizontalFlip(), transforms.ToTensor(), _normalize()])
 
 
 def create_dataset(config: dict[str, Any], split: str, transform: Any = None) -> Dataset:

@@ -17,12 +17,11 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 import utils
-from data import create_dataset, create_loader
+from data import blip2_train_transform, create_dataset, create_loader
 from engine.evaluation import EvalResult, evaluate, write_eval_outputs
 from engine.memory import choose_vit_ckpt_layers
 from engine.metrics import format_metrics_table
 from engine.trainer import StepInfo, TrainState
-from models.blip2 import blip2_train_transform
 from models.blip_retrieval import check_queue_size
 from models.checkpoint import CheckpointError, apply_config_updates, load_state_dict_checked
 from models.clip import dataset_transform, load_clip_state

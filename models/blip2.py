@@ -268,25 +268,6 @@ def itc_targets(positive: torch.Tensor, smoothing: float = LAVIS_ITC_LABEL_SMOOT
     return (1.0 - smoothing) * spread + smoothing / positive.shape[1]
 
 
-def blip2_train_transform(config: dict):
-    """The training image transform of `model: blip2`. train_augment official: LAVIS's blip2_image_train (random
-    resized crop, scale (min_scale, 1), bicubic, and a horizontal flip; no RandomAugment, unlike BLIP); crop and none
-    as for BLIP (data.config_train_transform)."""
-    from torchvision import transforms
-    from torchvision.transforms import InterpolationMode
-
-    from data import config_train_transform
-    from data.transforms import _normalize
-
-    if config["train_augment"] != "official":
-        return config_train_transform(config)
-    size = int(config["image_size"])
-    crop = transforms.RandomResizedCrop(
-        size, scale=(float(config["min_scale"]), 1.0), interpolation=InterpolationMode.BICUBIC
-    )
-    return transforms.Compose([crop, transforms.RandomHorizontalFlip(), transforms.ToTensor(), _normalize()])
-
-
 def query_max_similarity(query_feat: torch.Tensor, text_feat: torch.Tensor) -> torch.Tensor:
     """(N_img, N_txt): for each image and text, the maximum over the image's queries (N_img, Q, D) of the cosine with
     the text (N_txt, D). Images go in chunks so that the (chunk, Q, N_txt) products stay within SIM_CHUNK_VALUES."""
